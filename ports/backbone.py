@@ -1,0 +1,181 @@
+"""`Backbone`: a config, its parameters and its mask token, as one pytree; `load_pretrained`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ports import checkpoint, families
+from ports.config import TransformerConfig
+from ports.errors import CheckpointError, ConfigError
+from ports.transformer import Transformer
+
+# Models that ship inside the package (see ports/embedded/README.md); `--model NAME` finds them.
+EMBEDDED_DIR = Path(__file__).parent / "embedded"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """A loaded masked diffusion LM.
+
+    It is a pytree whose only leaves are `params`, so it can be passed straight into `jax.jit`,
+    `jax.vmap` or `jax.grad`; everything else is static metadata.
+
+    Attributes:
+      config: the architecture.
+      params: the Flax parameter tree (`{'embed': ..., 'blocks': ..., 'final_norm': ..., ...}`).
+      mask_token_id: id of the [MASK] token the model was trained with.
+      dtype: compute dtype (the logits are always float32).
+      source: where it was loaded from (informational).
+    """
+
+    config: TransformerConfig = dataclasses.field(metadata=dict(static=True))
+    params: Any
+    mask_token_id: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    dtype: Any = dataclasses.field(default=jnp.float32, metadata=dict(static=True))
+    source: str | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    @property
+    def module(self) -> Transformer:
+        return Transformer(self.config, dtype=self.dtype, param_dtype=self.dtype)
+
+    @property
+    def tokenizer_dir(self) -> str | None:
+        """The checkpoint directory, if it holds tokenizer files."""
+        if self.source and any((Path(self.source) / f).is_file() for f in checkpoint.TOKENIZER_FILES):
+            return self.source
+        return None
+
+    def apply(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None,
+              positions_BT: jax.Array | None = None, return_intermediates: bool = False,
+              params: Any = None):
+        """The pure forward (call it inside your own jit/vmap); see `Transformer.__call__`.
+
+        With `return_intermediates=True` the dict also holds 'router_logits' [L, B, T, E] for
+        mixture-of-experts backbones.
+        """
+        variables = {"params": self.params if params is None else params}
+        if not return_intermediates:
+            return self.module.apply(variables, input_ids_BT, attention_mask_BT, positions_BT)
+        (logits, inter), state = self.module.apply(
+            variables, input_ids_BT, attention_mask_BT, positions_BT, True, mutable=["intermediates"])
+        sown = state.get("intermediates", {}).get("blocks", {}).get("mlp", {})
+        if "router_logits" in sown:
+            inter = {**inter, "router_logits": sown["router_logits"][0]}
+        return logits, inter
+
+    def logits(self, input_ids_BT, attention_mask_BT=None) -> jax.Array:
+        """float32 logits [B, T, V], exactly as the original model returns them (unshifted)."""
+        ids = jnp.asarray(input_ids_BT, jnp.int32)
+        mask = None if attention_mask_BT is None else jnp.asarray(attention_mask_BT, jnp.int32)
+        return _jitted_logits(self, ids, mask)
+
+    def num_params(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+
+    def fingerprint(self) -> str:
+        """A short digest of config and weights: two backbones with the same fingerprint compute
+        the same function (used to refuse edits built for another model)."""
+        h = hashlib.sha256(json.dumps(dataclasses.asdict(self.config), sort_keys=True).encode())
+        for path, leaf in jax.tree_util.tree_leaves_with_path(self.params):
+            h.update(jax.tree_util.keystr(path).encode())
+            arr = np.asarray(jax.device_get(leaf))
+            h.update(str((arr.shape, arr.dtype)).encode())
+            # a strided sample keeps this cheap for 8B models while catching any real difference
+            flat = arr.reshape(-1)
+            h.update(np.ascontiguousarray(flat[:: max(1, flat.size // 4096)]).tobytes())
+        return h.hexdigest()[:16]
+
+
+@jax.jit
+def _jitted_logits(backbone: Backbone, ids, mask):
+    return backbone.apply(ids, mask)
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """A directory path, or the name of an embedded model (e.g. 'tofu-tiny')."""
+    path = Path(model)
+    if path.exists():
+        return path
+    embedded = EMBEDDED_DIR / str(model)
+    if str(model) and "/" not in str(model) and embedded.is_dir():
+        return embedded
+    names = sorted(p.name for p in EMBEDDED_DIR.iterdir() if p.is_dir()) if EMBEDDED_DIR.is_dir() else []
+    known = f" (embedded models: {', '.join(names)})" if names else ""
+    raise CheckpointError(f"model {str(model)!r} is neither a directory nor an embedded model{known}")
+
+
+def _tokenizer_mask_id(model_dir: Path) -> int | None:
+    """The id of the tokenizer's mask token, read from tokenizer.json without loading a tokenizer."""
+    tok_cfg = model_dir / "tokenizer_config.json"
+    tok_json = model_dir / "tokenizer.json"
+    try:
+        mask_token = json.loads(tok_cfg.read_text()).get("mask_token") if tok_cfg.is_file() else None
+        if isinstance(mask_token, dict):
+            mask_token = mask_token.get("content")
+        if mask_token and tok_json.is_file():
+            for added in json.loads(tok_json.read_text()).get("added_tokens", []):
+                if added.get("content") == mask_token:
+                    return int(added["id"])
+    except (OSError, ValueError, TypeError):
+        return None
+    return None
+
+
+def load_pretrained(path: str | os.PathLike, dtype: Any = None,
+                    mask_token_id: int | None = None) -> Backbone:
+    """Load a checkpoint directory (HF safetensors, or `timerome convert` output) or embedded name.
+
+    Args:
+      path: directory or embedded model name.
+      dtype: parameter and compute dtype; None keeps the checkpoint's (bf16 stays bf16).
+      mask_token_id: overrides the mask id from config.json / the tokenizer.
+    """
+    model_dir = checkpoint.check_model_dir(resolve_model_path(path))
+    raw = checkpoint.read_config_json(model_dir)
+    config = families.parse_config(raw)
+    if checkpoint.is_converted_dir(model_dir):
+        params, meta = checkpoint.load_converted(model_dir, config, dtype)
+        stored_mask = meta.get("mask_token_id")
+    else:
+        params = checkpoint.load_safetensors_params(model_dir, config, dtype)
+        stored_mask = None
+    resolved_mask = next((m for m in (mask_token_id, config.mask_token_id, stored_mask,
+                                      _tokenizer_mask_id(model_dir)) if m is not None), None)
+    if resolved_mask is not None:
+        if not 0 <= int(resolved_mask) < config.vocab_size:
+            raise ConfigError(f"mask token id {resolved_mask} lies outside the vocabulary "
+                              f"({config.vocab_size})")
+        config = config.replace(mask_token_id=int(resolved_mask))
+    float_leaves = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+    compute_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(float_leaves[0].dtype)
+    params = jax.tree.map(jnp.asarray, params)
+    return Backbone(config=config, params=params, mask_token_id=config.mask_token_id,
+                    dtype=compute_dtype.type, source=str(model_dir.absolute()))
+
+
+def convert(model: str | os.PathLike, out_dir: str | os.PathLike, dtype: Any = None,
+            overwrite: bool = False) -> Path:
+    """HF checkpoint -> orbax params directory (atomic). Returns the output path."""
+    from ports.fileio import atomic_directory
+
+    backbone = load_pretrained(model, dtype=dtype)
+    model_dir = Path(backbone.source)
+    raw = checkpoint.read_config_json(model_dir)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        checkpoint.save_converted(
+            tmp, backbone.params, raw,
+            {"family": backbone.config.family, "mask_token_id": backbone.mask_token_id,
+             "dtype": jnp.dtype(backbone.dtype).name, "source": str(model_dir)},
+            tokenizer_source=model_dir)
+    return Path(out_dir)
