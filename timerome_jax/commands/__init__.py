@@ -1,0 +1,1 @@
+"""Subcommands of the `timerome` CLI: thin wrappers over the public API."""
