@@ -1,0 +1,208 @@
+"""TIE grid: equals a plain Python loop over cells, invariants, determinism, batching."""
+
+import dataclasses
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ports
+from timerome_jax import tracing as tr
+from timerome_jax.errors import InputError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def llada():
+    return ports.load_pretrained(FIXTURES / "llada")
+
+
+@pytest.fixture(scope="module")
+def facts():
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, 370, 9)), list(rng.integers(0, 370, 6))]
+    answers = [list(rng.integers(0, 370, 5)), list(rng.integers(0, 370, 7))]
+    return prompts, answers, [(2, 5), (1, 3)]
+
+
+@pytest.fixture(scope="module")
+def batch(facts):
+    return tr.build_trace_batch(*facts, pad_id=378)
+
+
+CFG = tr.TraceConfig(steps=3, noise_samples=2)
+
+
+def reference_grid(bb, batch, sigma, key, cfg):
+    """Plain Python loops, one jitted forward per cell, written without tie_grid's vmaps."""
+    L, D, K, R = bb.config.n_layers, bb.config.d_model, cfg.steps, cfg.noise_samples
+    F, S = batch.subject_pos_FS.shape
+    forward = jax.jit(lambda bb, ids, am, iv: tr._forward(bb, ids, am, iv, cfg.window)[0])
+    tie = np.zeros((F, K, L, len(cfg.modules)))
+    clean_lp, corrupted_lp = np.zeros((F, K)), np.zeros((F, K))
+    for f in range(F):
+        true_ids, am = batch.input_ids_FT[f], batch.attention_mask_FT[f]
+        answer = np.asarray(batch.answer_mask_FT[f])
+        n = int(answer.sum())
+        counts = [n // K + (k < n % K) for k in range(K)]
+        cur = np.where(answer, bb.mask_token_id, np.asarray(true_ids))
+        masked = answer.copy()
+        states, masks, cleans = [], [], []
+        for k in range(K):
+            logits, acts = bb.apply(jnp.asarray(cur)[None], am[None], return_intermediates=True)
+            logp = np.asarray(jax.nn.log_softmax(logits[0], -1))
+            clean_lp[f, k] = sum(logp[j, int(true_ids[j])] for j in np.flatnonzero(masked))
+            probs = np.asarray(jax.nn.softmax(logits[0], -1))
+            conf = probs.max(-1)
+            candidates = sorted(np.flatnonzero(masked), key=lambda j: (-conf[j], j))[: counts[k]]
+            pos = np.asarray(batch.subject_pos_FS[f])
+            cleans.append(np.stack([np.asarray(acts[m][:, 0])[:, pos] for m in tr.MODULES], 1))
+            states.append(cur.copy()); masks.append(masked.copy())
+            cur[candidates] = np.asarray(true_ids)[candidates]
+            masked[candidates] = False
+        for k in range(K):
+            corrupted = []
+            for r in range(R):
+                noise = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, int(batch.fact_index_F[f])), r), (S, D)) * cfg.noise_scale * sigma
+                def lp(layer, module):
+                    iv = tr.Intervention(batch.subject_pos_FS[f], batch.subject_valid_FS[f], noise,
+                                         jnp.int32(layer), jnp.int32(module), jnp.asarray(cleans[k]))
+                    logp = np.asarray(jax.nn.log_softmax(forward(bb, jnp.asarray(states[k]), am, iv), -1))
+                    return sum(logp[j, int(true_ids[j])] for j in np.flatnonzero(masks[k]))
+                base = lp(-1, 0)
+                corrupted.append(base)
+                for layer in range(L):
+                    for mi, m in enumerate(cfg.modules):
+                        tie[f, k, layer, mi] += (lp(layer, tr.MODULES.index(m)) - base) / R
+            corrupted_lp[f, k] = np.mean(corrupted)
+    return tie, clean_lp, corrupted_lp
+
+
+def test_vmapped_grid_equals_python_loop(llada, batch):
+    sigma = tr.subject_embedding_std(llada, batch)
+    key = jax.random.key(3)
+    result = tr.tie_grid(llada, batch, sigma, key, CFG)
+    tie, clean_lp, corrupted_lp = reference_grid(llada, batch, sigma, key, CFG)
+    np.testing.assert_allclose(result.clean_lp, clean_lp, atol=1e-3, rtol=1e-4)
+    np.testing.assert_allclose(result.corrupted_lp, corrupted_lp, atol=1e-3, rtol=1e-4)
+    np.testing.assert_allclose(result.tie, tie, atol=1e-3)
+    assert np.abs(tie).max() > 1e-2  # the comparison is not between zeros
+
+
+def test_chunk_size_does_not_change_the_grid(llada, batch):
+    sigma = tr.subject_embedding_std(llada, batch)
+    a = tr.tie_grid(llada, batch, sigma, jax.random.key(0), CFG)
+    b = tr.tie_grid(llada, batch, sigma, jax.random.key(0), dataclasses.replace(CFG, cells_per_batch=7))
+    np.testing.assert_allclose(a.tie, b.tie, atol=1e-5)
+
+
+def test_same_seed_same_arrays_other_seed_differs(llada, batch):
+    sigma = tr.subject_embedding_std(llada, batch)
+    a = tr.tie_grid(llada, batch, sigma, jax.random.key(1), CFG)
+    b = tr.tie_grid(llada, batch, sigma, jax.random.key(1), CFG)
+    c = tr.tie_grid(llada, batch, sigma, jax.random.key(2), CFG)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    assert not np.allclose(a.corrupted_lp, c.corrupted_lp)
+
+
+def test_clean_run_reveals_true_tokens_on_the_linear_schedule(llada, batch):
+    f = 1
+    states, masked, clean, lp = tr.clean_run(llada, batch.input_ids_FT[f], batch.attention_mask_FT[f],
+                                             batch.answer_mask_FT[f], batch.subject_pos_FS[f], 3)
+    # 7 answer tokens over 3 steps: 3, 2, 2 revealed
+    np.testing.assert_array_equal(np.asarray(masked).sum(-1), [7, 4, 2])
+    true = np.asarray(batch.input_ids_FT[f])
+    for k in range(3):
+        shown = np.asarray(batch.answer_mask_FT[f]) & ~np.asarray(masked[k])
+        np.testing.assert_array_equal(np.asarray(states[k])[shown], true[shown])
+        assert (np.asarray(states[k])[np.asarray(masked[k])] == llada.mask_token_id).all()
+    assert clean.shape == (3, 3, 3, 3, 64)  # [K, L, M, S, D]
+
+
+def test_zero_noise_means_no_effect_anywhere(llada, batch):
+    result = tr.tie_grid(llada, batch, jnp.float32(1.0), jax.random.key(0), dataclasses.replace(CFG, noise_scale=0.0))
+    np.testing.assert_allclose(result.corrupted_lp, result.clean_lp, atol=1e-4)
+    np.testing.assert_allclose(result.tie, 0.0, atol=1e-4)
+
+
+def test_no_op_patch_gives_corrupted_and_full_restore_gives_clean(llada, facts):
+    """Subject = every real position. Restoring the residual stream of every layer everywhere
+    must give back the clean read-out; a patch at no layer gives the corrupted read-out."""
+    prompts, answers, _ = facts
+    full = tr.build_trace_batch(prompts[:1], answers[:1], [(0, len(prompts[0]))], pad_id=378)
+    T = int(full.attention_mask_FT.sum())
+    full = dataclasses.replace(full, subject_pos_FS=jnp.arange(T)[None], subject_valid_FS=jnp.ones((1, T), bool))
+    sigma = tr.subject_embedding_std(llada, full)
+    cfg = tr.TraceConfig(steps=3, noise_samples=2, modules=("resid",), window=2 * llada.config.n_layers)
+    result = tr.tie_grid(llada, full, sigma, jax.random.key(0), cfg)
+    for layer in range(llada.config.n_layers):
+        np.testing.assert_allclose(result.patched_lp[0, :, layer, 0], result.clean_lp[0], atol=1e-4)
+    assert np.abs(result.clean_lp - result.corrupted_lp).max() > 0.1
+
+    iv_args = dict(subject_pos_S=full.subject_pos_FS[0], subject_valid_S=full.subject_valid_FS[0],
+                   noise_SD=jnp.zeros((T, 64)), patch_module=jnp.int32(0), clean_LMSD=jnp.zeros((3, 3, T, 64)))
+    ids, am = full.input_ids_FT[0], full.attention_mask_FT[0]
+    no_patch = tr._forward(llada, ids, am, tr.Intervention(patch_layer=jnp.int32(-1), **iv_args), 1)
+    np.testing.assert_array_equal(no_patch, llada.apply(ids[None], am[None]))
+
+
+def test_last_layer_residual_patch_cannot_reach_the_answer(llada, batch):
+    """Restoring the final block output at subject positions changes nothing downstream."""
+    sigma = tr.subject_embedding_std(llada, batch)
+    result = tr.tie_grid(llada, batch, sigma, jax.random.key(0), CFG)
+    np.testing.assert_allclose(result.tie[:, :, -1, 0], 0.0, atol=1e-4)
+
+
+def test_facts_of_different_lengths_batch_like_singletons(llada, facts, batch):
+    sigma = tr.subject_embedding_std(llada, batch)
+    together = tr.tie_grid(llada, batch, sigma, jax.random.key(5), CFG)
+    prompts, answers, spans = facts
+    for i in range(2):
+        alone = tr.build_trace_batch([prompts[i]], [answers[i]], [spans[i]], pad_id=378, fact_index=[i])
+        single = tr.tie_grid(llada, alone, sigma, jax.random.key(5), CFG)
+        np.testing.assert_allclose(single.tie[0], together.tie[i], atol=1e-4)
+        np.testing.assert_allclose(single.clean_lp[0], together.clean_lp[i], atol=1e-4)
+
+
+def test_propagated_mode_shapes_and_patch_step_readout(llada, batch):
+    sigma = tr.subject_embedding_std(llada, batch)
+    key = jax.random.key(0)
+    teacher = tr.tie_grid(llada, batch, sigma, key, CFG)
+    prop = tr.tie_grid(llada, batch, sigma, key, dataclasses.replace(CFG, mode="propagated"))
+    assert prop.tie.shape == teacher.tie.shape and prop.tie_by_readout.shape == (2, 3, 3, 3, 3)
+    # at the patched step itself both modes read the same forward
+    diag = np.stack([prop.tie_by_readout[:, k, k] for k in range(3)], axis=1)
+    np.testing.assert_allclose(diag, teacher.tie, atol=1e-4)
+    # read-outs before the patch step are zero by construction
+    assert np.all(np.asarray(prop.tie_by_readout[:, 2, 0]) == 0)
+
+
+def test_select_coordinate_on_a_planted_maximum():
+    tie = np.zeros((2, 4, 5, 3))
+    tie[:, 2, 3, 1] = 5.0
+    tie[:, 0, 1, 0] = 9.0  # large, but only at step 0
+    assert tr.select_coordinate(tie, tr.MODULES).as_dict() == {"layer": 1, "step": 0, "module": "resid"}
+    assert tr.select_coordinate(tie, tr.MODULES, k_min=1).as_dict() == {"layer": 3, "step": 2, "module": "attn"}
+    with pytest.raises(InputError, match="k_min"):
+        tr.select_coordinate(tie, tr.MODULES, k_min=4)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(steps=0), "steps must be"), (dict(modules=("mlp", "ffn")), "unknown module name"),
+    (dict(noise_samples=0), "noise samples"), (dict(window=0), "window"), (dict(mode="free"), "trace mode"),
+])
+def test_bad_trace_settings(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        tr.TraceConfig(**kwargs)
+
+
+def test_bad_subject_span():
+    with pytest.raises(InputError, match="not inside"):
+        tr.build_trace_batch([[1, 2, 3]], [[4]], [(2, 5)], pad_id=0)
+    with pytest.raises(InputError, match="no facts"):
+        tr.build_trace_batch([], [], [], pad_id=0)

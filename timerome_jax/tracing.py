@@ -1,0 +1,423 @@
+"""Temporal Indirect Effect (TIE): diffusion-time causal tracing as one vmapped, jitted function.
+
+Definitions (DESIGN.md §2). For a fact (prompt with subject span S, answer y), K denoising steps
+start from y fully masked:
+
+* clean run: reveal y's positions in the clean model's confidence order (softmax probability of
+  its own top proposal; ties to the earlier position; linear schedule n_k = ℓ // K, remainder to
+  the first steps) but write the TRUE tokens. This fixes the states x_0..x_{K-1}. Activations of
+  every (layer, module) at the subject positions are recorded at every step.
+* corrupted run: same states; Gaussian noise N(0, (ν σ)^2) added to the input embeddings at S,
+  one draw per run reused at every step, R draws.
+* patched run (ℓ, k, m): the corrupted run, except that at step k the output of module m in the
+  layers window(ℓ) is restored to its clean value at S.
+* read-out: y_k(run) = Σ over answer positions still masked in x_k of log p(y_j | x_k).
+  TIE(ℓ, k, m) = mean over draws of y_k(patched) − y_k(corrupted).
+
+Propagated mode: after the patch at step k the corrupted run continues freely (each later step
+reveals the model's own argmax proposals in low-confidence order) and the read-out is taken at
+every k' >= k; `tie` is then the mean over k' >= k (the full [K, K'] table is returned too).
+
+Every grid cell is one forward of a pure function; cells (fact, step, draw, layer, module) are
+flattened, `jax.vmap`-ed and chunked with `jax.lax.map(batch_size=...)`. Noise and patches are
+injected with `flax.linen.intercept_methods` entered inside the traced function; the backbone has
+no tracing code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ports import Backbone
+from timerome_jax.errors import InputError
+from timerome_jax.masking import align_logits
+
+Array = jax.Array
+MODULES = ("resid", "attn", "mlp")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TraceBatch:
+    """F facts laid out as prompt + answer, padded to T tokens.
+
+    input_ids_FT:        prompt tokens followed by the TRUE answer tokens (pad elsewhere).
+    attention_mask_FT:   1 on real tokens.
+    answer_mask_FT:      True on answer positions (masked at step 0).
+    subject_pos_FS:      token positions of the subject span, padded to S with position 0.
+    subject_valid_FS:    True where subject_pos_FS is a real subject position.
+    fact_index_F:        global index of each fact (seeds its noise draws; -1 for filler rows).
+    """
+
+    input_ids_FT: Array
+    attention_mask_FT: Array
+    answer_mask_FT: Array
+    subject_pos_FS: Array
+    subject_valid_FS: Array
+    fact_index_F: Array
+
+    @property
+    def num_facts(self) -> int:
+        return self.input_ids_FT.shape[0]
+
+    def take(self, rows) -> "TraceBatch":
+        return jax.tree.map(lambda x: x[rows], self)
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceConfig:
+    """Static settings of a trace (hashable: one compilation per config and batch shape).
+
+    steps: K denoising steps. noise_samples: R draws. noise_scale: ν (noise std = ν σ).
+    modules: which of 'resid', 'attn', 'mlp' to patch. window: number of consecutive layers
+    restored, centred on the target layer (ROME: 10 for attn/mlp, 1 for resid).
+    mode: 'teacher' (read-out at the patched step) or 'propagated'.
+    cells_per_batch: cells evaluated together by the vmap inside `lax.map` (bounds memory).
+    """
+
+    steps: int = 8
+    noise_samples: int = 10
+    noise_scale: float = 3.0
+    modules: tuple[str, ...] = MODULES
+    window: int = 1
+    mode: Literal["teacher", "propagated"] = "teacher"
+    cells_per_batch: int = 64
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise InputError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if not isinstance(self.noise_samples, int) or self.noise_samples < 1:
+            raise InputError(f"noise samples must be an integer >= 1, got {self.noise_samples!r}")
+        if self.noise_scale < 0:
+            raise InputError(f"noise scale must be >= 0, got {self.noise_scale}")
+        if not self.modules or len(set(self.modules)) != len(self.modules):
+            raise InputError(f"modules must be a non-empty list without repeats, got {self.modules}")
+        unknown = [m for m in self.modules if m not in MODULES]
+        if unknown:
+            raise InputError(f"unknown module name(s) {', '.join(unknown)}; choose from {', '.join(MODULES)}")
+        if not isinstance(self.window, int) or self.window < 1:
+            raise InputError(f"window must be an integer >= 1, got {self.window!r}")
+        if self.mode not in ("teacher", "propagated"):
+            raise InputError(f"unknown trace mode {self.mode!r}; choose 'teacher' or 'propagated'")
+        if self.cells_per_batch < 1:
+            raise InputError("cells_per_batch must be >= 1")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TraceResult:
+    """tie [F, K, L, M]; clean_lp [F, K]; corrupted_lp [F, K] (mean over draws);
+    patched_lp [F, K, L, M] (mean over draws); in propagated mode also
+    tie_by_readout [F, K, K', L, M] (zero where k' < k)."""
+
+    tie: Array
+    clean_lp: Array
+    corrupted_lp: Array
+    patched_lp: Array
+    tie_by_readout: Array | None = None
+
+
+# --- schedule and read-out ------------------------------------------------------------------
+
+def reveal_counts(answer_len: Array, steps: int) -> Array:
+    """Tokens revealed at each of `steps` steps for an answer of `answer_len` tokens:
+    answer_len // steps each, the remainder to the first steps. [K] int32 (traceable)."""
+    k = jnp.arange(steps)
+    return (answer_len // steps + (k < answer_len % steps)).astype(jnp.int32)
+
+
+def answer_readout(logits_TV: Array, true_ids_T: Array, still_masked_T: Array, logit_shift: int) -> Array:
+    """Σ over still-masked answer positions of log p(true token) — nats, float32 scalar."""
+    logp = jax.nn.log_softmax(align_logits(logits_TV[None], logit_shift)[0], axis=-1)
+    token_lp = jnp.take_along_axis(logp, true_ids_T[:, None], axis=-1)[:, 0]
+    return jnp.sum(jnp.where(still_masked_T, token_lp, 0.0))
+
+
+def _reveal(confidence_T: Array, still_masked_T: Array, count: Array) -> Array:
+    """The `count` most confident still-masked positions (ties: the earlier position)."""
+    key = jnp.where(still_masked_T, -confidence_T, jnp.inf)
+    order = jnp.argsort(key, stable=True)
+    rank = jnp.empty_like(order).at[order].set(jnp.arange(order.shape[0]))
+    return still_masked_T & (rank < count)
+
+
+def _proposals(logits_TV: Array, logit_shift: int) -> tuple[Array, Array]:
+    """(argmax token, its softmax probability) per position, with the backbone's shift applied."""
+    probs = jax.nn.softmax(align_logits(logits_TV[None], logit_shift)[0], axis=-1)
+    return jnp.argmax(probs, axis=-1), jnp.max(probs, axis=-1)
+
+
+def build_trace_batch(prompts: list[list[int]], answers: list[list[int]],
+                      subject_spans: list[tuple[int, int]], pad_id: int,
+                      fact_index: list[int] | None = None, length: int | None = None,
+                      subject_length: int | None = None) -> TraceBatch:
+    """Token-level facts -> a right-padded TraceBatch ([prompt][answer][pad...]).
+
+    subject_spans are [start, end) token indices into each prompt. `length` / `subject_length`
+    pad T / S further (e.g. to a shape shared by every chunk, so one compilation serves all).
+    """
+    if not prompts:
+        raise InputError("no facts to trace")
+    if not len(prompts) == len(answers) == len(subject_spans):
+        raise InputError("prompts, answers and subject spans must have the same length")
+    for i, (p, a, (s0, s1)) in enumerate(zip(prompts, answers, subject_spans)):
+        if not p or not a:
+            raise InputError(f"fact {i}: empty prompt or answer")
+        if not 0 <= s0 < s1 <= len(p):
+            raise InputError(f"fact {i}: subject span [{s0}, {s1}) is not inside its {len(p)}-token prompt")
+    T = max(len(p) + len(a) for p, a in zip(prompts, answers))
+    S = max(s1 - s0 for s0, s1 in subject_spans)
+    T, S = max(T, length or 0), max(S, subject_length or 0)
+    F = len(prompts)
+    ids = np.full((F, T), pad_id, np.int32)
+    attn = np.zeros((F, T), np.int32)
+    ans = np.zeros((F, T), bool)
+    pos = np.zeros((F, S), np.int32)
+    valid = np.zeros((F, S), bool)
+    for i, (p, a, (s0, s1)) in enumerate(zip(prompts, answers, subject_spans)):
+        n = len(p) + len(a)
+        ids[i, :n] = list(p) + list(a)
+        attn[i, :n] = 1
+        ans[i, len(p):n] = True
+        pos[i, : s1 - s0] = np.arange(s0, s1)
+        valid[i, : s1 - s0] = True
+    index = np.arange(F, dtype=np.int32) if fact_index is None else np.asarray(fact_index, np.int32)
+    return TraceBatch(jnp.asarray(ids), jnp.asarray(attn), jnp.asarray(ans), jnp.asarray(pos),
+                      jnp.asarray(valid), jnp.asarray(index))
+
+
+# --- interventions --------------------------------------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Intervention:
+    """What one forward changes. All fields are arrays, so a vmap over cells batches them.
+
+    noise_SD:        added to the input embeddings at subject positions.
+    patch_layer:     centre of the restored layer window (-1: no patch).
+    patch_module:    index into MODULES.
+    clean_LMSD:      clean activations at the subject positions for this step.
+    """
+
+    subject_pos_S: Array
+    subject_valid_S: Array
+    noise_SD: Array
+    patch_layer: Array
+    patch_module: Array
+    clean_LMSD: Array
+
+
+def _window_contains(layer: Array, centre: Array, window: int) -> Array:
+    low = centre - window // 2
+    return (centre >= 0) & (layer >= low) & (layer < low + window)
+
+
+def _scatter_rows(x_1TD: Array, pos_S: Array, valid_S: Array, rows_SD: Array, replace: Array) -> Array:
+    """x with row pos_S[s] replaced by rows_SD[s] wherever valid_S[s] (and `replace`).
+
+    Written as a gather + select rather than a scatter so that padded slots (which repeat a
+    position) can never overwrite a real one, and restored values are bit-exact copies."""
+    T = x_1TD.shape[1]
+    hit_TS = (jnp.arange(T)[:, None] == pos_S[None, :]) & valid_S[None, :]
+    source_T = jnp.argmax(hit_TS, axis=1)
+    take_T = jnp.any(hit_TS, axis=1) & replace
+    return jnp.where(take_T[None, :, None], rows_SD[source_T][None].astype(x_1TD.dtype), x_1TD)
+
+
+def make_interceptor(iv: Intervention, window: int):
+    """A pure interceptor: noise on the subject embeddings, restoration of clean activations."""
+    module_ids = {name: i for i, name in enumerate(MODULES)}
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name != "__call__":
+            return out
+        name = context.module.name
+        if name == "embed":
+            noised = out[0, iv.subject_pos_S] + iv.noise_SD.astype(out.dtype)
+            return _scatter_rows(out, iv.subject_pos_S, iv.subject_valid_S, noised, jnp.asarray(True))
+        if name in module_ids:
+            layer = kwargs["layer_index"]
+            active = (iv.patch_module == module_ids[name]) & _window_contains(layer, iv.patch_layer, window)
+            return _scatter_rows(out, iv.subject_pos_S, iv.subject_valid_S, iv.clean_LMSD[layer, module_ids[name]], active)
+        return out
+
+    return interceptor
+
+
+def _forward(backbone: Backbone, ids_T: Array, mask_T: Array, iv: Intervention | None,
+             window: int, collect: bool = False):
+    ids, mask = ids_T[None], mask_T[None]
+    if iv is None:
+        return backbone.apply(ids, mask, return_intermediates=collect)
+    with nn.intercept_methods(make_interceptor(iv, window)):
+        return backbone.apply(ids, mask, return_intermediates=collect)
+
+
+# --- the three runs ---------------------------------------------------------------------------
+
+def clean_run(backbone: Backbone, ids_T: Array, mask_T: Array, answer_T: Array, pos_S: Array,
+              steps: int):
+    """Teacher-forced clean trajectory of one fact.
+
+    Returns states_KT (ids fed at each step), masked_KT (answer positions still masked at each
+    step), clean_KLMSD (activations of MODULES at the subject positions), clean_lp_K.
+    """
+    mask_id = backbone.mask_token_id
+    answer = answer_T.astype(bool)
+    counts = reveal_counts(jnp.sum(answer), steps)
+    shift = backbone.config.logit_shift
+
+    def step(carry, count):
+        cur_ids, masked = carry
+        logits, acts = _forward(backbone, cur_ids, mask_T, None, 1, collect=True)
+        lp = answer_readout(logits[0], ids_T, masked, shift)
+        _, confidence = _proposals(logits[0], shift)
+        reveal = _reveal(confidence, masked, count)
+        stacked = jnp.stack([acts[m][:, 0] for m in MODULES], axis=1)  # [L, M, T, D]
+        record = (cur_ids, masked, stacked[:, :, pos_S].astype(jnp.float32), lp)
+        return (jnp.where(reveal, ids_T, cur_ids), masked & ~reveal), record
+
+    start = (jnp.where(answer, mask_id, ids_T), answer)
+    _, (states, masked, clean, lp) = jax.lax.scan(step, start, counts)
+    return states, masked, clean, lp
+
+
+def _propagate(backbone: Backbone, true_ids_T, mask_T, state_ids_T, masked_T, counts_K, start_step,
+               iv_patched: Intervention, iv_noise: Intervention, window: int, steps: int) -> Array:
+    """From state x_k, run steps k..K-1: the patch acts at step k only, noise at every step;
+    each step reveals the model's own proposals. Returns read-outs [K'] (0 for k' < k)."""
+    shift = backbone.config.logit_shift
+
+    def step(carry, k_prime):
+        cur, masked = carry
+        active = k_prime >= start_step
+        iv = jax.tree.map(lambda a, b: jnp.where(k_prime == start_step, a, b), iv_patched, iv_noise)
+        logits = _forward(backbone, cur, mask_T, iv, window)[0]
+        lp = answer_readout(logits, true_ids_T, masked, shift)
+        proposal, confidence = _proposals(logits, shift)
+        reveal = _reveal(confidence, masked, counts_K[k_prime]) & active
+        return (jnp.where(reveal, proposal, cur), masked & ~reveal), jnp.where(active, lp, 0.0)
+
+    _, lps = jax.lax.scan(step, (state_ids_T, masked_T), jnp.arange(steps))
+    return lps
+
+
+def subject_embedding_std(backbone: Backbone, batch: TraceBatch) -> Array:
+    """σ: std of the embedding coordinates of every subject token of the fact set (ROME's s)."""
+    emb = backbone.params["embed"]["embedding"]
+    ids = jnp.take_along_axis(batch.input_ids_FT, batch.subject_pos_FS, axis=1)
+    vectors = emb[ids].astype(jnp.float32)  # [F, S, D]
+    valid = (batch.subject_valid_FS & (batch.fact_index_F[:, None] >= 0))[..., None]
+    n = jnp.maximum(jnp.sum(valid) * vectors.shape[-1], 1)
+    mean = jnp.sum(jnp.where(valid, vectors, 0.0)) / n
+    return jnp.sqrt(jnp.sum(jnp.where(valid, (vectors - mean) ** 2, 0.0)) / n)
+
+
+def noise_draws(key: Array, fact_index_F: Array, draws: int, shape_SD: tuple[int, int]) -> Array:
+    """Standard-normal draws [F, R, S, D]; fact f, draw r uses fold_in(fold_in(key, f), r), so a
+    fact's noise does not depend on how facts are chunked."""
+    def one(f, r):
+        return jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, f), r), shape_SD)
+    return jax.vmap(lambda f: jax.vmap(lambda r: one(f, r))(jnp.arange(draws)))(fact_index_F)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def tie_grid(backbone: Backbone, batch: TraceBatch, sigma: Array, key: Array,
+             config: TraceConfig = TraceConfig()) -> TraceResult:
+    """The whole TIE grid for a batch of facts: [F, K, L, M] plus clean/corrupted read-outs.
+
+    Pure and jitted once per (batch shape, config). `sigma` is the subject-embedding std of the
+    fact set (`subject_embedding_std`), passed in so that chunks of one set share it. Cells are
+    vmapped in chunks of `config.cells_per_batch` with `jax.lax.map`.
+    """
+    K, R, W = config.steps, config.noise_samples, config.window
+    L, D = backbone.config.n_layers, backbone.config.d_model
+    module_index = jnp.asarray([MODULES.index(m) for m in config.modules], jnp.int32)
+    M = len(config.modules)
+    F, S = batch.subject_pos_FS.shape
+
+    states, masked, clean, clean_lp = jax.vmap(
+        lambda ids, am, ans, pos: clean_run(backbone, ids, am, ans, pos, K)
+    )(batch.input_ids_FT, batch.attention_mask_FT, batch.answer_mask_FT, batch.subject_pos_FS)
+    # states/masked [F, K, T]; clean [F, K, L, 3, S, D]; clean_lp [F, K]
+    noise = noise_draws(key, batch.fact_index_F, R, (S, D)) * (config.noise_scale * sigma)
+
+    def intervention(f, k, r, layer, module) -> Intervention:
+        return Intervention(batch.subject_pos_FS[f], batch.subject_valid_FS[f], noise[f, r],
+                            layer, module, clean[f, k])
+
+    counts = jax.vmap(lambda a: reveal_counts(jnp.sum(a), K))(batch.answer_mask_FT.astype(jnp.int32))
+
+    def run_cell(f, k, r, layer, module):
+        iv = intervention(f, k, r, layer, module)
+        ids, am = states[f, k], batch.attention_mask_FT[f]
+        if config.mode == "teacher":
+            logits = _forward(backbone, ids, am, iv, W)[0]
+            return answer_readout(logits, batch.input_ids_FT[f], masked[f, k], backbone.config.logit_shift)
+        no_patch = dataclasses.replace(iv, patch_layer=jnp.asarray(-1, jnp.int32))
+        return _propagate(backbone, batch.input_ids_FT[f], am, ids, masked[f, k], counts[f], k,
+                          iv, no_patch, W, K)
+
+    def grid_over(cells):  # cells: tuple of int32 [N] index arrays
+        return jax.lax.map(lambda c: run_cell(*c), cells, batch_size=config.cells_per_batch)
+
+    # corrupted run: every (f, k, r) with no patch (layer -1)
+    f_i, k_i, r_i = (a.reshape(-1) for a in jnp.meshgrid(jnp.arange(F), jnp.arange(K), jnp.arange(R), indexing="ij"))
+    minus_one = jnp.full_like(f_i, -1)
+    corrupted = grid_over((f_i, k_i, r_i, minus_one, jnp.zeros_like(f_i)))
+    corrupted = corrupted.reshape((F, K, R) + corrupted.shape[1:])
+
+    grid_idx = jnp.meshgrid(jnp.arange(F), jnp.arange(K), jnp.arange(R), jnp.arange(L), jnp.arange(M), indexing="ij")
+    f_i, k_i, r_i, l_i, m_i = (a.reshape(-1) for a in grid_idx)
+    patched = grid_over((f_i, k_i, r_i, l_i, module_index[m_i]))
+    patched = patched.reshape((F, K, R, L, M) + patched.shape[1:])
+
+    if config.mode == "teacher":
+        effect = patched - corrupted[:, :, :, None, None]
+        return TraceResult(tie=effect.mean(axis=2), clean_lp=clean_lp, corrupted_lp=corrupted.mean(axis=2),
+                           patched_lp=patched.mean(axis=2))
+    # propagated: trailing axis K' of read-outs; summarise by the mean over k' >= k
+    effect = (patched - corrupted[:, :, :, None, None]).mean(axis=2)  # [F, K, L, M, K']
+    later = (jnp.arange(K)[None, :] >= jnp.arange(K)[:, None]).astype(jnp.float32)  # [K, K']
+    tie = jnp.sum(effect * later[None, :, None, None, :], axis=-1) / later.sum(-1)[None, :, None, None]
+    corrupted_at_k = jnp.take_along_axis(corrupted.mean(axis=2), jnp.arange(K)[None, :, None], axis=-1)[..., 0]
+    patched_at_k = jnp.take_along_axis(patched.mean(axis=2), jnp.arange(K)[None, :, None, None, None], axis=-1)[..., 0]
+    return TraceResult(tie=tie, clean_lp=clean_lp, corrupted_lp=corrupted_at_k, patched_lp=patched_at_k,
+                       tie_by_readout=jnp.moveaxis(effect, -1, 2))
+
+
+# --- coordinate selection -----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Coordinate:
+    layer: int
+    step: int
+    module: str
+
+    def as_dict(self) -> dict:
+        return {"layer": self.layer, "step": self.step, "module": self.module}
+
+
+def select_coordinate(tie_FKLM: np.ndarray, modules: tuple[str, ...], k_min: int = 0) -> Coordinate:
+    """(ℓ*, m*) = argmax over (layer, module) of TIE averaged over facts and steps k >= k_min;
+    k* = argmax over steps at (ℓ*, m*) (averaged over facts)."""
+    tie = np.asarray(tie_FKLM, np.float64)
+    K = tie.shape[1]
+    if not 0 <= k_min < K:
+        raise InputError(f"k_min must lie in 0..{K - 1}, got {k_min}")
+    mean_KLM = tie.mean(axis=0)
+    layer, module = np.unravel_index(np.argmax(mean_KLM[k_min:].mean(axis=0)), mean_KLM.shape[1:])
+    step = int(np.argmax(mean_KLM[:, layer, module]))
+    return Coordinate(int(layer), step, modules[int(module)])
+
+
+def per_fact_coordinates(tie_FKLM: np.ndarray, modules: tuple[str, ...], k_min: int = 0) -> list[Coordinate]:
+    return [select_coordinate(t[None], modules, k_min) for t in np.asarray(tie_FKLM)]
