@@ -1,0 +1,236 @@
+"""Edit memory: dual = primal, sparsification, interception = weight edit, incremental insertion
+= batch build, removal, persistence (atomic, fingerprinted), no recompilation, bad inputs."""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ports
+from ports.errors import CheckpointError
+from timerome_jax import memory as mem
+from timerome_jax import tracing as tr
+from timerome_jax.errors import InputError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def llada():
+    return ports.load_pretrained(FIXTURES / "llada")
+
+
+def random_facts(n, dk=12, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, dk)).astype(np.float32), rng.normal(size=(n, d)).astype(np.float32)
+
+
+def test_dual_form_equals_primal_ridge():
+    keys, deltas = random_facts(5)
+    m, scale = mem.build(keys, deltas, layer=0, module="mlp", alpha=0.7, lam=0.3)
+    lam_t = 0.3 * np.mean(np.sum(keys.astype(np.float64) ** 2, 1))
+    assert np.isclose(scale * 0.3, lam_t)
+    K, D = keys.T.astype(np.float64), deltas.T.astype(np.float64)  # d_k x n, d x n (DESIGN's layout)
+    W = 0.7 * D @ K.T @ np.linalg.inv(K @ K.T + lam_t * np.eye(K.shape[0]))
+    np.testing.assert_allclose(m.primal_weight(), W, atol=1e-4)
+    x = np.random.default_rng(1).normal(size=(3, 12)).astype(np.float32)
+    np.testing.assert_allclose(m.term(jnp.asarray(x)), x @ W.T, atol=1e-4)
+
+
+def test_q_equal_n_is_no_sparsification_and_q_keeps_top_entries():
+    keys, deltas = random_facts(6)
+    full, _ = mem.build(keys, deltas, layer=0, module="mlp", alpha=1.0, lam=0.1)
+    q6, _ = mem.build(keys, deltas, layer=0, module="mlp", alpha=1.0, lam=0.1, q=6)
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 12)), jnp.float32)
+    np.testing.assert_array_equal(full.term(x), q6.term(x))
+    q2 = mem.with_hyperparameters(full, q=2)
+    c_full, c2 = np.asarray(full.coefficients(x)), np.asarray(q2.coefficients(x))
+    for row_full, row2 in zip(c_full, c2):
+        top = np.argsort(-np.abs(row_full[:6]))[:2]
+        assert set(np.flatnonzero(row2)) == set(top)
+        np.testing.assert_array_equal(row2[top], row_full[top])
+
+
+def test_incremental_insertion_equals_batch_build():
+    keys, deltas = random_facts(11)
+    first, scale = mem.build(keys[:3], deltas[:3], layer=1, module="mlp", alpha=0.5, lam=0.2)
+    grown = mem.insert(first, keys[3:], deltas[3:])  # crosses the capacity of 8: one doubling
+    batch, _ = mem.build(keys, deltas, layer=1, module="mlp", alpha=0.5, lam=0.2, key_scale=scale)
+    assert grown.size == 11 and grown.capacity == batch.capacity == 16
+    np.testing.assert_allclose(grown.readout, batch.readout, atol=1e-4)
+    np.testing.assert_allclose(grown.cholesky, batch.cholesky, atol=1e-4)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(5, 12)), jnp.float32)
+    np.testing.assert_allclose(grown.term(x), batch.term(x), atol=1e-4)
+
+
+def test_removing_a_fact_equals_building_without_it():
+    keys, deltas = random_facts(7)
+    m, scale = mem.build(keys, deltas, layer=0, module="mlp", alpha=1.0, lam=0.5)
+    removed = mem.remove(m, [2, 5])
+    keep = [0, 1, 3, 4, 6]
+    expect, _ = mem.build(keys[keep], deltas[keep], layer=0, module="mlp", alpha=1.0, lam=0.5, key_scale=scale)
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(3, 12)), jnp.float32)
+    np.testing.assert_allclose(removed.term(x), expect.term(x), atol=1e-5)
+    with pytest.raises(InputError, match="positions in 0..6"):
+        mem.remove(m, [9])
+
+
+def test_mlp_memory_through_interception_equals_editing_the_down_projection(llada):
+    """Without sparsification the memory adds W h after down_proj at layer ℓ: the same as
+    adding Wᵀ to that layer's down-projection kernel in a plain forward."""
+    F, D = llada.config.mlp_hidden, llada.config.d_model
+    keys, deltas = random_facts(4, dk=F, d=D)
+    m, _ = mem.build(keys, deltas, layer=1, module="mlp", alpha=0.8, lam=0.5)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 380, (2, 10)), jnp.int32)
+    edited = jax.jit(lambda bb, m, ids: mem.edited_apply(bb, m, ids))(llada, m, ids)
+    params = jax.tree.map(lambda x: x, llada.params)
+    kernel = params["blocks"]["mlp"]["down_proj"]["kernel"]
+    params["blocks"]["mlp"]["down_proj"]["kernel"] = kernel.at[1].add(m.primal_weight().T)
+    np.testing.assert_allclose(edited, llada.apply(ids, params=params), atol=1e-4)
+    assert np.abs(np.asarray(edited) - np.asarray(llada.logits(ids))).max() > 1e-3
+
+
+@pytest.mark.parametrize("module", ["attn", "resid", "mlp"])
+def test_alpha_zero_is_bit_identical(llada, module):
+    dk = {"attn": 64, "resid": 64, "mlp": 128}[module]
+    keys, deltas = random_facts(3, dk=dk, d=64)
+    m, _ = mem.build(keys, deltas, layer=2, module=module, alpha=0.0, lam=1.0)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 380, (1, 9)), jnp.int32)
+    out = jax.jit(lambda bb, m, ids: mem.edited_apply(bb, m, ids))(llada, m, ids)
+    np.testing.assert_array_equal(out, llada.logits(ids))
+
+
+def test_new_memory_of_same_capacity_does_not_recompile(llada):
+    forward = jax.jit(lambda bb, m, ids: mem.edited_apply(bb, m, ids))
+    ids = jnp.zeros((1, 6), jnp.int32)
+    for seed, n in [(0, 3), (1, 5), (2, 8)]:
+        keys, deltas = random_facts(n, dk=128, d=64, seed=seed)
+        m, _ = mem.build(keys, deltas, layer=seed, module="mlp", alpha=1.0 + seed, lam=0.1, q=2)
+        jax.block_until_ready(forward(llada, m, ids))
+    assert forward._cache_size() == 1
+
+
+def make_batch():
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, 370, 8)), list(rng.integers(0, 370, 6))]
+    answers = [list(rng.integers(0, 370, 5)), list(rng.integers(0, 370, 4))]
+    return tr.build_trace_batch(prompts, answers, [(2, 5), (1, 3)], pad_id=378)
+
+
+@pytest.mark.parametrize("module, dk", [("mlp", 128), ("attn", 64), ("resid", 64)])
+def test_capture_shapes_and_zero_noise_zero_delta(llada, module, dk):
+    batch = make_batch()
+    sigma = tr.subject_embedding_std(llada, batch)
+    keys, deltas = mem.capture_keys_and_deltas(llada, batch, sigma, jax.random.key(0), layer=jnp.int32(1),
+                                               module=module, step=1, noise_samples=3)
+    assert keys.shape == (2, dk) and deltas.shape == (2, 64)
+    assert np.abs(np.asarray(deltas)).max() > 1e-3
+    _, zero = mem.capture_keys_and_deltas(llada, batch, sigma, jax.random.key(0), layer=jnp.int32(1),
+                                          module=module, step=1, noise_samples=2, noise_scale=0.0)
+    np.testing.assert_allclose(zero, 0.0, atol=1e-5)
+
+
+def test_captured_clean_key_is_the_down_projection_input(llada):
+    batch = make_batch()
+    keys, _ = mem.capture_keys_and_deltas(llada, batch, jnp.float32(1.0), jax.random.key(0), layer=jnp.int32(2),
+                                          module="mlp", step=0, noise_samples=1)
+    # step 0 state = prompt + all-mask answer; recompute the MLP hidden by hand at the last subject token
+    ids = np.asarray(batch.input_ids_FT[0]).copy()
+    ids[np.asarray(batch.answer_mask_FT[0])] = llada.mask_token_id
+    _, acts = llada.apply(jnp.asarray(ids)[None], batch.attention_mask_FT[:1], return_intermediates=True)
+    p = jax.tree.map(lambda x: x[2], llada.params["blocks"])
+    x = acts["resid"][1, 0, 4]  # input of block 2 at the last subject position (4)
+    x = x + acts["attn"][2, 0, 4]
+    h = x * jax.lax.rsqrt(jnp.mean(x * x) + 1e-5) * p["mlp_norm"]["scale"]
+    hidden = jax.nn.silu(h @ p["mlp"]["gate_proj"]["kernel"]) * (h @ p["mlp"]["up_proj"]["kernel"])
+    np.testing.assert_allclose(keys[0], hidden, atol=1e-4)
+
+
+def record_for(llada, n=3):
+    keys, deltas = random_facts(n, dk=128, d=64)
+    m, scale = mem.build(keys, deltas, layer=1, module="mlp", alpha=0.5, lam=0.1, q=2)
+    return mem.MemoryRecord(m, tr.Coordinate(1, 2, "mlp"), 0.1, scale, tuple(f"f{i}" for i in range(n)),
+                            llada.fingerprint())
+
+
+def test_save_load_round_trip_exact(llada, tmp_path):
+    record = record_for(llada)
+    mem.save(record, tmp_path / "m")
+    loaded = mem.load(tmp_path / "m", llada)
+    for a, b in zip(jax.tree.leaves(record.memory), jax.tree.leaves(loaded.memory)):
+        np.testing.assert_array_equal(a, b)
+    assert (loaded.coordinate, loaded.fact_ids, loaded.lam, loaded.key_scale, loaded.memory.module) == \
+        (record.coordinate, record.fact_ids, record.lam, record.key_scale, "mlp")
+
+
+def test_memory_from_another_model_is_refused(llada, tmp_path):
+    record = dataclasses.replace(record_for(llada), fingerprint="0123456789abcdef")
+    mem.save(record, tmp_path / "m")
+    with pytest.raises(CheckpointError, match="built for model 0123456789abcdef"):
+        mem.load(tmp_path / "m", llada)
+
+
+def test_corrupted_memory_directory(llada, tmp_path):
+    mem.save(record_for(llada), tmp_path / "m")
+    (tmp_path / "m" / "memory.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="corrupted"):
+        mem.load(tmp_path / "m")
+    mem.save(record_for(llada), tmp_path / "m2")
+    for f in (tmp_path / "m2" / "arrays").rglob("*"):
+        if f.is_file() and f.stat().st_size > 100:
+            f.write_bytes(b"\0" * 10)
+    with pytest.raises(CheckpointError, match="corrupted or incomplete"):
+        mem.load(tmp_path / "m2")
+    with pytest.raises(CheckpointError, match="not an edit-memory directory"):
+        mem.load(tmp_path)
+
+
+def test_killed_save_leaves_previous_memory_intact(llada, tmp_path):
+    out = tmp_path / "m"
+    mem.save(record_for(llada, 3), out)
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import ports
+        from timerome_jax import memory as mem
+        import test_memory as t
+        bb = ports.load_pretrained({str(FIXTURES / 'llada')!r})
+        real_save = mem.atomic_directory
+        import contextlib
+        @contextlib.contextmanager
+        def slow(out_dir, overwrite=False):
+            with real_save(out_dir, overwrite) as tmp:
+                yield tmp
+                print("WRITTEN", flush=True)
+                time.sleep(60)   # killed here: files written, rename not done
+        mem.atomic_directory = slow
+        mem.save(t.record_for(bb, 5), {str(out)!r}, overwrite=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "WRITTEN"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert mem.load(out, llada).memory.size == 3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(alpha=-1.0), "alpha"), (dict(lam=0.0), "lambda"), (dict(q=0), "q must lie"), (dict(q=4), "q must lie"),
+])
+def test_bad_hyperparameters(kwargs, message):
+    keys, deltas = random_facts(3)
+    args = dict(layer=0, module="mlp", alpha=1.0, lam=0.1) | kwargs
+    with pytest.raises(InputError, match=message):
+        mem.build(keys, deltas, **args)
+
+
+def test_empty_fact_set():
+    with pytest.raises(InputError, match="at least one fact"):
+        mem.build(np.zeros((0, 4)), np.zeros((0, 2)), layer=0, module="mlp", alpha=1.0, lam=0.1)

@@ -1,0 +1,404 @@
+"""The low-rank residual edit memory: closed-form ridge memory injected at every forward.
+
+Definitions (DESIGN.md §3). At the traced coordinate (layer ℓ*, module m*, step k*):
+
+* key k_i: the module's input at the last subject token of fact i at step k* of the clean run
+  (mlp: input of the down projection [F]; attn: input of the output projection [N·H];
+  resid: the residual stream itself [D]). For a mixture-of-experts MLP, whose experts have no
+  shared down projection, the key is the mixture's input [D].
+* target delta δ_i: mean over noise draws of (value_corrupted − value_clean) of the module's
+  output at the same place — the change that makes the layer behave as if the subject were
+  unknown. Gradient-free.
+* Dual ridge form: G = K Kᵀ + λ̃ I (n × n, rows of K are keys), λ̃ = λ · mean_i ‖k_i‖².
+  For a token with key x: c(x) = G⁻¹ K x; keep the q largest |c_j| (q = n: all);
+  value ← value + α Δᵀ c_q(x). Without sparsification this is value + W x with
+  W = α Δᵀ G⁻¹ K = α Δᵀ K (KᵀK + λ̃ I)⁻¹ in the primal form.
+
+Implementation choices (documented in docs/memory.md):
+* The readout A = G⁻¹ K [n, d_k] is solved once (Cholesky, jitted) so a forward costs n·d_k +
+  n·d per token and never solves or inverts anything.
+* Buffers have a fixed capacity (a power of two ≥ n) with a validity mask: inserting facts up to
+  the capacity changes array values, not shapes, so jitted forwards do not recompile.
+* λ̃ is fixed when a memory is first built (`key_scale` = mean ‖k‖² of the initial keys, or a
+  value the caller passes) and reused by insertions; an insertion then equals a batch build with
+  the same `key_scale`, and costs O(n² + n·d_k) (Schur-complement update of A and the Cholesky
+  factor) instead of a fresh O(n³) solve.
+* The memory is applied through `flax.linen.intercept_methods` at (ℓ*, m*); the layer is data
+  and the term is computed under `lax.cond`, so other layers pay nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+import numpy as np
+
+from ports import Backbone
+from ports.errors import CheckpointError
+from ports.fileio import atomic_directory
+from timerome_jax import tracing
+from timerome_jax.errors import InputError
+
+Array = jax.Array
+MEMORY_FORMAT = "timerome-edit-memory"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class EditMemory:
+    """Everything a forward needs, as arrays (a pytree: a new memory of the same capacity and
+    module reuses compiled code). `module` is the only static field.
+
+    layer: int32 []; keys [C, d_k]; deltas [C, d]; valid [C] bool; cholesky [C, C] lower factor
+    of G (identity on invalid rows); readout [C, d_k] = G⁻¹ K (zero on invalid rows);
+    alpha, ridge (λ̃, absolute) float32 []; q int32 [] (0 = keep every coefficient).
+    """
+
+    layer: Array
+    keys: Array
+    deltas: Array
+    valid: Array
+    cholesky: Array
+    readout: Array
+    alpha: Array
+    ridge: Array
+    q: Array
+    module: str = dataclasses.field(metadata=dict(static=True), default="mlp")
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def size(self) -> int:
+        return int(jnp.sum(self.valid))
+
+    def coefficients(self, x_Nk: Array) -> Array:
+        """c_q(x) for keys x [..., d_k] -> [..., C] (top-q by magnitude, ties kept)."""
+        c = jnp.einsum("...k,ck->...c", x_Nk.astype(jnp.float32), self.readout)
+        magnitude = jnp.where(self.valid, jnp.abs(c), -1.0)
+        kth = jnp.sort(magnitude, axis=-1)[..., ::-1]
+        q_index = jnp.clip(self.q - 1, 0, self.capacity - 1)
+        threshold = jnp.take(kth, q_index, axis=-1)[..., None]
+        keep = self.valid & ((self.q <= 0) | (magnitude >= threshold))
+        return jnp.where(keep, c, 0.0)
+
+    def term(self, x_Nk: Array) -> Array:
+        """α Δᵀ c_q(x): the value added for keys x [..., d_k] -> [..., d]."""
+        return self.alpha * jnp.einsum("...c,cd->...d", self.coefficients(x_Nk), self.deltas)
+
+    def primal_weight(self) -> Array:
+        """W = α Δᵀ G⁻¹ K [d, d_k] (for tests and inspection; never used in the forward)."""
+        return self.alpha * self.deltas.T @ self.readout
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryRecord:
+    """An EditMemory plus what it was built from and for (not a pytree; saved alongside)."""
+
+    memory: EditMemory
+    coordinate: tracing.Coordinate
+    lam: float
+    key_scale: float
+    fact_ids: tuple[str, ...]
+    fingerprint: str
+
+    def with_memory(self, memory: EditMemory, **changes) -> "MemoryRecord":
+        return dataclasses.replace(self, memory=memory, **changes)
+
+
+# --- hyperparameter checks ------------------------------------------------------------------
+
+def check_hyperparameters(alpha: float, lam: float, q: int | None, n: int) -> None:
+    if not np.isfinite(alpha) or alpha < 0:
+        raise InputError(f"alpha must be a finite number >= 0, got {alpha}")
+    if not np.isfinite(lam) or lam <= 0:
+        raise InputError(f"lambda (ridge) must be a finite number > 0, got {lam}")
+    if n < 1:
+        raise InputError("the edit memory needs at least one fact")
+    if q is not None and not 1 <= q <= n:
+        raise InputError(f"q must lie in 1..n = 1..{n} (number of facts), got {q}")
+
+
+def _capacity_for(n: int) -> int:
+    return max(8, 1 << (n - 1).bit_length())
+
+
+# --- build / insert / remove ------------------------------------------------------------------
+
+@jax.jit
+def _solve(keys: Array, valid: Array, ridge: Array) -> tuple[Array, Array]:
+    """Cholesky factor of G = K Kᵀ + λ̃ I (identity on invalid rows) and readout G⁻¹ K."""
+    k = jnp.where(valid[:, None], keys, 0.0)
+    gram = k @ k.T + ridge * jnp.eye(keys.shape[0])
+    gram = jnp.where(valid[:, None] & valid[None, :], gram, jnp.eye(keys.shape[0]))
+    chol = jnp.linalg.cholesky(gram)
+    readout = jsl.cho_solve((chol, True), k)
+    return chol, readout
+
+
+def build(keys_nk: Array, deltas_nd: Array, *, layer: int, module: str, alpha: float, lam: float,
+          q: int | None = None, key_scale: float | None = None, capacity: int | None = None) -> tuple[EditMemory, float]:
+    """Batch build from keys [n, d_k] and deltas [n, d]. Returns (memory, key_scale)."""
+    keys_nk, deltas_nd = np.asarray(keys_nk, np.float32), np.asarray(deltas_nd, np.float32)
+    n = keys_nk.shape[0]
+    check_hyperparameters(alpha, lam, q, n)
+    if deltas_nd.shape[0] != n:
+        raise InputError(f"{n} keys but {deltas_nd.shape[0]} deltas")
+    if key_scale is None:
+        key_scale = float(np.mean(np.sum(keys_nk.astype(np.float64) ** 2, axis=1)))
+    if not key_scale > 0:
+        raise InputError("all keys are zero: the memory has nothing to match")
+    cap = capacity or _capacity_for(n)
+    keys = np.zeros((cap, keys_nk.shape[1]), np.float32); keys[:n] = keys_nk
+    deltas = np.zeros((cap, deltas_nd.shape[1]), np.float32); deltas[:n] = deltas_nd
+    valid = np.arange(cap) < n
+    ridge = jnp.float32(lam * key_scale)
+    chol, readout = _solve(jnp.asarray(keys), jnp.asarray(valid), ridge)
+    memory = EditMemory(layer=jnp.int32(layer), keys=jnp.asarray(keys), deltas=jnp.asarray(deltas),
+                        valid=jnp.asarray(valid), cholesky=chol, readout=readout,
+                        alpha=jnp.float32(alpha), ridge=ridge, q=jnp.int32(q or 0), module=module)
+    return memory, key_scale
+
+
+@jax.jit
+def _insert_one(memory: EditMemory, key_k: Array, delta_d: Array) -> EditMemory:
+    """Add one fact in O(C² + C·d_k): block Cholesky and Schur-complement update of G⁻¹ K."""
+    n = jnp.sum(memory.valid)
+    k_valid = jnp.where(memory.valid[:, None], memory.keys, 0.0)
+    g = jnp.where(memory.valid, k_valid @ key_k, 0.0)            # K k_new     [C]
+    gamma = key_k @ key_k + memory.ridge                          # ‖k‖² + λ̃
+    l_row = jsl.solve_triangular(memory.cholesky, g, lower=True)  # L⁻¹ g
+    schur = gamma - l_row @ l_row                                 # s = γ − gᵀ G⁻¹ g
+    b = jsl.solve_triangular(memory.cholesky.T, l_row, lower=False)  # G⁻¹ g
+    u = (key_k - memory.readout.T @ g) / schur                    # new readout row
+    readout = memory.readout - jnp.outer(b, u)
+    readout = readout.at[n].set(u)
+    chol = memory.cholesky.at[n].set(jnp.where(jnp.arange(memory.capacity) < n, l_row, 0.0))
+    chol = chol.at[n, n].set(jnp.sqrt(schur))
+    return dataclasses.replace(memory, keys=memory.keys.at[n].set(key_k), deltas=memory.deltas.at[n].set(delta_d),
+                               valid=memory.valid.at[n].set(True), cholesky=chol, readout=readout)
+
+
+def _grow(memory: EditMemory, capacity: int) -> EditMemory:
+    pad = capacity - memory.capacity
+    eye = jnp.eye(capacity)
+    chol = eye.at[: memory.capacity, : memory.capacity].set(memory.cholesky)
+    return dataclasses.replace(
+        memory, keys=jnp.pad(memory.keys, ((0, pad), (0, 0))), deltas=jnp.pad(memory.deltas, ((0, pad), (0, 0))),
+        valid=jnp.pad(memory.valid, (0, pad)), cholesky=chol, readout=jnp.pad(memory.readout, ((0, pad), (0, 0))))
+
+
+def insert(memory: EditMemory, keys_nk: Array, deltas_nd: Array) -> EditMemory:
+    """Sequential insertion of facts, one Schur-complement update each (capacity doubles when
+    full: one recompilation per doubling, not per fact)."""
+    keys_nk, deltas_nd = jnp.asarray(keys_nk, jnp.float32), jnp.asarray(deltas_nd, jnp.float32)
+    if keys_nk.shape[0] != deltas_nd.shape[0] or keys_nk.shape[0] == 0:
+        raise InputError("insert needs as many deltas as keys, and at least one fact")
+    for key_k, delta_d in zip(keys_nk, deltas_nd):
+        if memory.size == memory.capacity:
+            memory = _grow(memory, 2 * memory.capacity)
+        memory = _insert_one(memory, key_k, delta_d)
+    return memory
+
+
+def remove(memory: EditMemory, indices: Sequence[int]) -> EditMemory:
+    """Roll back facts (by position in the memory): equals a build without them (same λ̃)."""
+    n = memory.size
+    drop = set(int(i) for i in indices)
+    if not drop or not drop <= set(range(n)):
+        raise InputError(f"facts to remove must be positions in 0..{n - 1}")
+    keep = [i for i in range(n) if i not in drop]
+    if not keep:
+        raise InputError("removing every fact leaves an empty memory; delete the memory instead")
+    keys = np.zeros_like(np.asarray(memory.keys)); keys[: len(keep)] = np.asarray(memory.keys)[keep]
+    deltas = np.zeros_like(np.asarray(memory.deltas)); deltas[: len(keep)] = np.asarray(memory.deltas)[keep]
+    valid = np.arange(memory.capacity) < len(keep)
+    chol, readout = _solve(jnp.asarray(keys), jnp.asarray(valid), memory.ridge)
+    q = memory.q if int(memory.q) <= len(keep) else jnp.int32(len(keep))
+    return dataclasses.replace(memory, keys=jnp.asarray(keys), deltas=jnp.asarray(deltas), valid=jnp.asarray(valid),
+                               cholesky=chol, readout=readout, q=q)
+
+
+def with_hyperparameters(memory: EditMemory, alpha: float | None = None, q: int | None = None) -> EditMemory:
+    """Same memory, other α or q (no re-solve; λ needs a rebuild)."""
+    n = memory.size
+    check_hyperparameters(float(memory.alpha) if alpha is None else alpha, 1.0, q, n)
+    changes = {}
+    if alpha is not None:
+        changes["alpha"] = jnp.float32(alpha)
+    if q is not None:
+        changes["q"] = jnp.int32(q)
+    return dataclasses.replace(memory, **changes)
+
+
+# --- injection ------------------------------------------------------------------------------
+
+def _site(module: str, is_moe: bool) -> str:
+    """The submodule whose call the memory wraps (its input is the key, its output the value)."""
+    if module == "mlp":
+        return "mlp" if is_moe else "down_proj"
+    return {"attn": "o_proj", "resid": "resid"}[module]
+
+
+def make_interceptor(memory: EditMemory, is_moe: bool):
+    site = _site(memory.module, is_moe)
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name != "__call__" or context.module.name != site:
+            return next_fun(*args, **kwargs)
+        out = next_fun(*args, **kwargs)
+        key = out if memory.module == "resid" else args[0]
+        key = key.reshape(key.shape[:2] + (-1,))  # o_proj input [B,T,N,H] -> [B,T,N·H]
+        layer = kwargs["layer_index"]
+        add = jax.lax.cond(layer == memory.layer, lambda k: memory.term(k).astype(out.dtype),
+                           lambda k: jnp.zeros_like(out), key)
+        return out + add
+
+    return interceptor
+
+
+def edited_apply(backbone: Backbone, memory: EditMemory | None, *args, **kwargs):
+    """`backbone.apply(*args, **kwargs)` with the memory injected (enter inside your jit)."""
+    if memory is None:
+        return backbone.apply(*args, **kwargs)
+    with nn.intercept_methods(make_interceptor(memory, backbone.config.is_moe)):
+        return backbone.apply(*args, **kwargs)
+
+
+# --- capture of keys and deltas -----------------------------------------------------------------
+
+def _capture_apply(backbone: Backbone, module: str, ids_1T: Array, mask_1T: Array,
+                   iv: tracing.Intervention | None, window: int):
+    """Forward that returns (key [L, T, d_k], value [L, T, d]) of `module` at every layer."""
+    site = _site(module, backbone.config.is_moe)
+
+    def sow_key(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and context.module.name == site:
+            key = out if module == "resid" else args[0]
+            context.module.sow("intermediates", "edit_key", key.reshape(key.shape[:2] + (-1,)))
+            context.module.sow("intermediates", "edit_value", out)
+        return out
+
+    variables = {"params": backbone.params}
+    def run():
+        return backbone.module.apply(variables, ids_1T, mask_1T, mutable=["intermediates"])
+    with nn.intercept_methods(sow_key):
+        if iv is None:
+            _, state = run()
+        else:
+            with nn.intercept_methods(tracing.make_interceptor(iv, window)):
+                _, state = run()
+    found = {}
+    def visit(tree):
+        for name, value in tree.items():
+            if name in ("edit_key", "edit_value"):
+                found[name] = value[0]
+            elif isinstance(value, dict):
+                visit(value)
+    visit(state["intermediates"])
+    return found["edit_key"][:, 0], found["edit_value"][:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("module", "step", "noise_samples", "noise_scale"))
+def capture_keys_and_deltas(backbone: Backbone, batch: tracing.TraceBatch, sigma: Array, key: Array, *,
+                            layer: Array, module: str, step: int, noise_samples: int = 10,
+                            noise_scale: float = 3.0) -> tuple[Array, Array]:
+    """k_i and δ_i for every fact of `batch` at (layer, module, step): keys [F, d_k], deltas [F, d].
+
+    The clean trajectory is the teacher-forced one of the tracer; the place is the last subject
+    token; δ averages value_corrupted − value_clean over `noise_samples` draws whose keys follow
+    the tracer's (fold_in of the fact index, then the draw), so a trace and a memory built with
+    the same key see the same noise.
+    """
+    steps = step + 1
+    S = batch.subject_pos_FS.shape[1]
+    D = backbone.config.d_model
+    noise = tracing.noise_draws(key, batch.fact_index_F, noise_samples, (S, D)) * (noise_scale * sigma)
+    last_subject = jnp.take_along_axis(
+        batch.subject_pos_FS, (jnp.sum(batch.subject_valid_FS, axis=1) - 1)[:, None], axis=1)[:, 0]
+
+    def one_fact(ids, am, ans, pos, valid, noise_RSD, last):
+        states, _, _, _ = tracing.clean_run(backbone, ids, am, ans, pos, steps)
+        state = states[step]
+        clean_key, clean_value = _capture_apply(backbone, module, state[None], am[None], None, 1)
+
+        def corrupted(noise_SD):
+            iv = tracing.Intervention(pos, valid, noise_SD, jnp.int32(-1), jnp.int32(0),
+                                      jnp.zeros((backbone.config.n_layers, 3, S, D)))
+            return _capture_apply(backbone, module, state[None], am[None], iv, 1)[1][layer, last]
+
+        delta = jnp.mean(jax.vmap(corrupted)(noise_RSD), axis=0) - clean_value[layer, last]
+        return clean_key[layer, last], delta
+
+    return jax.vmap(one_fact)(batch.input_ids_FT, batch.attention_mask_FT, batch.answer_mask_FT,
+                              batch.subject_pos_FS, batch.subject_valid_FS, noise, last_subject)
+
+
+# --- persistence ------------------------------------------------------------------------------
+
+def save(record: MemoryRecord, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Atomic save: orbax arrays + memory.json; a killed save leaves the previous memory intact."""
+    import orbax.checkpoint as ocp
+
+    m = record.memory
+    arrays = {"layer": m.layer, "keys": m.keys, "deltas": m.deltas, "valid": m.valid, "cholesky": m.cholesky,
+              "readout": m.readout, "alpha": m.alpha, "ridge": m.ridge, "q": m.q}
+    meta = {"format": MEMORY_FORMAT, "version": 1, "module": m.module, "capacity": m.capacity,
+            "key_dim": int(m.keys.shape[1]), "value_dim": int(m.deltas.shape[1]),
+            "coordinate": record.coordinate.as_dict(), "lam": record.lam, "key_scale": record.key_scale,
+            "fact_ids": list(record.fact_ids), "fingerprint": record.fingerprint, "size": m.size}
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save((tmp / "arrays").absolute(), arrays)
+        checkpointer.wait_until_finished()
+        (tmp / "memory.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def load(path: str | Path, backbone: Backbone | None = None) -> MemoryRecord:
+    """Load a saved memory; with `backbone`, refuse one built for a different model."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path)
+    meta_path = path / "memory.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path} is not an edit-memory directory (no memory.json)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != MEMORY_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}")
+        cap, dk, dv = int(meta["capacity"]), int(meta["key_dim"]), int(meta["value_dim"])
+        coordinate = tracing.Coordinate(**meta["coordinate"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{meta_path} is corrupted: {e}") from None
+    if backbone is not None and meta["fingerprint"] != backbone.fingerprint():
+        raise CheckpointError(
+            f"the memory in {path} was built for model {meta['fingerprint']}, not for this model "
+            f"({backbone.fingerprint()}); rebuild it with `timerome edit` on this model")
+    f32, i32 = jnp.float32, jnp.int32
+    target = {"layer": jax.ShapeDtypeStruct((), i32), "keys": jax.ShapeDtypeStruct((cap, dk), f32),
+              "deltas": jax.ShapeDtypeStruct((cap, dv), f32), "valid": jax.ShapeDtypeStruct((cap,), bool),
+              "cholesky": jax.ShapeDtypeStruct((cap, cap), f32), "readout": jax.ShapeDtypeStruct((cap, dk), f32),
+              "alpha": jax.ShapeDtypeStruct((), f32), "ridge": jax.ShapeDtypeStruct((), f32),
+              "q": jax.ShapeDtypeStruct((), i32)}
+    try:
+        arrays = ocp.StandardCheckpointer().restore((path / "arrays").absolute(), target)
+    except Exception as e:  # orbax raises many types for damaged files
+        raise CheckpointError(f"the memory arrays in {path} are corrupted or incomplete "
+                              f"({type(e).__name__})") from None
+    memory = EditMemory(module=meta["module"], **arrays)
+    if memory.size != meta.get("size"):
+        raise CheckpointError(f"{path}: memory.json says {meta.get('size')} facts, the arrays hold {memory.size}")
+    return MemoryRecord(memory=memory, coordinate=coordinate, lam=float(meta["lam"]),
+                        key_scale=float(meta["key_scale"]), fact_ids=tuple(meta["fact_ids"]),
+                        fingerprint=meta["fingerprint"])
