@@ -139,7 +139,8 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = None,
     Args:
       path: directory or embedded model name.
       dtype: parameter and compute dtype; None keeps the checkpoint's (bf16 stays bf16).
-      mask_token_id: overrides the mask id from config.json / the tokenizer.
+      mask_token_id: overrides the mask id from config.json / the tokenizer / the family default
+        (`ports.families.default_mask_token_id`).
     """
     model_dir = checkpoint.check_model_dir(resolve_model_path(path))
     raw = checkpoint.read_config_json(model_dir)
@@ -151,7 +152,8 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = None,
         params = checkpoint.load_safetensors_params(model_dir, config, dtype)
         stored_mask = None
     resolved_mask = next((m for m in (mask_token_id, config.mask_token_id, stored_mask,
-                                      _tokenizer_mask_id(model_dir)) if m is not None), None)
+                                      _tokenizer_mask_id(model_dir),
+                                      families.default_mask_token_id(config)) if m is not None), None)
     if resolved_mask is not None:
         if not 0 <= int(resolved_mask) < config.vocab_size:
             raise ConfigError(f"mask token id {resolved_mask} lies outside the vocabulary "

@@ -138,7 +138,10 @@ def load_safetensors_params(model_dir: Path, config: TransformerConfig, dtype: A
                         unexpected.append(key)
                         continue
                     target, slot, rule = table[key]
-                    tensor = rule.transform(f.get_tensor(key), config)
+                    try:
+                        tensor = rule.transform(f.get_tensor(key), config)
+                    except CheckpointError as e:
+                        raise CheckpointError(f"tensor {key} in {shard.name}: {e}") from None
                     full_shape = tuple(_leaf(expected, target).shape)
                     if tensor.shape != full_shape[len(slot):]:
                         source_shape = f.get_slice(key).get_shape()

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ports.config import TransformerConfig
-from ports.errors import ConfigError
+from ports.errors import CheckpointError, ConfigError
 
 Transform = Callable[[np.ndarray, TransformerConfig], np.ndarray]
 
@@ -53,23 +53,39 @@ def transpose(w: np.ndarray, c: TransformerConfig) -> np.ndarray:
     return w.T
 
 
+def _check_head_axis(w: np.ndarray, axis: int, n_heads_field: str, c: TransformerConfig) -> int:
+    """The number of heads the config promises must tile the tensor's head axis exactly.
+
+    Checked here, before the reshape, because a head-count mismatch (e.g. num_key_value_heads
+    edited in config.json) otherwise surfaces as numpy's bare "cannot reshape array".
+    """
+    n = getattr(c, n_heads_field)
+    if w.ndim == 0 or w.shape[axis] != n * c.head_dim:
+        raise CheckpointError(
+            f"a checkpoint tensor of shape {list(w.shape)} does not split into {n_heads_field}={n} "
+            f"heads of head_dim {c.head_dim} (expected {n * c.head_dim} along that axis): the "
+            "config's head counts do not match the checkpoint")
+    return n
+
+
 def split_heads_in(n_heads_field: str) -> Transform:
     """q/k/v weight [heads*H, D] -> kernel [D, heads, H]."""
     def fn(w: np.ndarray, c: TransformerConfig) -> np.ndarray:
-        n = getattr(c, n_heads_field)
+        n = _check_head_axis(w, 0, n_heads_field, c)
         return w.reshape(n, c.head_dim, w.shape[-1]).transpose(2, 0, 1)
     return fn
 
 
 def split_heads_bias(n_heads_field: str) -> Transform:
     def fn(b: np.ndarray, c: TransformerConfig) -> np.ndarray:
-        return b.reshape(getattr(c, n_heads_field), c.head_dim)
+        return b.reshape(_check_head_axis(b, 0, n_heads_field, c), c.head_dim)
     return fn
 
 
 def split_heads_out(w: np.ndarray, c: TransformerConfig) -> np.ndarray:
     """o_proj weight [D, N*H] -> kernel [N, H, D]."""
-    return w.reshape(w.shape[0], c.n_heads, c.head_dim).transpose(1, 2, 0)
+    n = _check_head_axis(w, -1, "n_heads", c)
+    return w.reshape(w.shape[0], n, c.head_dim).transpose(1, 2, 0)
 
 
 # --- config whitelisting -----------------------------------------------------------------------

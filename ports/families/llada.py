@@ -74,6 +74,12 @@ def parse_mmada(raw: Mapping[str, Any]) -> TransformerConfig:
     if bool(tied) != fields["tie_embeddings"]:
         raise base.ConfigError("mmada config: tie_word_embeddings and weight_tying disagree")
     r.ignore("codebook_size", "num_new_special_tokens", "num_vq_tokens")
+    # MMaDA's training scripts merge their `model.mmada` yaml section into config.json and
+    # MMadaConfig declares a few more keys: paths and a training switch, none of which changes
+    # the text forward pass.
+    r.ignore("pretrained_model_path", "tokenizer_path", "llm_model_path", "gradient_checkpointing")
+    # w_clip_vit=True adds a CLIP-ViT image encoder path this port does not implement.
+    r.require("w_clip_vit", (False,), False)
     r.finish()
     return TransformerConfig(family="mmada", padding="query_key_uniform",
                              text_vocab_size=text_vocab, **fields)

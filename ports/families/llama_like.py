@@ -38,6 +38,9 @@ def parse_dream(raw: Mapping[str, Any]) -> TransformerConfig:
     r = base.ConfigReader(raw, "dream")
     fields = _parse_attention(r)
     r.require("use_sliding_window", (False,), False)
+    # Later Dream-architecture exports (apple/DiffuCoder-7B) write use_mrope=false; multimodal
+    # RoPE is not implemented here.
+    r.require("use_mrope", (False,), False)
     r.ignore("sliding_window")
     fields["mlp_hidden"] = r.integer("intermediate_size")
     fields["mask_token_id"] = r.integer("mask_token_id", None)
