@@ -13,7 +13,7 @@ import sys
 
 from ports.errors import UserError
 
-COMMANDS = ("info", "convert")
+COMMANDS = ("info", "convert", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
