@@ -13,7 +13,7 @@ import pytest
 
 import ports
 from conftest import EOS_ID, fixture_dir
-from timerome_jax import cli, facts, sampler, tokenization
+from timerome_jax import cli, data, facts, pipeline, sampler, tokenization
 from timerome_jax.errors import InputError
 
 FACT_LINES = [
@@ -110,7 +110,10 @@ def test_generate_from_facts(tiny_model_dir_with_tokenizer, tmp_path, capsys):
     # the same generations straight from the sampler, batched differently
     backbone = ports.load_pretrained(tiny_model_dir_with_tokenizer)
     tok = tokenization.load_tokenizer(tiny_model_dir_with_tokenizer)
-    prompts = tokenization.encode_texts(tok, [r["prompt"] for r in records], add_special_tokens=True)
+    # TOFU questions are fed in the training prompt format; prompt/target records as given
+    texts = [pipeline.model_texts(f)[0] for f in facts.read_facts(fact_file)]
+    assert texts[0] == data.format_prompt(records[0]["prompt"]) and texts[1] == records[1]["prompt"]
+    prompts = tokenization.encode_texts(tok, texts, add_special_tokens=True)
     full = sampler.sample_many(backbone, prompts, jax.random.key(0), pad_id=EOS_ID, batch_size=3,
                                gen_length=8, steps=4, block_length=4)
     for record, generated in zip(records, full):

@@ -17,7 +17,7 @@ import jax
 
 import ports
 from timerome_jax import facts as facts_io
-from timerome_jax import sampler, tokenization
+from timerome_jax import pipeline, sampler, tokenization
 from timerome_jax.errors import InputError
 
 
@@ -67,14 +67,15 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         if not args.prompt.strip():
             raise InputError("the prompt is empty")
-        facts = [facts_io.Fact(prompt=args.prompt, where="--prompt")]
+        facts = [facts_io.Fact(prompt=args.prompt, where="--prompt", kind="prompt")]
     else:
         facts = facts_io.read_facts(args.facts)
 
     backbone = ports.load_pretrained(args.model)
     sampler.check_mask_token(backbone)
     tokenizer = tokenization.backbone_tokenizer(backbone)
-    prompts = tokenization.encode_texts(tokenizer, [f.prompt for f in facts],
+    # the same prompt text as tracing and evaluation (TOFU questions in the training format)
+    prompts = tokenization.encode_texts(tokenizer, [pipeline.model_texts(f)[0] for f in facts],
                                         add_special_tokens=True)
     limit = backbone.config.max_seq_len
     for fact, ids in zip(facts, prompts):
