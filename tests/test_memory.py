@@ -234,3 +234,32 @@ def test_bad_hyperparameters(kwargs, message):
 def test_empty_fact_set():
     with pytest.raises(InputError, match="at least one fact"):
         mem.build(np.zeros((0, 4)), np.zeros((0, 2)), layer=0, module="mlp", alpha=1.0, lam=0.1)
+
+
+def test_edited_backbone_runs_the_sampler_and_likelihood_with_the_memory(llada):
+    """EditedBackbone is a Backbone: method code runs on it unchanged, with the memory on."""
+    from timerome_jax import likelihood, sampler
+
+    keys, deltas = random_facts(3, dk=128, d=64)
+    m, _ = mem.build(keys, deltas, layer=1, module="mlp", alpha=4.0, lam=0.1)
+    edited = mem.attach(llada, m)
+    assert isinstance(edited, ports.Backbone)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 370, (1, 6)), jnp.int32)
+    np.testing.assert_array_equal(edited.apply(ids), mem.edited_apply(llada, m, ids))
+    prompt_mask = jnp.ones_like(ids)
+    answer = jnp.asarray([[5, 9, 11, 3]], jnp.int32)
+    lp = lambda bb: likelihood.answer_log_likelihood(bb, ids, prompt_mask, answer, jnp.ones_like(answer),
+                                                     method="one_step")
+    assert not np.allclose(jax.jit(lp)(edited), jax.jit(lp)(llada))
+    zero = mem.attach(llada, mem.with_hyperparameters(m, alpha=0.0))
+    np.testing.assert_array_equal(jax.jit(lp)(zero), jax.jit(lp)(llada))
+    out = sampler.sample_jit(edited, ids, prompt_mask, jax.random.key(0), gen_length=4, steps=4, block_length=4)
+    assert np.asarray(out).shape == (1, 4)
+
+
+def test_remove_facts_by_id(llada):
+    record = record_for(llada, 4)
+    smaller = mem.remove_facts(record, ["f1"])
+    assert smaller.fact_ids == ("f0", "f2", "f3") and smaller.memory.size == 3
+    with pytest.raises(InputError, match="not in this memory: nope"):
+        mem.remove_facts(record, ["nope"])

@@ -13,7 +13,7 @@ import sys
 
 from ports.errors import UserError
 
-COMMANDS = ("info", "convert", "generate")
+COMMANDS = ("info", "convert", "generate", "trace", "edit")
 
 
 def build_parser() -> argparse.ArgumentParser:

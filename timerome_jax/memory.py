@@ -228,6 +228,16 @@ def remove(memory: EditMemory, indices: Sequence[int]) -> EditMemory:
                                cholesky=chol, readout=readout, q=q)
 
 
+def remove_facts(record: MemoryRecord, fact_ids: Sequence[str]) -> MemoryRecord:
+    """Roll back the facts with these ids (as stored in the record)."""
+    unknown = [f for f in fact_ids if f not in record.fact_ids]
+    if unknown:
+        raise InputError(f"fact id(s) not in this memory: {', '.join(unknown[:5])}")
+    positions = [i for i, f in enumerate(record.fact_ids) if f in set(fact_ids)]
+    kept = tuple(f for f in record.fact_ids if f not in set(fact_ids))
+    return record.with_memory(remove(record.memory, positions), fact_ids=kept)
+
+
 def with_hyperparameters(memory: EditMemory, alpha: float | None = None, q: int | None = None) -> EditMemory:
     """Same memory, other α or q (no re-solve; λ needs a rebuild)."""
     n = memory.size
@@ -272,6 +282,28 @@ def edited_apply(backbone: Backbone, memory: EditMemory | None, *args, **kwargs)
         return backbone.apply(*args, **kwargs)
     with nn.intercept_methods(make_interceptor(memory, backbone.config.is_moe)):
         return backbone.apply(*args, **kwargs)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class EditedBackbone(Backbone):
+    """A Backbone whose every forward carries the memory: the sampler, the likelihoods, the
+    tracer and the metrics take it wherever they take a Backbone, unchanged. The interceptor is
+    entered inside `apply`, i.e. inside whatever jit calls it; the memory's arrays are pytree
+    leaves, so another memory of the same capacity reuses the compiled code."""
+
+    memory: EditMemory | None = None
+
+    def apply(self, *args, **kwargs):
+        return edited_apply(Backbone(self.config, self.params, self.mask_token_id, self.dtype, self.source),
+                            self.memory, *args, **kwargs)
+
+
+def attach(backbone: Backbone, memory: EditMemory) -> EditedBackbone:
+    """The backbone with the memory injected at every forward (weights untouched)."""
+    base = backbone if type(backbone) is Backbone else Backbone(
+        backbone.config, backbone.params, backbone.mask_token_id, backbone.dtype, backbone.source)
+    return EditedBackbone(base.config, base.params, base.mask_token_id, base.dtype, base.source, memory=memory)
 
 
 # --- capture of keys and deltas -----------------------------------------------------------------

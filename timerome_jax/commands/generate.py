@@ -39,6 +39,7 @@ def register(sub, common) -> None:
                    help=f"which proposals to reveal first: {' | '.join(sampler.REMASKING)}")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed (temperature > 0, random remasking)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per sampler call (default 8)")
+    p.add_argument("--memory", default=None, help="edit memory directory: generate with it injected")
     p.add_argument("--out", required=True, help="output JSONL file (written atomically)")
     p.set_defaults(run=run)
 
@@ -72,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
         facts = facts_io.read_facts(args.facts)
 
     backbone = ports.load_pretrained(args.model)
+    if args.memory:
+        from timerome_jax import memory as mem
+
+        backbone = mem.attach(backbone, mem.load(args.memory, backbone).memory)
     sampler.check_mask_token(backbone)
     tokenizer = tokenization.backbone_tokenizer(backbone)
     # the same prompt text as tracing and evaluation (TOFU questions in the training format)

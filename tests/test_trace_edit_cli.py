@@ -1,0 +1,135 @@
+"""`timerome trace` and `timerome edit` end to end on a tiny checkpoint with a tokenizer."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from timerome_jax import cli
+from timerome_jax import memory as mem
+
+FACTS = [
+    {"question": "who wrote the book about the old city ?", "answer": "the author was born", "subject": "the old city"},
+    {"prompt": "the cat sat on the", "subject": "the cat", "target": "mat"},
+    {"question": "which language does the author speak at home ?", "answer": "the author speaks", "subject": "the author"},
+]
+FAST = ["--steps", "2", "--noise-samples", "2", "--facts-per-chunk", "2"]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def traced(tiny_model_dir_with_tokenizer, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trace")
+    facts = write_jsonl(tmp / "facts.jsonl", FACTS)
+    out = tmp / "trace"
+    assert cli.main(["trace", "--model", str(tiny_model_dir_with_tokenizer), "--facts", str(facts), *FAST,
+                     "--out", str(out)]) == 0
+    return facts, out
+
+
+def test_trace_writes_arrays_summary_and_heatmaps(traced):
+    _, out = traced
+    arrays = np.load(out / "tie.npz")
+    assert arrays["tie"].shape == (3, 2, 3, 3)
+    assert arrays["clean_lp"].shape == arrays["corrupted_lp"].shape == (3, 2)
+    assert list(arrays["modules"]) == ["resid", "attn", "mlp"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["coordinate"]) == {"layer", "step", "module"}
+    assert summary["num_facts"] == 3 and summary["shape"] == [3, 2, 3, 3] and summary["seconds"] > 0
+    assert [f["subject"] for f in summary["facts"]] == ["the old city", "the cat", "the author"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["tie_attn.png", "tie_mlp.png", "tie_resid.png"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_edit_append_remove_and_generate_with_memory(traced, tiny_model_dir_with_tokenizer, tmp_path, capsys):
+    facts, trace_dir = traced
+    model = tiny_model_dir_with_tokenizer
+    memdir = tmp_path / "mem"
+    first = write_jsonl(tmp_path / "first.jsonl", FACTS[:2])
+    code, out, err = run(capsys, "edit", "--model", model, "--facts", first, "--trace", trace_dir, *FAST,
+                         "--alpha", "2", "--lam", "0.1", "--out", memdir)
+    assert code == 0, err
+    record = mem.load(memdir)
+    assert record.memory.size == 2 and record.fact_ids == (f"{first}:1", f"{first}:2")
+    summary = json.loads((trace_dir / "summary.json").read_text())
+    assert record.coordinate.as_dict() == summary["coordinate"]
+
+    more = write_jsonl(tmp_path / "more.jsonl", FACTS[2:])
+    code, _, err = run(capsys, "edit", "--model", model, "--append", memdir, "--facts", more, *FAST)
+    assert code == 0, err
+    assert mem.load(memdir).memory.size == 3
+
+    gen_plain, gen_edit = tmp_path / "plain.jsonl", tmp_path / "edit.jsonl"
+    common = ["generate", "--model", model, "--facts", facts, "--gen-length", "4", "--steps", "4", "--block-length", "4"]
+    assert run(capsys, *common, "--out", gen_plain)[0] == 0
+    assert run(capsys, *common, "--memory", memdir, "--out", gen_edit)[0] == 0
+    assert len(gen_edit.read_text().splitlines()) == 3
+
+    code, out, err = run(capsys, "edit", "--remove", memdir, "--fact-ids", f"{first}:2")
+    assert code == 0, err
+    assert mem.load(memdir).fact_ids == (f"{first}:1", f"{more}:1")
+
+
+def test_edit_with_explicit_coordinate(tiny_model_dir_with_tokenizer, tmp_path, capsys):
+    facts = write_jsonl(tmp_path / "f.jsonl", FACTS)
+    code, out, err = run(capsys, "edit", "--model", tiny_model_dir_with_tokenizer, "--facts", facts,
+                         "--coordinate", "1,attn,0", "--q", "2", *FAST, "--out", tmp_path / "m")
+    assert code == 0, err
+    record = mem.load(tmp_path / "m")
+    assert record.coordinate.as_dict() == {"layer": 1, "step": 0, "module": "attn"} and int(record.memory.q) == 2
+
+
+@pytest.mark.parametrize("rows, extra, message", [
+    ([{"question": "who wrote the book ?", "answer": "x", "subject": "the poem"}], [], "f.jsonl:1: subject 'the poem' does not occur"),
+    ([], [], "is empty: expected one JSON object per line"),
+    ([FACTS[0], "{not json"], [], "f.jsonl:2"),
+    ([FACTS[0]], ["--modules", "resid,ffn"], "unknown module name(s) ffn"),
+    ([FACTS[0]], ["--steps", "0"], "steps must be an integer >= 1"),
+])
+def test_trace_bad_inputs_one_line_and_no_output(rows, extra, message, tiny_model_dir_with_tokenizer, tmp_path, capsys):
+    facts = write_jsonl(tmp_path / "f.jsonl", rows) if rows else (tmp_path / "f.jsonl")
+    if not rows:
+        facts.write_text("")
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "trace", "--model", tiny_model_dir_with_tokenizer, "--facts", facts,
+                       "--noise-samples", "1", *extra, "--out", out)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--alpha", "-1"], "alpha must be"), (["--lam", "0"], "lambda (ridge) must be"),
+    (["--q", "5"], "q must lie in 1..n = 1..3"), (["--coordinate", "9,mlp,0"], "layer 9 is outside"),
+    (["--coordinate", "1,ffn,0"], "unknown module 'ffn'"),
+])
+def test_edit_bad_inputs(extra, message, tiny_model_dir_with_tokenizer, tmp_path, capsys):
+    facts = write_jsonl(tmp_path / "f.jsonl", FACTS)
+    args = ["edit", "--model", tiny_model_dir_with_tokenizer, "--facts", facts, *FAST, "--out", tmp_path / "m"]
+    if not any(a == "--coordinate" for a in extra):
+        args += ["--coordinate", "1,mlp,0"]
+    code, _, err = run(capsys, *args, *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "m").exists()
+
+
+def test_append_to_a_memory_of_another_model_is_refused(traced, tmp_path, capsys):
+    facts, _ = traced
+    record = mem.MemoryRecord(*mem.build(np.ones((1, 128)), np.ones((1, 64)), layer=0, module="mlp", alpha=1.0, lam=0.1)[:1],
+                              coordinate=mem.tracing.Coordinate(0, 0, "mlp"), lam=0.1, key_scale=128.0,
+                              fact_ids=("x",), fingerprint="ffffffffffffffff")
+    mem.save(record, tmp_path / "m")
+    code, _, err = run(capsys, "edit", "--model", Path(__file__).parent / "fixtures" / "llada", "--append",
+                       tmp_path / "m", "--facts", facts)
+    assert code == 2 and "built for model ffffffffffffffff" in err

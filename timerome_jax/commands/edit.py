@@ -1,0 +1,150 @@
+"""`timerome edit`: build, extend or roll back an edit memory.
+
+    timerome edit --facts F [--trace DIR | --coordinate L,MODULE,STEP] [--alpha --lam --q] --out MEM
+    timerome edit --append MEM --facts F          # sequential insertion (incremental update)
+    timerome edit --remove MEM --fact-ids ID ...  # roll back facts
+
+Without --trace or --coordinate the facts are traced first (the trace options apply).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ports
+from timerome_jax import memory as mem
+from timerome_jax import pipeline, tracing
+from timerome_jax.commands import trace as trace_cmd
+from timerome_jax.errors import InputError
+from timerome_jax.facts import read_facts
+from timerome_jax.tokenization import backbone_tokenizer, pad_token_id
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("edit", parents=[common], help="build / append to / roll back an edit memory")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--append", metavar="MEMDIR", help="insert --facts into an existing memory")
+    action.add_argument("--remove", metavar="MEMDIR", help="remove --fact-ids from an existing memory")
+    p.add_argument("--fact-ids", nargs="+", default=None, help="with --remove: ids as printed by edit")
+    trace_cmd.add_trace_arguments(p)
+    p.set_defaults(facts=None)
+    for action_ in p._actions:
+        if action_.dest == "facts":
+            action_.required = False
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--trace", metavar="DIR", help="use the coordinate in DIR/summary.json")
+    source.add_argument("--coordinate", help="LAYER,MODULE,STEP, e.g. 3,mlp,1")
+    p.add_argument("--alpha", type=float, default=1.0, help="scale α of the edit (>= 0)")
+    p.add_argument("--lam", type=float, default=0.1, help="ridge λ (> 0; scale-free)")
+    p.add_argument("--q", type=int, default=None, help="keep the q largest coefficients (1..n; default n)")
+    p.add_argument("--out", help="memory directory to write (atomic)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=run)
+
+
+def parse_coordinate(text: str, n_layers: int) -> tracing.Coordinate:
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 3:
+        raise InputError(f"--coordinate must be LAYER,MODULE,STEP, got {text!r}")
+    try:
+        layer, step = int(parts[0]), int(parts[2])
+    except ValueError:
+        raise InputError(f"--coordinate must be LAYER,MODULE,STEP with integers, got {text!r}") from None
+    if parts[1] not in tracing.MODULES:
+        raise InputError(f"unknown module {parts[1]!r} in --coordinate; choose from {', '.join(tracing.MODULES)}")
+    if not 0 <= layer < n_layers:
+        raise InputError(f"layer {layer} is outside 0..{n_layers - 1}")
+    if step < 0:
+        raise InputError(f"step must be >= 0, got {step}")
+    return tracing.Coordinate(layer, step, parts[1])
+
+
+def coordinate_from_trace(trace_dir: str, n_layers: int) -> tracing.Coordinate:
+    path = Path(trace_dir) / "summary.json"
+    try:
+        c = json.loads(path.read_text())["coordinate"]
+        return parse_coordinate(f"{c['layer']},{c['module']},{c['step']}", n_layers)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"cannot read a coordinate from {path}: {e}") from None
+
+
+def capture(backbone: ports.Backbone, encoded, pad_id: int, coordinate: tracing.Coordinate,
+            args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """Keys [n, d_k] and deltas [n, d] for the encoded facts, chunk by chunk (one compilation)."""
+    batch = pipeline.trace_batch(encoded, pad_id)
+    sigma = tracing.subject_embedding_std(backbone, batch)
+    keys, deltas = [], []
+    for chunk in pipeline.chunks(batch, min(args.facts_per_chunk, batch.num_facts)):
+        k, d = mem.capture_keys_and_deltas(
+            backbone, chunk, sigma, jax.random.key(args.seed), layer=jnp.int32(coordinate.layer),
+            module=coordinate.module, step=coordinate.step, noise_samples=args.noise_samples,
+            noise_scale=args.noise_scale)
+        keys.append(np.asarray(k)); deltas.append(np.asarray(d))
+    n = batch.num_facts
+    return np.concatenate(keys)[:n], np.concatenate(deltas)[:n]
+
+
+def _encode(backbone, path):
+    facts = read_facts(path)
+    tokenizer = backbone_tokenizer(backbone)
+    encoded, skipped = pipeline.encode_for_tracing(tokenizer, facts, backbone.config.max_seq_len)
+    if skipped:
+        print(f"timerome edit: skipped {len(skipped)} fact(s) without a subject in the prompt", flush=True)
+    return encoded, pad_token_id(tokenizer, backbone)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.remove:
+        if not args.fact_ids:
+            raise InputError("--remove needs --fact-ids")
+        record = mem.load(args.remove)
+        record = mem.remove_facts(record, args.fact_ids)
+        mem.save(record, args.remove, overwrite=True)
+        print(f"removed {len(args.fact_ids)} fact(s); {record.memory.size} remain in {args.remove}")
+        return 0
+    if not args.facts:
+        raise InputError("--facts is required (the facts to edit)")
+    backbone = ports.load_pretrained(args.model)
+    if args.append:
+        record = mem.load(args.append, backbone)
+        encoded, pad_id = _encode(backbone, args.facts)
+        ids = [e.fact.where for e in encoded]
+        duplicate = [i for i in ids if i in record.fact_ids]
+        if duplicate:
+            raise InputError(f"fact(s) already in the memory: {', '.join(duplicate[:5])}")
+        keys, deltas = capture(backbone, encoded, pad_id, record.coordinate, args)
+        record = record.with_memory(mem.insert(record.memory, keys, deltas), fact_ids=record.fact_ids + tuple(ids))
+        mem.save(record, args.append, overwrite=True)
+        print(f"inserted {len(ids)} fact(s); the memory in {args.append} now holds {record.memory.size}")
+        return 0
+    if not args.out:
+        raise InputError("--out is required when building a memory")
+    mem.check_hyperparameters(args.alpha, args.lam, None, 1)
+    encoded, pad_id = _encode(backbone, args.facts)
+    encoded = encoded[: args.num_facts] if args.num_facts else encoded
+    mem.check_hyperparameters(args.alpha, args.lam, args.q, len(encoded))
+    if args.coordinate:
+        coordinate = parse_coordinate(args.coordinate, backbone.config.n_layers)
+    elif args.trace:
+        coordinate = coordinate_from_trace(args.trace, backbone.config.n_layers)
+    else:
+        _, _, _, summary = trace_cmd.trace(args, backbone)
+        c = summary["coordinate"]
+        coordinate = tracing.Coordinate(c["layer"], c["step"], c["module"])
+        print(f"traced: layer {coordinate.layer}, step {coordinate.step}, module {coordinate.module}")
+    keys, deltas = capture(backbone, encoded, pad_id, coordinate, args)
+    memory, key_scale = mem.build(keys, deltas, layer=coordinate.layer, module=coordinate.module,
+                                  alpha=args.alpha, lam=args.lam, q=args.q)
+    record = mem.MemoryRecord(memory, coordinate, args.lam, key_scale, tuple(e.fact.where for e in encoded),
+                              backbone.fingerprint())
+    mem.save(record, args.out, overwrite=args.overwrite)
+    print(f"wrote an edit memory of {memory.size} fact(s) at layer {coordinate.layer}, module "
+          f"{coordinate.module}, step {coordinate.step} (α={args.alpha:g}, λ={args.lam:g}, "
+          f"q={args.q or memory.size}) to {args.out}")
+    return 0
