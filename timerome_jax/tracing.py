@@ -408,14 +408,14 @@ class Coordinate:
 
 def select_coordinate(tie_FKLM: np.ndarray, modules: tuple[str, ...], k_min: int = 0) -> Coordinate:
     """(ℓ*, m*) = argmax over (layer, module) of TIE averaged over facts and steps k >= k_min;
-    k* = argmax over steps at (ℓ*, m*) (averaged over facts)."""
+    k* = argmax over steps k >= k_min at (ℓ*, m*) (averaged over facts)."""
     tie = np.asarray(tie_FKLM, np.float64)
     K = tie.shape[1]
     if not 0 <= k_min < K:
         raise InputError(f"k_min must lie in 0..{K - 1}, got {k_min}")
     mean_KLM = tie.mean(axis=0)
     layer, module = np.unravel_index(np.argmax(mean_KLM[k_min:].mean(axis=0)), mean_KLM.shape[1:])
-    step = int(np.argmax(mean_KLM[:, layer, module]))
+    step = k_min + int(np.argmax(mean_KLM[k_min:, layer, module]))
     return Coordinate(int(layer), step, modules[int(module)])
 
 

@@ -87,6 +87,14 @@ def load_selection(spec: str) -> list[tuple[str, int, dict[str, Any]]]:
     return rows
 
 
+def load_facts(spec: str) -> list:
+    """A data selection (e.g. "forget01_subjects[:8]") as `facts.Fact` records, each identified
+    as 'split:line' (1-based, like a fact file's 'file:line')."""
+    from timerome_jax.facts import parse_fact
+
+    return [parse_fact(record, f"{name}:{index + 1}") for name, index, record in load_selection(spec)]
+
+
 def format_prompt(question: str) -> str:
     """The prompt text for a question: `"Question: {question}\\nAnswer:"` (question stripped)."""
     return PROMPT_TEMPLATE.format(question=question.strip())
@@ -113,4 +121,4 @@ def decode_answer(tokenizer, answer_ids: Sequence[int], eos_token_id: int | None
 
 
 __all__ = ["PROMPT_TEMPLATE", "decode_answer", "encode_answer", "encode_prompt", "format_prompt",
-           "load_selection", "load_split", "parse_selection", "split_names"]
+           "load_facts", "load_selection", "load_split", "parse_selection", "split_names"]

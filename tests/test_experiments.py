@@ -1,0 +1,34 @@
+"""Every paper experiment runs end to end with --quick on a tiny model, so none of them rots."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+def run_experiment(name: str, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / f"{name}.py"), "--quick", "--model", str(model),
+                           "--out", str(out), *extra], capture_output=True, text=True, timeout=600)
+
+
+def test_tie_heatmaps_quick(tiny_model_dir_with_tokenizer, tmp_path):
+    proc = run_experiment("tie_heatmaps", tiny_model_dir_with_tokenizer, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["facts"]) == 2 and results["steps"] == 4
+    assert results["coordinate_late_steps_only"]["step"] >= 2
+    assert results["coordinate_early_steps_only"]["step"] < 2
+    for png in ("tie_resid.png", "tie_attn.png", "tie_mlp.png", "early_late.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_experiment_user_error_is_one_line(tmp_path):
+    proc = run_experiment("tie_heatmaps", ROOT / "tests" / "fixtures" / "llada", tmp_path / "out")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("tie_heatmaps: error: no tokenizer files")
+    assert not (tmp_path / "out").exists()
