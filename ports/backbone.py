@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -56,6 +57,12 @@ class Backbone:
             return self.source
         return None
 
+    def interception(self) -> contextlib.AbstractContextManager:
+        """Interceptors this backbone applies to every forward (`apply`, `embed`, `layer`,
+        `head`); none here. Edited or steered backbones override this one hook, so every way of
+        running the model carries their intervention, inside whatever jit calls it."""
+        return contextlib.nullcontext()
+
     def apply(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None,
               positions_BT: jax.Array | None = None, return_intermediates: bool = False,
               params: Any = None):
@@ -65,14 +72,46 @@ class Backbone:
         mixture-of-experts backbones.
         """
         variables = {"params": self.params if params is None else params}
-        if not return_intermediates:
-            return self.module.apply(variables, input_ids_BT, attention_mask_BT, positions_BT)
-        (logits, inter), state = self.module.apply(
-            variables, input_ids_BT, attention_mask_BT, positions_BT, True, mutable=["intermediates"])
+        with self.interception():
+            if not return_intermediates:
+                return self.module.apply(variables, input_ids_BT, attention_mask_BT, positions_BT)
+            (logits, inter), state = self.module.apply(
+                variables, input_ids_BT, attention_mask_BT, positions_BT, True, mutable=["intermediates"])
         sown = state.get("intermediates", {}).get("blocks", {}).get("mlp", {})
         if "router_logits" in sown:
             inter = {**inter, "router_logits": sown["router_logits"][0]}
         return logits, inter
+
+    # --- the forward in pieces: embed -> layer(0) ... layer(L-1) -> head ----------------------
+    # Composing them equals `apply` (tested); interceptors see the same named submodules with the
+    # same `layer_index`, so a caller can start from a cached residual stream at any layer.
+
+    def embed(self, input_ids_BT: jax.Array) -> jax.Array:
+        """Input embeddings [B, T, D] (through the module named 'embed')."""
+        with self.interception():
+            return self.module.apply({"params": self.params}, input_ids_BT, method="embed_tokens")
+
+    def layer(self, x_BTD: jax.Array, layer_index: jax.Array, attention_mask_BT: jax.Array | None = None,
+              positions_BT: jax.Array | None = None) -> jax.Array:
+        """Block `layer_index` (a traced int is fine: its weights are sliced dynamically)."""
+        from ports.transformer import Block, attention_allowed, default_positions
+
+        B, T = x_BTD.shape[:2]
+        if positions_BT is None:
+            positions_BT = default_positions(attention_mask_BT, B, T, self.config.position_ids)
+        allowed = attention_allowed(attention_mask_BT, self.config.padding)
+        index = jnp.asarray(layer_index, jnp.int32)
+        weights = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, index, keepdims=False),
+                               self.params["blocks"])
+        block = Block(self.config, dtype=self.dtype, param_dtype=self.dtype)
+        with self.interception():
+            out, _ = block.apply({"params": weights}, x_BTD, allowed, positions_BT, index)
+        return out
+
+    def head(self, x_BTD: jax.Array) -> jax.Array:
+        """Final norm and output head: float32 logits [B, T, V]."""
+        with self.interception():
+            return self.module.apply({"params": self.params}, x_BTD, method="unembed")[0]
 
     def logits(self, input_ids_BT, attention_mask_BT=None) -> jax.Array:
         """float32 logits [B, T, V], exactly as the original model returns them (unshifted)."""
@@ -133,7 +172,7 @@ def _tokenizer_mask_id(model_dir: Path) -> int | None:
 
 
 def load_pretrained(path: str | os.PathLike, dtype: Any = None,
-                    mask_token_id: int | None = None) -> Backbone:
+                    mask_token_id: int | None = None, mesh: Any = None, rules: Any = None) -> Backbone:
     """Load a checkpoint directory (HF safetensors, or `timerome convert` output) or embedded name.
 
     Args:
@@ -141,15 +180,33 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = None,
       dtype: parameter and compute dtype; None keeps the checkpoint's (bf16 stays bf16).
       mask_token_id: overrides the mask id from config.json / the tokenizer / the family default
         (`ports.families.default_mask_token_id`).
+      mesh: a `jax.sharding.Mesh` (see `ports.sharding.make_mesh`); every parameter is then
+        created directly on its devices, never whole on one device or on the host.
+      rules: logical-axis rules for `mesh` (`ports.sharding.rules_for(profile)`); None replicates
+        every parameter (pure data parallelism).
+
+    Parameters are streamed onto their devices leaf by leaf in every case, so the host's peak
+    memory stays near one copy of the parameters.
     """
     model_dir = checkpoint.check_model_dir(resolve_model_path(path))
     raw = checkpoint.read_config_json(model_dir)
     config = families.parse_config(raw)
+    if mesh is not None:
+        from ports import sharding
+
+        shardings = sharding.param_shardings(config, mesh, rules)
+    else:
+        if rules is not None:
+            raise ConfigError("sharding rules need a mesh (load_pretrained(..., mesh=...))")
+        device = jax.config.jax_default_device or jax.local_devices()[0]
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device),
+                                 checkpoint.abstract_params(config))
     if checkpoint.is_converted_dir(model_dir):
-        params, meta = checkpoint.load_converted(model_dir, config, dtype)
+        params, meta = checkpoint.load_converted(model_dir, config, dtype,
+                                                 shardings if mesh is not None else None)
         stored_mask = meta.get("mask_token_id")
     else:
-        params = checkpoint.load_safetensors_params(model_dir, config, dtype)
+        params = checkpoint.load_safetensors_params(model_dir, config, dtype, shardings)
         stored_mask = None
     resolved_mask = next((m for m in (mask_token_id, config.mask_token_id, stored_mask,
                                       _tokenizer_mask_id(model_dir),

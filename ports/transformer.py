@@ -259,6 +259,10 @@ class Transformer(nn.Module):
     DiffuLLaMA logits are NOT shifted here; `config.logit_shift` tells the caller). With
     `return_intermediates=True` it returns (logits, dict) where the dict holds 'embed' [B,T,D],
     'attn', 'mlp', 'resid' [L,B,T,D] and 'final_hidden' [B,T,D] (after the final norm).
+
+    `embed_tokens` and `unembed` expose the two ends (use with `apply(..., method=...)`); a single
+    block is `Block(config)` applied to one layer's slice of `params['blocks']` (see
+    `ports.Backbone.layer`), so callers can run any contiguous range of layers.
     """
 
     config: TransformerConfig
@@ -266,34 +270,40 @@ class Transformer(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
 
-    @nn.compact
+    def setup(self):
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embed = Embed(c.vocab_size, c.d_model, **kw)
+        block_cls = nn.remat(Block, prevent_cse=False) if self.remat else Block
+        # the blocks always return their per-layer outputs; unused ones are removed by XLA
+        self.blocks = nn.scan(block_cls, variable_axes={"params": 0, "intermediates": 0},
+                              split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast, 0),
+                              length=c.n_layers)(c, collect=True, **kw)
+        self.final_norm = RMSNorm(c.norm_eps, **kw)
+        if not c.tie_embeddings:
+            self.lm_head = Einsum("BTD,DV->BTV", (c.d_model, c.vocab_size), **kw)
+
+    def embed_tokens(self, input_ids_BT: Array) -> Array:
+        return self.embed(input_ids_BT)
+
+    def unembed(self, x_BTD: Array) -> tuple[Array, Array]:
+        """Final norm and output head: (float32 logits [B,T,V], normed hidden [B,T,D])."""
+        x = self.final_norm(x_BTD)
+        logits = self.embed.attend(x) if self.config.tie_embeddings else self.lm_head(x)
+        if self.config.scale_logits:
+            logits = logits * (self.config.d_model ** -0.5)
+        return logits.astype(jnp.float32), x
+
     def __call__(self, input_ids_BT: Array, attention_mask_BT: Array | None = None,
                  positions_BT: Array | None = None, return_intermediates: bool = False):
         c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         B, T = input_ids_BT.shape
         if positions_BT is None:
             positions_BT = default_positions(attention_mask_BT, B, T, c.position_ids)
         allowed_BQK = attention_allowed(attention_mask_BT, c.padding)
-
-        embed = Embed(c.vocab_size, c.d_model, name="embed", **kw)
-        x = embed(input_ids_BT)
-        embedded = x
-
-        block_cls = nn.remat(Block, prevent_cse=False) if self.remat else Block
-        blocks = nn.scan(block_cls, variable_axes={"params": 0, "intermediates": 0},
-                         split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast, 0),
-                         length=c.n_layers)(c, collect=return_intermediates, name="blocks", **kw)
-        x, per_layer = blocks(x, allowed_BQK, positions_BT, jnp.arange(c.n_layers, dtype=jnp.int32))
-
-        x = RMSNorm(c.norm_eps, name="final_norm", **kw)(x)
-        if c.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = Einsum("BTD,DV->BTV", (c.d_model, c.vocab_size), name="lm_head", **kw)(x)
-        if c.scale_logits:
-            logits = logits * (c.d_model ** -0.5)
-        logits = logits.astype(jnp.float32)
+        embedded = self.embed(input_ids_BT)
+        x, per_layer = self.blocks(embedded, allowed_BQK, positions_BT, jnp.arange(c.n_layers, dtype=jnp.int32))
+        logits, final_hidden = self.unembed(x)
         if not return_intermediates:
             return logits
-        return logits, {"embed": embedded, **per_layer, "final_hidden": x}
+        return logits, {"embed": embedded, **per_layer, "final_hidden": final_hidden}

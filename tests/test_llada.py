@@ -128,3 +128,18 @@ def test_bf16_checkpoint_stays_bf16(tmp_path, golden):
     agree = np.mean(np.argmax(logits, -1) == np.argmax(golden["logits"], -1))
     assert agree > 0.8
     assert ports.load_pretrained(tmp_path, dtype=jnp.float32).params["embed"]["embedding"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_forward_in_pieces_equals_apply(llada, golden, padded):
+    """embed -> layer(0..L-1) -> head (with a traced layer index) equals the scanned forward."""
+    ids = jnp.asarray(golden["input_ids_padded" if padded else "input_ids"])
+    mask = jnp.asarray(golden["attention_mask_padded"]) if padded else None
+
+    @jax.jit
+    def pieces(bb, ids, mask):
+        x = bb.embed(ids)
+        x = jax.lax.fori_loop(0, bb.config.n_layers, lambda i, x: bb.layer(x, i, mask), x)
+        return bb.head(x)
+
+    np.testing.assert_allclose(pieces(llada, ids, mask), llada.logits(ids, mask), atol=1e-5)

@@ -263,3 +263,14 @@ def test_remove_facts_by_id(llada):
     assert smaller.fact_ids == ("f0", "f2", "f3") and smaller.memory.size == 3
     with pytest.raises(InputError, match="not in this memory: nope"):
         mem.remove_facts(record, ["nope"])
+
+
+def test_edited_backbone_pieces_carry_the_memory(llada):
+    keys, deltas = random_facts(3, dk=128, d=64)
+    m, _ = mem.build(keys, deltas, layer=1, module="mlp", alpha=3.0, lam=0.1)
+    edited = mem.attach(llada, m)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 370, (1, 7)), jnp.int32)
+    x = edited.embed(ids)
+    for i in range(llada.config.n_layers):
+        x = edited.layer(x, i)
+    np.testing.assert_allclose(edited.head(x), edited.apply(ids), atol=1e-5)

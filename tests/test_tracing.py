@@ -206,3 +206,13 @@ def test_bad_subject_span():
         tr.build_trace_batch([[1, 2, 3]], [[4]], [(2, 5)], pad_id=0)
     with pytest.raises(InputError, match="no facts"):
         tr.build_trace_batch([], [], [], pad_id=0)
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_cached_prefix_grid_equals_full_forwards(llada, batch, window):
+    sigma = tr.subject_embedding_std(llada, batch)
+    cfg = dataclasses.replace(CFG, window=window)
+    shared = tr.tie_grid(llada, batch, sigma, jax.random.key(4), cfg)
+    full = tr.tie_grid(llada, batch, sigma, jax.random.key(4), dataclasses.replace(cfg, share_prefix=False))
+    for a, b in zip(jax.tree.leaves(shared), jax.tree.leaves(full)):
+        np.testing.assert_allclose(a, b, atol=1e-5)

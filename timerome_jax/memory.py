@@ -289,14 +289,16 @@ def edited_apply(backbone: Backbone, memory: EditMemory | None, *args, **kwargs)
 class EditedBackbone(Backbone):
     """A Backbone whose every forward carries the memory: the sampler, the likelihoods, the
     tracer and the metrics take it wherever they take a Backbone, unchanged. The interceptor is
-    entered inside `apply`, i.e. inside whatever jit calls it; the memory's arrays are pytree
-    leaves, so another memory of the same capacity reuses the compiled code."""
+    entered by `Backbone.interception` inside `apply`/`embed`/`layer`/`head`, i.e. inside
+    whatever jit calls them; the memory's arrays are pytree leaves, so another memory of the same
+    capacity reuses the compiled code."""
 
     memory: EditMemory | None = None
 
-    def apply(self, *args, **kwargs):
-        return edited_apply(Backbone(self.config, self.params, self.mask_token_id, self.dtype, self.source),
-                            self.memory, *args, **kwargs)
+    def interception(self):
+        if self.memory is None:
+            return super().interception()
+        return nn.intercept_methods(make_interceptor(self.memory, self.config.is_moe))
 
 
 def attach(backbone: Backbone, memory: EditMemory) -> EditedBackbone:
