@@ -84,12 +84,16 @@ class EditMemory:
     def coefficients(self, x_Nk: Array) -> Array:
         """c_q(x) for keys x [..., d_k] -> [..., C] (top-q by magnitude, ties kept)."""
         c = jnp.einsum("...k,ck->...c", x_Nk.astype(jnp.float32), self.readout)
-        magnitude = jnp.where(self.valid, jnp.abs(c), -1.0)
-        kth = jnp.sort(magnitude, axis=-1)[..., ::-1]
-        q_index = jnp.clip(self.q - 1, 0, self.capacity - 1)
-        threshold = jnp.take(kth, q_index, axis=-1)[..., None]
-        keep = self.valid & ((self.q <= 0) | (magnitude >= threshold))
-        return jnp.where(keep, c, 0.0)
+        c = jnp.where(self.valid, c, 0.0)
+
+        def sparsify(c):
+            magnitude = jnp.where(self.valid, jnp.abs(c), -1.0)
+            kth = jnp.sort(magnitude, axis=-1)[..., ::-1]
+            threshold = jnp.take(kth, jnp.clip(self.q - 1, 0, self.capacity - 1), axis=-1)[..., None]
+            return jnp.where(magnitude >= threshold, c, 0.0)
+
+        # the per-token sort is the memory's main cost: skip it when nothing is dropped
+        return jax.lax.cond((self.q > 0) & (self.q < jnp.sum(self.valid)), sparsify, lambda c: c, c)
 
     def term(self, x_Nk: Array) -> Array:
         """α Δᵀ c_q(x): the value added for keys x [..., d_k] -> [..., d]."""

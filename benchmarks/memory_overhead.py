@@ -1,0 +1,81 @@
+"""Edit-memory costs, measured side by side in one run:
+
+* forward latency with vs without a memory (target: overhead <= 3 %),
+* build time (capture excluded) for 10, 100 and 1000 facts (target: 100x the facts <= 20x the time),
+* bytes the memory adds (model weights are untouched).
+
+    python benchmarks/memory_overhead.py [--model tofu-tiny | --random]
+
+With `--random` (default when the embedded model is absent) a tofu-tiny-sized random LLaDA is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ports
+from timerome_jax import memory as mem
+
+from tie_grid import random_backbone, time_call
+
+
+def build_seconds(n: int, key_dim: int, value_dim: int, repeats: int = 3) -> float:
+    rng = np.random.default_rng(n)
+    keys = rng.normal(size=(n, key_dim)).astype(np.float32)
+    deltas = rng.normal(size=(n, value_dim)).astype(np.float32)
+    mem.build(keys, deltas, layer=0, module="mlp", alpha=1.0, lam=0.1)  # compile this capacity
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        m, _ = mem.build(keys, deltas, layer=0, module="mlp", alpha=1.0, lam=0.1)
+        jax.block_until_ready(m.readout)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="tofu-tiny")
+    ap.add_argument("--random", action="store_true", help="use a random tofu-tiny-sized model")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--facts", type=int, default=40, help="facts in the memory for the latency test")
+    args = ap.parse_args()
+    try:
+        bb = random_backbone(256, 6, 4, 512, 2048) if args.random else ports.load_pretrained(args.model)
+    except ports.UserError:
+        bb = random_backbone(256, 6, 4, 512, 2048)
+    c = bb.config
+    ids = jnp.asarray(np.random.default_rng(0).integers(2, c.vocab_size, (args.batch, args.tokens)), jnp.int32)
+    rng = np.random.default_rng(1)
+    memory, _ = mem.build(rng.normal(size=(args.facts, c.mlp_hidden)), rng.normal(size=(args.facts, c.d_model)),
+                          layer=c.n_layers // 2, module="mlp", alpha=1.0, lam=0.1)
+    plain = jax.jit(lambda bb, ids: bb.apply(ids))
+    edited = jax.jit(lambda bb, m, ids: mem.edited_apply(bb, m, ids))
+    # interleave the two measurements so machine noise hits both alike
+    t_plain, t_edit = [], []
+    jax.block_until_ready(plain(bb, ids)); jax.block_until_ready(edited(bb, memory, ids))
+    for _ in range(15):
+        t_plain.append(time_call(lambda: plain(bb, ids), 3))
+        t_edit.append(time_call(lambda: edited(bb, memory, ids), 3))
+    p, e = float(np.median(t_plain)), float(np.median(t_edit))
+    builds = {n: build_seconds(n, c.mlp_hidden, c.d_model) for n in (10, 100, 1000)}
+    added = sum(x.nbytes for x in jax.tree.leaves(memory))
+    weights = sum(x.nbytes for x in jax.tree.leaves(bb.params))
+    print(f"device            {jax.devices()[0].device_kind}")
+    print(f"model             {c.family} d={c.d_model} L={c.n_layers} F={c.mlp_hidden}; batch {args.batch} x {args.tokens} tokens")
+    print(f"forward           unedited {p * 1e3:.2f} ms, edited ({args.facts} facts, mlp layer {int(memory.layer)}) "
+          f"{e * 1e3:.2f} ms: overhead {100 * (e / p - 1):+.1f}% (target <= 3%; medians of 15 interleaved bests)")
+    print("build (solve)     " + ", ".join(f"{n} facts {t * 1e3:.1f} ms" for n, t in builds.items())
+          + f": 100x facts cost {builds[1000] / builds[10]:.1f}x the time (target <= 20x)")
+    print(f"bytes added       {added:,} bytes for {args.facts} facts (capacity {memory.capacity}); "
+          f"weights {weights:,} bytes, unchanged")
+
+
+if __name__ == "__main__":
+    main()
