@@ -20,6 +20,7 @@ import numpy as np
 import ports
 from timerome_jax import memory as mem
 from timerome_jax import pipeline, tracing
+from timerome_jax.commands import _mesh
 from timerome_jax.commands import trace as trace_cmd
 from timerome_jax.errors import InputError
 from timerome_jax.facts import read_facts
@@ -33,6 +34,7 @@ def register(sub, common) -> None:
     action.add_argument("--remove", metavar="MEMDIR", help="remove --fact-ids from an existing memory")
     p.add_argument("--fact-ids", nargs="+", default=None, help="with --remove: ids as printed by edit")
     trace_cmd.add_trace_arguments(p)
+    _mesh.add_mesh_argument(p)
     p.set_defaults(facts=None)
     for action_ in p._actions:
         if action_.dest == "facts":
@@ -79,6 +81,14 @@ def capture(backbone: ports.Backbone, encoded, pad_id: int, coordinate: tracing.
     """Keys [n, d_k] and deltas [n, d] for the encoded facts, chunk by chunk (one compilation)."""
     batch = pipeline.trace_batch(encoded, pad_id)
     sigma = tracing.subject_embedding_std(backbone, batch)
+    mesh = _mesh.mesh_from_args(args)
+    if mesh is not None:  # facts split over the mesh's 'data' axis, --facts-per-chunk per shard
+        from timerome_jax import distributed
+
+        return distributed.capture_keys_and_deltas(
+            backbone, batch, sigma, jax.random.key(args.seed), mesh, layer=coordinate.layer,
+            module=coordinate.module, step=coordinate.step, noise_samples=args.noise_samples,
+            noise_scale=args.noise_scale, facts_per_device=args.facts_per_chunk)
     keys, deltas = [], []
     for chunk in pipeline.chunks(batch, min(args.facts_per_chunk, batch.num_facts)):
         k, d = mem.capture_keys_and_deltas(
@@ -110,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.facts:
         raise InputError("--facts is required (the facts to edit)")
-    backbone = ports.load_pretrained(args.model)
+    backbone = _mesh.backbone_on_mesh(args, args.model)
     if args.append:
         record = mem.load(args.append, backbone)
         encoded, pad_id = _encode(backbone, args.facts)

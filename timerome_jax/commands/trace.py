@@ -12,6 +12,7 @@ import numpy as np
 import ports
 from ports.fileio import atomic_directory
 from timerome_jax import pipeline, tracing
+from timerome_jax.commands import _mesh
 from timerome_jax.errors import InputError
 from timerome_jax.facts import read_facts
 from timerome_jax.plots import tie_heatmaps
@@ -23,6 +24,7 @@ DEFAULT_MODEL = "tofu-tiny"
 def register(sub, common) -> None:
     p = sub.add_parser("trace", parents=[common], help="diffusion-time causal tracing (TIE grid)")
     add_trace_arguments(p)
+    _mesh.add_mesh_argument(p)
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(run=run)
@@ -59,7 +61,8 @@ def trace(args: argparse.Namespace, backbone: ports.Backbone | None = None):
     if args.facts_per_chunk < 1:
         raise InputError("--facts-per-chunk must be >= 1")
     facts = read_facts(args.facts)
-    backbone = backbone or ports.load_pretrained(args.model)
+    mesh = _mesh.mesh_from_args(args)
+    backbone = backbone or _mesh.backbone_on_mesh(args, args.model)
     tokenizer = backbone_tokenizer(backbone)
     encoded, skipped = pipeline.encode_for_tracing(tokenizer, facts, backbone.config.max_seq_len)
     if skipped:
@@ -68,8 +71,14 @@ def trace(args: argparse.Namespace, backbone: ports.Backbone | None = None):
     encoded = encoded[: args.num_facts] if args.num_facts else encoded
     batch = pipeline.trace_batch(encoded, pad_token_id(tokenizer, backbone))
     progress = _progress("tracing", unit="chunk")
-    result, sigma, seconds = pipeline.run_grid(backbone, batch, jax.random.key(args.seed), config,
-                                               args.facts_per_chunk, progress)
+    if mesh is None:
+        result, sigma, seconds = pipeline.run_grid(backbone, batch, jax.random.key(args.seed), config,
+                                                   args.facts_per_chunk, progress)
+    else:  # --facts-per-chunk then counts facts per data shard
+        from timerome_jax import distributed
+
+        result, sigma, seconds = distributed.run_grid(backbone, batch, jax.random.key(args.seed), config,
+                                                      mesh, args.facts_per_chunk, progress)
     coordinate = tracing.select_coordinate(result.tie, config.modules, args.k_min)
     per_fact = tracing.per_fact_coordinates(result.tie, config.modules, args.k_min)
     mi = config.modules.index(coordinate.module)
