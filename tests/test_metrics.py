@@ -1,0 +1,296 @@
+"""timerome_jax.metrics: each metric against a hand computation, and the suite driver on the tiny
+llada fixture (same seed -> identical numbers, pairing, aggregation, reference)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+import ports
+from timerome_jax import data, likelihood, metrics, tokenization
+from timerome_jax.errors import InputError
+
+
+# ----------------------------------------------------------------------------- pure metrics
+
+def test_truth_ratio_by_hand():
+    # correct: LP -2 over 2 tokens -> P_norm e^-1; perturbed: -3/1 -> e^-3, -2/4 -> e^-0.5
+    lp_t, len_t = np.array([-2.0]), np.array([2])
+    lp_f, len_f = np.array([[-3.0, -2.0]]), np.array([[1, 4]])
+    geo = metrics.truth_ratio(lp_t, len_t, lp_f, len_f)
+    assert geo == pytest.approx([math.exp((-3 - 0.5) / 2) / math.exp(-1)], rel=1e-12)
+    ari = metrics.truth_ratio(lp_t, len_t, lp_f, len_f, mean="arithmetic")
+    assert ari == pytest.approx([(math.exp(-3) + math.exp(-0.5)) / 2 / math.exp(-1)], rel=1e-12)
+    # ragged K: NaN marks a missing perturbed answer
+    ragged = metrics.truth_ratio(np.array([-2.0, -2.0]), np.array([2, 2]),
+                                 np.array([[-3.0, -2.0], [-3.0, np.nan]]), np.array([[1, 4], [1, 1]]))
+    assert ragged == pytest.approx([geo[0], math.exp(-3) / math.exp(-1)], rel=1e-12)
+    # batched over seeds [S, N]; log space survives probabilities that underflow float64
+    far = metrics.truth_ratio(np.array([[-2000.0]]), np.array([1]), np.array([[[-2001.0]]]),
+                              np.array([[1]]))
+    assert far.shape == (1, 1) and far[0, 0] == pytest.approx(math.exp(-1), rel=1e-12)
+    with pytest.raises(InputError, match="geometric or arithmetic"):
+        metrics.truth_ratio(lp_t, len_t, lp_f, len_f, mean="median")
+
+
+def test_truth_ratio_scores_by_hand():
+    assert metrics.truth_ratio_forget_score([0.5, 2.0, 1.0]) == pytest.approx((0.5 + 0.5 + 1) / 3)
+    assert metrics.truth_ratio_utility_score([0.25, 2.0, 1.0]) == pytest.approx(0.75 / 3)
+
+
+def test_probability_with_options_by_hand():
+    # P_norm: answer e^-1 (LP -3 over 3 tokens), perturbed e^-2 and e^-0.5
+    got = metrics.probability_with_options(np.array([-3.0]), np.array([3]),
+                                           np.array([[-4.0, -1.0]]), np.array([[2, 2]]))
+    a, b, c = math.exp(-1), math.exp(-2), math.exp(-0.5)
+    assert got == pytest.approx([a / (a + b + c)], rel=1e-12)
+    missing = metrics.probability_with_options(np.array([-3.0]), np.array([3]),
+                                               np.array([[-4.0, np.nan]]), np.array([[2, 1]]))
+    assert missing == pytest.approx([a / (a + b)], rel=1e-12)
+
+
+def test_forget_quality_is_the_ks_p_value():
+    # n = m = 3, completely separated samples: D = 1, exact two-sided p = 2 / C(6, 3) = 0.1
+    assert metrics.forget_quality([0.1, 0.2, 0.3], [0.4, 0.5, 0.6]) == pytest.approx(0.1)
+    # identical samples: D = 0, p = 1
+    assert metrics.forget_quality([0.3, 0.7, 1.5], [0.3, 0.7, 1.5]) == pytest.approx(1.0)
+    # KS on log R equals KS on R (monotone map), the value scipy reports on the raw ratios
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    a, b = np.exp(rng.normal(size=12)), np.exp(rng.normal(0.8, size=15))
+    assert metrics.forget_quality(a, b) == pytest.approx(stats.ks_2samp(a, b).pvalue, rel=1e-12)
+
+
+def test_harmonic_mean_and_model_utility_by_hand():
+    assert metrics.harmonic_mean([1.0, 0.5, 0.25]) == pytest.approx(3 / (1 + 2 + 4))
+    assert metrics.harmonic_mean([0.9, 0.0, 0.4]) == 0.0
+    with pytest.raises(InputError):
+        metrics.harmonic_mean([0.5, -0.1])
+    components = dict(zip(metrics.UTILITY_COMPONENTS, [0.5, 0.25, 1.0, 0.5, 0.5, 0.5, 1.0, 1.0, 0.25]))
+    assert metrics.model_utility(components) == pytest.approx(9 / (2 + 4 + 1 + 2 + 2 + 2 + 1 + 1 + 4))
+    assert metrics.model_utility({**components, "rouge_world_facts": 0.0}) == 0.0
+    assert len(metrics.UTILITY_COMPONENTS) == 9
+    with pytest.raises(InputError, match="retain_probability"):
+        metrics.model_utility({k: v for k, v in components.items() if k != "retain_probability"})
+
+
+def test_rouge_l_recall_by_hand():
+    # LCS("the cat on mat", "the cat sat on the mat") = 4 words of 6
+    assert metrics.rouge_l_recall("the cat on mat", "the cat sat on the mat") == pytest.approx(4 / 6)
+    assert metrics.rouge_l_recall("cats running", "cat run") == pytest.approx(1.0)  # stemmed
+    assert metrics.rouge_l_recall("", "the cat") == 0.0
+    assert metrics.rouge_l_recall("mat the", "the mat") == pytest.approx(0.5)  # order matters
+
+
+def test_bootstrap_ci():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert metrics.bootstrap_ci([2.5, 2.5, 2.5, 2.5, 2.5]) == (2.5, 2.5, 2.5)
+        # two values: the resampled means are a, (a+b)/2, b with probabilities 1/4, 1/2, 1/4
+        mean, low, high = metrics.bootstrap_ci([1.0, 3.0])
+        assert (mean, low, high) == (2.0, 1.0, 3.0)
+        values = [0.1, 0.4, 0.35, 0.2, 0.3]
+        mean, low, high = metrics.bootstrap_ci(values)
+        assert mean == pytest.approx(np.mean(values)) and min(values) <= low < mean < high <= max(values)
+        assert metrics.bootstrap_ci(values) == (mean, low, high)  # reproducible
+        _, blow, bhigh = metrics.bootstrap_ci(values, method="BCa")
+        assert min(values) <= blow < bhigh <= max(values)
+    assert metrics.bootstrap_ci([4.0]) == (4.0, None, None)
+    assert metrics.bootstrap_ci([1.0, float("nan")])[1:] == (None, None)
+
+
+# ----------------------------------------------------------------------------- suites
+
+def test_load_suite_tofu():
+    suite = metrics.load_suite("tofu-forget01")
+    assert [len(suite.split(s)) for s in metrics.SPLITS] == [40, 40, 100, 117]
+    assert suite.forget == data.load_split("forget01_perturbed")
+    retain90 = data.load_split("retain90")
+    assert [r["question"] for r in suite.retain] == [r["question"] for r in retain90[:40]]
+    assert len(metrics.load_suite("tofu-forget05", num_retain=10).forget) == 200
+    quick = metrics.load_suite("tofu-forget10", limit=3)
+    assert [len(quick.split(s)) for s in metrics.SPLITS] == [3, 3, 3, 3]
+    with pytest.raises(InputError, match="unknown suite"):
+        metrics.load_suite("tofu-forget02")
+
+
+def test_relearn_prompt_text():
+    assert metrics.relearn_prompt(" Who? ", " Her. ") == "Question: Who?\nAnswer: Her.\nQuestion: Who?\nAnswer:"
+
+
+# ----------------------------------------------------------------------------- the driver
+
+def _rec(q, a, pa, pert, pq=None):
+    r = {"question": q, "answer": a, "paraphrased_answer": pa, "perturbed_answer": pert}
+    if pq:
+        r["paraphrased_question"] = pq
+    return r
+
+
+# Every question <= 12 words, every answer 4..8 words: one prompt bucket (plus the relearn one),
+# one answer bucket, one generation length -> few compilations.
+TINY_SUITE = {
+    "forget": [
+        _rec("who wrote the book about the old city ?", "the author was born in a small town",
+             "she was born near the sea", ["the cat sat on the mat", "he works as a doctor"],
+             "which author wrote the book ?"),
+        _rec("what is the capital of the country ?", "the river runs through the valley",
+             "the valley has a river now", ["her first novel won a prize", "the moon at night ."],
+             "where is the capital ?"),
+    ],
+    "retain": [_rec("which language does the author speak at home ?", "the author speak at home",
+                    "at home she speak it", ["the cat sat on", "a doctor writes poems"])],
+    "real_authors": [{"question": "who wrote the book ?", "answer": "the author of it",
+                      "perturbed_answer": ["the cat sat down", "a doctor at night"]}],
+    "world_facts": [{"question": "where is the river ?", "answer": "in the valley north",
+                     "perturbed_answer": ["on the moon now", "near the sea ."]},
+                    {"question": "where is the cat ?", "answer": "on the mat now",
+                     "perturbed_answer": ["at night in town"]}],
+}
+GEN = metrics.GenerationConfig(gen_length=8, steps=4, block_length=8, batch_size=8)
+SMALL = dict(mc_samples=4, generation=GEN, pairs_per_call=4, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir_with_tokenizer):
+    backbone = ports.load_pretrained(tiny_model_dir_with_tokenizer)
+    return backbone, tokenization.backbone_tokenizer(backbone)
+
+
+@pytest.fixture(scope="module")
+def suite():
+    return metrics.suite_from_records(TINY_SUITE, name="tiny")
+
+
+@pytest.fixture(scope="module")
+def result(tiny, suite):
+    backbone, tok = tiny
+    return metrics.evaluate_suite(backbone, tok, suite, seeds=(0, 1, 2), reference=backbone,
+                                  reference_name="itself", **SMALL)
+
+
+def _numbers(res):
+    return {k: v for k, v in res.items() if k in metrics.METRICS}
+
+
+def test_same_seed_gives_identical_metrics(tiny, suite, result):
+    backbone, tok = tiny
+    again = metrics.evaluate_suite(backbone, tok, suite, seeds=(0, 1, 2), reference=backbone,
+                                   reference_name="itself", **SMALL)
+    assert _numbers(again) == _numbers(result)
+    assert again["items"] == result["items"]
+    # seed s fixes its own masks: seed 1 alone reproduces seed 1 of the 3-seed run
+    one = metrics.evaluate_suite(backbone, tok, suite, seeds=(1,), **SMALL)
+    np.testing.assert_allclose(one["forget_lp"]["per_seed"], result["forget_lp"]["per_seed"][1:2],
+                               rtol=1e-5)
+    assert one["forget_lp"]["ci_low"] is None  # one seed: no CI
+    # different seeds draw different masks
+    per_seed = result["forget_lp"]["per_seed"]
+    assert len(set(per_seed)) == 3
+
+
+def test_result_layout(result):
+    for name in metrics.METRICS:
+        m = result[name]
+        assert set(m) >= {"mean", "ci_low", "ci_high", "per_seed", "n_seeds"}
+        assert m["mean"] == pytest.approx(np.mean(m["per_seed"]))
+        assert m["ci_low"] <= m["mean"] + 1e-12 and m["mean"] <= m["ci_high"] + 1e-12
+    cost = result["cost"]
+    assert cost["wall_clock_s"] > 0 and cost["peak_rss_bytes"] > 10 * 2**20
+    # forget: paraphrased + 2 perturbed + answer + paraphrased question + relearn; retain: 4;
+    # real authors / world facts: answer (also the truth-ratio "correct") + perturbed
+    assert cost["scored_pairs"] == 2 * 6 + 4 + 3 + (3 + 2)
+    assert result["config"]["splits"]["forget"] == {"source": "tiny:forget", "n": 2}
+
+
+def test_lp_matches_the_likelihood_with_the_pair_keys(tiny, result):
+    backbone, tok = tiny
+    rec = TINY_SUITE["forget"][1]
+    prompt = data.encode_prompt(tok, rec["question"])
+    answer = data.encode_answer(tok, rec["answer"])
+    pair = metrics.Pair("forget/1/answer", tuple(prompt), tuple(answer))
+    pad = tokenization.pad_token_id(tok, backbone)
+    for s in (0, 2):
+        key = jax.random.fold_in(jax.random.key(s), pair.key_data)
+        lp = likelihood.answer_log_likelihood_jit(
+            backbone, np.asarray([prompt]), np.ones((1, len(prompt))), np.asarray([answer]),
+            np.ones((1, len(answer))), key[None], mc_samples=4)
+        assert result["items"][1]["lp_per_seed"][s] == pytest.approx(float(lp[0]), rel=1e-5)
+
+
+def test_aggregates_match_the_items(result):
+    items = {s: [i for i in result["items"] if i["split"] == s] for s in metrics.SPLITS}
+    lp = np.array([i["lp_per_seed"] for i in items["forget"]])  # [N, S]
+    assert result["forget_lp"]["per_seed"] == pytest.approx(lp.mean(axis=0).tolist(), rel=1e-12)
+    para = np.array([i["paraphrase_lp_per_seed"] for i in items["forget"]])
+    assert result["paraphrase_forget_lp"]["per_seed"] == pytest.approx(para.mean(axis=0).tolist())
+    relearn = np.array([i["relearn_lp_per_seed"] for i in items["forget"]])
+    assert result["relearn_forget_lp"]["per_seed"] == pytest.approx(relearn.mean(axis=0).tolist())
+    # truth ratio of the forget set: mean min(R, 1/R), per seed
+    tr = np.array([i["truth_ratio_per_seed"] for i in items["forget"]])
+    assert result["truth_ratio_forget"]["per_seed"] == pytest.approx(
+        np.minimum(tr, 1 / tr).mean(axis=0).tolist(), rel=1e-12)
+    tr = np.array([i["truth_ratio_per_seed"] for i in items["retain"]])
+    assert result["retain_truth_ratio"]["per_seed"] == pytest.approx(
+        np.maximum(0, 1 - tr).mean(axis=0).tolist(), abs=1e-12)
+    # retain probability: mean exp(LP / |a|)
+    lp = np.array([i["lp_per_seed"] for i in items["retain"]])
+    n = np.array([i["answer_tokens"] for i in items["retain"]])[:, None]
+    assert result["retain_probability"]["per_seed"] == pytest.approx(
+        np.exp(lp / n).mean(axis=0).tolist(), rel=1e-12)
+    # ROUGE: greedy, seed-independent, recomputed from the stored generations
+    for s in metrics.SPLITS:
+        expect = np.mean([metrics.rouge_l_recall(i["generation"], i["answer"]) for i in items[s]])
+        assert result[f"rouge_{s}"]["per_seed"] == [pytest.approx(expect)] * 3
+        assert result[f"rouge_{s}"]["ci_low"] == result[f"rouge_{s}"]["ci_high"] == result[f"rouge_{s}"]["mean"]
+    # model utility: harmonic mean of the 9 per-seed components
+    for k in range(3):
+        comps = {c: result[c]["per_seed"][k] for c in metrics.UTILITY_COMPONENTS}
+        assert result["model_utility"]["per_seed"][k] == pytest.approx(metrics.model_utility(comps))
+
+
+def test_reference_itself_gives_forget_quality_one(result):
+    # the reference scored on the same masks has the same forget-set truth ratios: KS p = 1
+    assert result["forget_quality"]["per_seed"] == [1.0, 1.0, 1.0]
+    assert result["config"]["reference"] == "itself"
+    for item in result["items"]:
+        if item["split"] == "forget":
+            assert item["reference_truth_ratio_per_seed"] == item["truth_ratio_per_seed"]
+
+
+def test_no_reference_is_null_with_reason(tiny, suite):
+    backbone, tok = tiny
+    res = metrics.evaluate_suite(backbone, tok, suite, seeds=(0,), estimator="one_step",
+                                 no_reference_reason="no twin here", generation=GEN,
+                                 pairs_per_call=4, batch_size=16)
+    fq = res["forget_quality"]
+    assert fq["mean"] is None and fq["ci_low"] is None and fq["reason"] == "no twin here"
+    assert res["config"]["mc_samples"] is None
+
+
+def test_deterministic_estimator_shared_by_seeds(tiny, suite):
+    backbone, tok = tiny
+    res = metrics.evaluate_suite(backbone, tok, suite, seeds=(0, 1), estimator="one_step",
+                                 generation=GEN, pairs_per_call=4, batch_size=16)
+    m = res["forget_lp"]
+    assert m["per_seed"][0] == m["per_seed"][1] and m["ci_low"] == m["ci_high"] == m["mean"]
+    assert res["cost"]["scored_rows"] == res["cost"]["scored_pairs"]
+
+
+def test_bad_inputs(tiny, suite):
+    backbone, tok = tiny
+    broken = metrics.suite_from_records({**TINY_SUITE, "retain": [{"question": "who ?", "answer": "me",
+                                                                   "perturbed_answer": ["you"]}]})
+    with pytest.raises(InputError, match="retain record 0: needs a non-empty 'paraphrased_answer'"):
+        metrics.evaluate_suite(backbone, tok, broken, seeds=(0,), **SMALL)
+    with pytest.raises(InputError, match="no records for world_facts"):
+        metrics.suite_from_records({k: v for k, v in TINY_SUITE.items() if k != "world_facts"})
+    with pytest.raises(InputError, match="distinct non-negative"):
+        metrics.evaluate_suite(backbone, tok, suite, seeds=(0, 0), **SMALL)
+    with pytest.raises(InputError, match="unknown log-likelihood method"):
+        metrics.evaluate_suite(backbone, tok, suite, estimator="exact", **SMALL)

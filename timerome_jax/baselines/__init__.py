@@ -1,0 +1,29 @@
+"""Baselines the paper compares against (DESIGN.md §5; docs/baselines.md).
+
+Training-time (`training`): GradAscent, GradDiff, NPO, SimNPO and RMU on the masked-diffusion
+loss, run to convergence of the forget metric, written as ordinary model directories.
+Inference-time (`inference`): activation steering, CAA and the random-coordinate memory, written as
+small directories that `load_inference_baseline(path, backbone)` turns back into a `Backbone`.
+
+What an evaluator calls on a directory DIR written by `timerome unlearn`:
+
+    from timerome_jax import baselines
+    if baselines.is_inference_baseline(DIR):     # steer / caa / random_memory
+        model = baselines.load_inference_baseline(DIR, base_backbone)   # or backbone=None
+    else:                                         # gradascent / graddiff / npo / simnpo / rmu
+        model = ports.load_pretrained(DIR)
+"""
+
+from timerome_jax.baselines.inference import (INFERENCE_METHODS, InferenceBaseline, SteeredBackbone,
+                                              build_inference_baseline, is_inference_baseline,
+                                              load_inference_baseline, read_kind, read_meta,
+                                              save_inference_baseline, steer)
+from timerome_jax.baselines.suites import SUITES, load_suite
+from timerome_jax.baselines.training import TRAINING_METHODS, TrainConfig, TrainResult, train
+
+METHODS = TRAINING_METHODS + INFERENCE_METHODS
+
+__all__ = ["INFERENCE_METHODS", "InferenceBaseline", "METHODS", "SUITES", "SteeredBackbone", "TRAINING_METHODS",
+           "TrainConfig", "TrainResult", "build_inference_baseline", "is_inference_baseline",
+           "load_inference_baseline", "load_suite", "read_kind", "read_meta", "save_inference_baseline", "steer",
+           "train"]

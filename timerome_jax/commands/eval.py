@@ -1,0 +1,176 @@
+"""`timerome eval`: the TOFU / robustness metrics of a model, an edited model or an unlearned one.
+
+    timerome eval --model M [--memory MEMDIR | --params DIR] --suite tofu-forget01 \\
+        [--seeds 5 --mc-samples 32 --estimator mc_elbo --reference R] --out DIR
+
+Writes DIR/metrics.json (one entry per metric with mean, ci_low, ci_high, per_seed; 'config'; 'cost'
+with the measured wall-clock and peak memory) and DIR/items.jsonl (per QA pair: generation, ROUGE-L,
+LP per seed), and prints the metrics as a table. Definitions: `timerome_jax.metrics`,
+docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import ports
+from ports.backbone import EMBEDDED_DIR
+from ports.fileio import atomic_directory
+from timerome_jax import likelihood, metrics, sampler
+from timerome_jax.errors import InputError
+from timerome_jax.tokenization import backbone_tokenizer, load_tokenizer
+
+# The retain twin of each embedded model that has one (forget quality's reference).
+DEFAULT_REFERENCES = {"tofu-tiny": "tofu-tiny-retain"}
+
+# --quick: few QA pairs per split and few MC samples, for smoke tests (explicit flags win).
+QUICK = {"limit": 4, "mc_samples": 4, "seeds": 2}
+DEFAULTS = {"limit": None, "mc_samples": 32, "seeds": 5}
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("eval", parents=[common],
+                       help="TOFU metrics (LP, truth ratio, forget quality, utility, ROUGE, robustness)")
+    p.add_argument("--model", default="tofu-tiny", help="checkpoint directory or embedded name "
+                   "(default tofu-tiny); with --params, where the tokenizer comes from if DIR has none")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--memory", metavar="MEMDIR", help="evaluate --model with this edit memory")
+    which.add_argument("--params", metavar="DIR", help="evaluate this model directory (e.g. written "
+                       "by `timerome unlearn`) instead of --model's weights")
+    p.add_argument("--suite", default="tofu-forget01",
+                   help=f"{' | '.join(metrics.SUITES)} (default tofu-forget01), or a JSON file "
+                   "{\"forget\": [...], \"retain\": [...], \"real_authors\": [...], \"world_facts\": [...]}")
+    p.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 (default 5)")
+    p.add_argument("--estimator", default="mc_elbo",
+                   help=f"answer log-likelihood estimator: {' | '.join(likelihood.METHODS)}")
+    p.add_argument("--mc-samples", type=int, default=None, help="MC-ELBO copies per pair (default 32)")
+    p.add_argument("--reference", default=None, help="retain-twin model for forget quality "
+                   "(default: tofu-tiny-retain for tofu-tiny; 'none' to skip)")
+    p.add_argument("--num-retain", type=int, default=40, help="retain QA pairs (default 40)")
+    p.add_argument("--limit", type=int, default=None, help="at most N QA pairs per split")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: --limit 4 --mc-samples 4 --seeds 2 unless given")
+    p.add_argument("--truth-ratio-mean", choices=("geometric", "arithmetic"), default="geometric",
+                   help="how the perturbed answers are combined (default geometric, open-unlearning)")
+    p.add_argument("--gen-length", type=int, default=96, help="greedy generation for ROUGE: answer "
+                   "tokens G (per split: the smallest multiple of --block-length holding the longest "
+                   "reference answer + 1, at most G; default 96)")
+    p.add_argument("--steps", type=int, default=48, help="denoising steps of that generation")
+    p.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block length")
+    p.add_argument("--pairs-per-call", type=int, default=8, help="QA pairs per compiled call")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward")
+    p.add_argument("--ci-method", choices=("percentile", "BCa"), default="percentile")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(run=run)
+
+
+def resolve_settings(args: argparse.Namespace) -> dict:
+    base = QUICK if args.quick else DEFAULTS
+    settings = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
+    if settings["seeds"] < 1:
+        raise InputError(f"--seeds must be >= 1, got {settings['seeds']}")
+    if settings["limit"] is not None and settings["limit"] < 1:
+        raise InputError(f"--limit must be >= 1, got {settings['limit']}")
+    return settings
+
+
+def load_suite_arg(spec: str, num_retain: int) -> metrics.Suite:
+    if spec in metrics.SUITES:
+        return metrics.load_suite(spec, num_retain=num_retain)
+    path = Path(spec)
+    if not path.is_file():
+        raise InputError(f"unknown suite {spec!r}: neither {', '.join(metrics.SUITES)} nor a file")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read the suite file {path}: {e}") from None
+    return metrics.suite_from_records(records, name=path.name)
+
+
+def _is_embedded(model: str, name: str) -> bool:
+    try:
+        return ports.resolve_model_path(model).resolve() == (EMBEDDED_DIR / name).resolve()
+    except ports.CheckpointError:
+        return False
+
+
+def default_reference(model: str) -> str | None:
+    for name, twin in DEFAULT_REFERENCES.items():
+        if model == name or _is_embedded(model, name):
+            return twin
+    return None
+
+
+def load_model(args: argparse.Namespace):
+    """(backbone, tokenizer, description) for --model / --memory / --params."""
+    if args.params:
+        backbone = ports.load_pretrained(args.params)
+        if backbone.tokenizer_dir is not None:
+            tokenizer = backbone_tokenizer(backbone)
+        else:
+            tokenizer = load_tokenizer(ports.resolve_model_path(args.model))
+        return backbone, tokenizer
+    backbone = ports.load_pretrained(args.model)
+    tokenizer = backbone_tokenizer(backbone)
+    if args.memory:
+        from timerome_jax import memory as mem
+
+        backbone = mem.attach(backbone, mem.load(args.memory, backbone).memory)
+    return backbone, tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    settings = resolve_settings(args)
+    likelihood.check_method(args.estimator, settings["mc_samples"], args.batch_size)
+    if args.pairs_per_call < 1:
+        raise InputError(f"--pairs-per-call must be >= 1, got {args.pairs_per_call}")
+    sampler.check_schedule(args.gen_length, args.steps, args.block_length)
+    generation = metrics.GenerationConfig(args.gen_length, args.steps, args.block_length)
+    suite = load_suite_arg(args.suite, args.num_retain)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
+
+    backbone, tokenizer = load_model(args)
+    reference_name = args.reference if args.reference is not None else default_reference(args.model)
+    reference = reference_tokenizer = None
+    reason = "no --reference given (the retain twin of this model is unknown)"
+    if reference_name is not None and reference_name.lower() == "none":
+        reference_name, reason = None, "--reference none"
+    if reference_name is not None:
+        reference = ports.load_pretrained(reference_name)
+        reference_tokenizer = (backbone_tokenizer(reference) if reference.tokenizer_dir is not None
+                               else tokenizer)
+    from tqdm import tqdm
+
+    result = metrics.evaluate_suite(
+        backbone, tokenizer, suite, seeds=range(settings["seeds"]), estimator=args.estimator,
+        mc_samples=settings["mc_samples"], reference=reference,
+        reference_tokenizer=reference_tokenizer, reference_name=reference_name,
+        no_reference_reason=reason, truth_ratio_mean=args.truth_ratio_mean, limit=settings["limit"],
+        generation=generation, pairs_per_call=args.pairs_per_call, batch_size=args.batch_size,
+        ci_method=args.ci_method,
+        progress=lambda calls: tqdm(calls, desc="scoring", unit="call", file=sys.stderr, leave=False))
+    items = result.pop("items")
+    result["config"].update({"model": args.model, "memory": args.memory, "params": args.params,
+                             "quick": bool(args.quick), "limit": settings["limit"]})
+    result["cost"]["process_wall_clock_s"] = time.perf_counter() - start
+    with atomic_directory(out, overwrite=args.overwrite) as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        (tmp / "items.jsonl").write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items))
+    print(metrics.metric_table(result))
+    cost = result["cost"]
+    device_peak = cost["device_peak_bytes_in_use"]
+    estimator = args.estimator + (f" (M={settings['mc_samples']})" if args.estimator == "mc_elbo" else "")
+    print(f"{suite.name}: {settings['seeds']} seed(s), {estimator}; "
+          f"{cost['process_wall_clock_s']:.1f} s wall-clock, peak RSS "
+          f"{cost['peak_rss_bytes'] / 2**20:.0f} MiB"
+          + ("" if device_peak is None else f", device peak {device_peak / 2**20:.0f} MiB")
+          + f"; wrote {out / 'metrics.json'}")
+    return 0
