@@ -13,7 +13,7 @@ import sys
 
 from ports.errors import UserError
 
-COMMANDS = ("info", "convert", "generate", "trace", "edit")
+COMMANDS = ("info", "convert", "generate", "trace", "edit", "eval", "unlearn", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
