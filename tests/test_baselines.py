@@ -452,3 +452,19 @@ def test_save_load_round_trip_and_refusals(model, facts_batch, tmp_path):
     with pytest.raises(ports.errors.CheckpointError, match="not an inference-time baseline"):
         inference.read_kind(tmp_path)
     assert not inference.is_inference_baseline(tmp_path)
+
+
+def test_steered_backbone_pieces_carry_the_vector():
+    """The layer-by-layer path (used by the tracer) must steer exactly like apply."""
+    import ports
+    from pathlib import Path
+    from timerome_jax.baselines import inference
+
+    bb = ports.load_pretrained(Path(__file__).parent / "fixtures" / "llada")
+    steered = inference.steer(bb, np.ones(bb.config.d_model, np.float32), 1, "resid", 0.5)
+    ids = jnp.asarray([[5, 9, 11, 3, 7]], jnp.int32)
+    x = steered.embed(ids)
+    for i in range(bb.config.n_layers):
+        x = steered.layer(x, i)
+    np.testing.assert_allclose(steered.head(x), steered.apply(ids), atol=1e-5)
+    assert np.abs(np.asarray(steered.apply(ids)) - np.asarray(bb.logits(ids))).max() > 1e-3

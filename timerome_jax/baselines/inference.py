@@ -98,16 +98,15 @@ def make_steering_interceptor(steering: SteeringVector):
 @dataclasses.dataclass(frozen=True)
 class SteeredBackbone(Backbone):
     """A Backbone whose every forward adds the steering vector (sampler, likelihoods, tracer and
-    metrics take it unchanged; the interceptor is entered inside `apply`, i.e. inside their jits)."""
+    metrics take it unchanged). The interceptor enters through `Backbone.interception`, so
+    `apply`, `embed`, `layer` and `head` all carry it, inside whatever jit calls them."""
 
     steering: SteeringVector | None = None
 
-    def apply(self, *args, **kwargs):
-        base = Backbone(self.config, self.params, self.mask_token_id, self.dtype, self.source)
+    def interception(self):
         if self.steering is None:
-            return base.apply(*args, **kwargs)
-        with nn.intercept_methods(make_steering_interceptor(self.steering)):
-            return base.apply(*args, **kwargs)
+            return super().interception()
+        return nn.intercept_methods(make_steering_interceptor(self.steering))
 
 
 def _plain(backbone: Backbone) -> Backbone:
