@@ -1,13 +1,14 @@
 """Peak host memory of loading / converting a large synthetic multi-shard checkpoint.
 
 Run as a script (never collected by pytest): each measurement needs a fresh process, because
-`ru_maxrss` only grows.
+the peak is VmHWM of this process's own address space (`ru_maxrss` would not do: Linux
+carries it across fork+exec, so a child of a large pytest process would report the parent's size).
 
     python tests/multidevice/probe_load_memory.py write DIR [--d-model 1024 --layers 4 ...]
     python tests/multidevice/probe_load_memory.py measure DIR {load,convert,load_mesh} [--out OUT]
 
 `measure` prints one JSON line: param_bytes (sum of the loaded leaves' nbytes), baseline_bytes
-(RSS after imports and backend start-up, before loading), peak_bytes (ru_maxrss at the end),
+(RSS after imports and backend start-up, before loading), peak_bytes (VmHWM at the end),
 and extra_over_params = (peak - baseline) / param_bytes - 1.
 """
 
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from timerome_jax import resources
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "llada"
 
@@ -90,13 +92,13 @@ def measure(model_dir: Path, what: str, out: Path | None) -> dict:
         backbone = None
     else:
         raise SystemExit(f"unknown measurement {what!r}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = resources.host_peak_rss_bytes()
     if backbone is not None:
         jax.block_until_ready(backbone.params)
         param_bytes = sum(x.nbytes for x in jax.tree.leaves(backbone.params))
     else:
         param_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = resources.host_peak_rss_bytes()
     return {"what": what, "devices": jax.device_count(), "param_bytes": param_bytes,
             "baseline_bytes": baseline, "peak_bytes": peak,
             "extra_over_params": (peak - baseline) / param_bytes - 1}
