@@ -117,6 +117,8 @@ def test_params_dir_takes_the_tokenizer_from_model(tiny_model_dir_with_tokenizer
                             tmp_path / "out")
     assert code == 0, err
     assert metric_numbers(tmp_path / "out") == metric_numbers(base_run)  # same weights
+    configs = [json.loads((d / "metrics.json").read_text())["config"] for d in (tmp_path / "out", base_run)]
+    assert configs[0]["params"] == str(params) and configs[0]["fingerprint"] == configs[1]["fingerprint"]
 
 
 def test_memory_changes_the_metrics(tiny_model_dir_with_tokenizer, suite_file, base_run, tmp_path,

@@ -333,7 +333,8 @@ def _skeleton(backbone: Backbone) -> Backbone:
     return Backbone(backbone.config, None, backbone.mask_token_id, backbone.dtype, backbone.source)
 
 
-@functools.partial(jax.jit, static_argnames=("objective", "optim", "index", "masks", "treedef"))
+@functools.partial(jax.jit, static_argnames=("objective", "optim", "index", "masks", "treedef"),
+                   donate_argnames=("trained", "opt_state"))
 def _train_step(skeleton: Backbone, trained: list, frozen: list, opt_state, reference_params, key, forget: Batch,
                 retain: Batch | None, control, *, objective: Objective, optim: Optim, index, masks, treedef):
     reference = None if reference_params is None else dataclasses.replace(skeleton, params=reference_params)
@@ -417,7 +418,9 @@ def train(backbone: Backbone, forget: Rows, retain: Rows | None, config: TrainCo
 
     leaves, treedef = jax.tree.flatten(backbone.params)
     index, masks = trainable_layout(backbone.params, objective, L)
-    trained = [leaves[i] for i in index]
+    # copies: the step donates (reuses) the buffers of the trained leaves and the optimiser state,
+    # while the caller's backbone (and the reference, for NPO / RMU) keeps the original arrays
+    trained = [jnp.array(leaves[i], copy=True) for i in index]
     frozen = [x for i, x in enumerate(leaves) if i not in set(index)]
     optim = Optim(float(config.lr), float(config.weight_decay), float(config.clip_norm))
     opt_state = optim.build().init(trained)

@@ -107,7 +107,7 @@ def default_reference(model: str) -> str | None:
 
 
 def load_model(args: argparse.Namespace):
-    """(backbone, tokenizer, description) for --model / --memory / --params."""
+    """(backbone, tokenizer) for --model / --memory / --params (an edited backbone for --memory)."""
     if args.params:
         backbone = ports.load_pretrained(args.params)
         if backbone.tokenizer_dir is not None:
@@ -159,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
         progress=lambda calls: tqdm(calls, desc="scoring", unit="call", file=sys.stderr, leave=False))
     items = result.pop("items")
     result["config"].update({"model": args.model, "memory": args.memory, "params": args.params,
-                             "quick": bool(args.quick), "limit": settings["limit"]})
+                             "fingerprint": backbone.fingerprint(), "quick": bool(args.quick),
+                             "limit": settings["limit"]})
     result["cost"]["process_wall_clock_s"] = time.perf_counter() - start
     with atomic_directory(out, overwrite=args.overwrite) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
