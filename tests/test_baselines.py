@@ -244,6 +244,23 @@ def test_rmu_trains_only_the_down_projections_of_layers_l_minus_2_to_l(model, tr
     assert trained["rmu"].stats["trained_parameters"] == len(trained_layers) * model.config.mlp_hidden * model.config.d_model
 
 
+def test_rmu_target_norm_is_coeff_times_the_mean_activation_norm(model, suite, trained):
+    """Relative scale (the default): c = 2 x mean ||h_l|| over the forget set's scored tokens,
+    computed here by hand on the same noised rows (one chunk: 4 rows = the batch size)."""
+    layer = model.config.n_layers // 2
+    control_key = jax.random.fold_in(jax.random.key(0), 2)
+    h = np.asarray(training.residual_activations(model, control_key, training.Batch.of(suite.forget), layer))
+    scored = np.asarray(suite.forget.training_arrays()[3])
+    expected = float(np.linalg.norm(h, axis=-1)[scored].mean())
+    stats = trained["rmu"].stats
+    np.testing.assert_allclose(stats["rmu_activation_norm"], expected, rtol=1e-5)
+    np.testing.assert_allclose(stats["rmu_target_norm"], training.RMU_COEFF * expected, rtol=1e-5)
+    absolute = training.train(model, suite.forget, suite.retain, fast_config("rmu", max_steps=1, eval_every=1,
+                                                                             rmu_scale="absolute"))
+    assert absolute.stats["rmu_activation_norm"] is None
+    assert absolute.stats["rmu_target_norm"] == training.RMU_COEFF
+
+
 def test_same_seed_same_params_other_seed_differs(model, suite, trained):
     again = training.train(model, suite.forget, suite.retain, fast_config("gradascent"))
     for a, b in zip(jax.tree.leaves(trained["gradascent"].params), jax.tree.leaves(again.params)):
@@ -286,6 +303,8 @@ def test_training_stops_on_plateau_and_on_target(model, suite):
     (dict(method="npo", beta=-1.0), "--beta must be a finite number > 0"),
     (dict(method="rmu", rmu_layer=7), r"--rmu-layer must lie in 0\.\.2"),
     (dict(method="npo", target_drop=0.0), "--target-drop must be a finite number > 0"),
+    (dict(method="rmu", rmu_scale="log"), "--rmu-scale must be 'relative' or 'absolute'"),
+    (dict(method="rmu", rmu_coeff=0.0), "--rmu-coeff must be a finite number > 0"),
 ])
 def test_bad_training_configs(kwargs, message):
     with pytest.raises(InputError, match=message):

@@ -26,7 +26,12 @@ these numbers come from):
               γ = 0.125 is the forget weight; δ is the SimNPO paper's margin, default 0)
                                                                         β=4.5, γ=0.125, δ=0, α=1
 * rmu:        h_θ = residual stream (block output) of layer ℓ on the noised input [B, T, D];
-              u = a fixed random unit vector (u_d ~ U[0, 1), normalised, from the seed), c = 2;
+              u = a fixed random unit vector (u_d ~ U[0, 1), normalised, from the seed);
+              c = 2 · s, s = mean ‖h_frozen‖ over the forget set's scored tokens (the RMU paper's
+              observation that c must follow the layer's activation norm, made scale-free as in
+              Adaptive RMU, c = β‖h_frozen‖; `rmu_scale='absolute'` uses c = 2 as RMU's and
+              open-unlearning's `steering_coeff`: the 5M embedded models have ‖h‖ ≈ 10⁴, where an
+              absolute c = 2 is a target of almost zero norm);
               A(h, g, m) = mean_b [Σ_t m_bt mean_d (h_btd − g_btd)² / Σ_t m_bt]
               L = γ A(h_θ(F), c u, scored_F) + α A(h_θ(R), h_frozen(R), scored_R)
               Only the MLP down-projections of layers ℓ−2..ℓ are trained (RMU's recipe; WMDP and
@@ -127,6 +132,7 @@ class Objective:
     delta: float = 0.0
     rmu_layer: int | None = None
     rmu_coeff: float = RMU_COEFF
+    rmu_scale: str = "relative"
 
     @property
     def uses_retain(self) -> bool:
@@ -154,6 +160,7 @@ class TrainConfig:
     delta: float = 0.0
     rmu_layer: int | None = None
     rmu_coeff: float = RMU_COEFF
+    rmu_scale: str = "relative"
     eval_every: int | None = None
     patience: int = 3
     tol: float = 0.1
@@ -188,6 +195,10 @@ class TrainConfig:
             raise InputError(f"--beta must be a finite number > 0, got {self.beta}")
         if self.target_drop is not None and (not math.isfinite(self.target_drop) or self.target_drop <= 0):
             raise InputError(f"--target-drop must be a finite number > 0 (nats), got {self.target_drop}")
+        if self.rmu_scale not in ("relative", "absolute"):
+            raise InputError(f"--rmu-scale must be 'relative' or 'absolute', got {self.rmu_scale!r}")
+        if not math.isfinite(self.rmu_coeff) or self.rmu_coeff <= 0:
+            raise InputError(f"--rmu-coeff must be a finite number > 0, got {self.rmu_coeff}")
         if n_layers is not None and self.rmu_layer is not None and not 0 <= self.rmu_layer < n_layers:
             raise InputError(f"--rmu-layer must lie in 0..{n_layers - 1}, got {self.rmu_layer}")
 
@@ -201,7 +212,7 @@ class TrainConfig:
             retain_weight=float(self.retain_weight if self.retain_weight is not None else d["retain_weight"]),
             beta=None if beta is None else float(beta), delta=float(self.delta),
             rmu_layer=(self.rmu_layer if self.rmu_layer is not None else n_layers // 2) if self.method == "rmu" else None,
-            rmu_coeff=float(self.rmu_coeff))
+            rmu_coeff=float(self.rmu_coeff), rmu_scale=self.rmu_scale)
 
 
 # --- losses -----------------------------------------------------------------------------------
@@ -242,6 +253,26 @@ def control_vector(key: Array, d_model: int, coeff: float) -> Array:
     """c u: u_d ~ U[0, 1) normalised to unit length (RMU), times the steering coefficient c."""
     u = jax.random.uniform(key, (d_model,), jnp.float32)
     return coeff * u / jnp.linalg.norm(u)
+
+
+@functools.partial(jax.jit, static_argnames=("layer",))
+def _activation_norms(backbone: Backbone, key: Array, batch: Batch, row_valid: Array, *, layer: int):
+    """(Σ ‖h_ℓ‖ over the scored tokens of the valid rows, their number) for one chunk of rows."""
+    norms = jnp.linalg.norm(residual_activations(backbone, key, batch, layer), axis=-1)
+    take = batch.score_mask & row_valid[:, None]
+    return jnp.sum(jnp.where(take, norms, 0.0)), jnp.sum(take)
+
+
+def activation_scale(backbone: Backbone, key: Array, rows: Rows, layer: int, chunk: int) -> float:
+    """s = mean ‖h_ℓ‖ of the model over the scored tokens of `rows` (noised by the forward process
+    with `key`), in chunks of `chunk` rows (one compilation)."""
+    total, count = 0.0, 0
+    for start in range(0, rows.num_rows, chunk):
+        index = np.arange(start, start + chunk)
+        s, n = _activation_norms(backbone, key, Batch.of(rows, index % rows.num_rows),
+                                 jnp.asarray(index < rows.num_rows), layer=layer)
+        total, count = total + float(s), count + int(n)
+    return total / max(count, 1)
 
 
 def objective_terms(objective: Objective, backbone: Backbone, reference: Backbone | None, key: Array,
@@ -413,8 +444,15 @@ def train(backbone: Backbone, forget: Rows, retain: Rows | None, config: TrainCo
     min_steps = math.ceil(config.min_epochs * steps_per_epoch)
     root = jax.random.key(config.seed)
     train_key, eval_key, control_key = (jax.random.fold_in(root, i) for i in range(3))
-    control = (control_vector(control_key, backbone.config.d_model, objective.rmu_coeff)
-               if objective.method == "rmu" else None)
+    control, rmu_target = None, {}
+    setup_start = time.perf_counter()
+    if objective.method == "rmu":
+        scale = (activation_scale(backbone, control_key, forget, objective.rmu_layer, config.batch_size)
+                 if objective.rmu_scale == "relative" else 1.0)
+        control = control_vector(control_key, backbone.config.d_model, objective.rmu_coeff * scale)
+        rmu_target = {"rmu_activation_norm": scale if objective.rmu_scale == "relative" else None,
+                      "rmu_target_norm": objective.rmu_coeff * scale}
+    setup_seconds = time.perf_counter() - setup_start  # RMU's activation scale (compiled and run)
 
     leaves, treedef = jax.tree.flatten(backbone.params)
     index, masks = trainable_layout(backbone.params, objective, L)
@@ -495,7 +533,7 @@ def train(backbone: Backbone, forget: Rows, retain: Rows | None, config: TrainCo
     first, last = evaluations[0], evaluations[-1]
     stats = {
         "method": config.method,
-        "objective": dataclasses.asdict(objective),
+        "objective": dataclasses.asdict(objective), **rmu_target,
         "config": dataclasses.asdict(config),
         "optimizer": {"name": "adamw", "lr": config.lr, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
                       "weight_decay": config.weight_decay, "clip_by_global_norm": config.clip_norm,
@@ -515,7 +553,7 @@ def train(backbone: Backbone, forget: Rows, retain: Rows | None, config: TrainCo
         "forget_lp_drop": first["forget_lp"] - last["forget_lp"],
         "retain_lp_initial": first.get("retain_lp"), "retain_lp_final": last.get("retain_lp"),
         "evaluations": evaluations, "loss_curve": losses,
-        "compile_seconds": compile_seconds, "wall_clock_seconds": cost["seconds"],
+        "setup_seconds": setup_seconds, "compile_seconds": compile_seconds, "wall_clock_seconds": cost["seconds"],
         "train_seconds": train_seconds, "eval_seconds": eval_seconds,
         "seconds_per_step": train_seconds / max(step, 1),
         "peak_memory": cost, "device": resources.device_description(),

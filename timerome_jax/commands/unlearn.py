@@ -73,7 +73,10 @@ def register(sub, common) -> None:
     g.add_argument("--beta", type=float, default=None, help="NPO / SimNPO β (default 0.1 / 4.5)")
     g.add_argument("--delta", type=float, default=0.0, help="SimNPO margin δ")
     g.add_argument("--rmu-layer", type=int, default=None, help="RMU layer ℓ (default: n_layers // 2)")
-    g.add_argument("--rmu-coeff", type=float, default=training.RMU_COEFF, help="RMU steering coefficient c")
+    g.add_argument("--rmu-coeff", type=float, default=training.RMU_COEFF,
+                   help="RMU steering coefficient (default 2: target norm 2 x the mean activation norm)")
+    g.add_argument("--rmu-scale", default="relative", choices=("relative", "absolute"), help="relative (c = coeff x mean ||h_frozen||) or "
+                   "absolute (c = coeff)")
     g.add_argument("--answer-window", type=int, default=suites.DEFAULT_ANSWER_WINDOW,
                    help="largest answer + end-of-text window of a training row")
     i = p.add_argument_group("inference-time methods")
@@ -127,7 +130,7 @@ def train_config(args: argparse.Namespace) -> training.TrainConfig:
     return training.TrainConfig(
         method=args.method, lr=args.lr, max_steps=args.max_steps, batch_size=args.batch_size, seed=args.seed,
         weight_decay=args.weight_decay, forget_weight=args.forget_weight, retain_weight=args.retain_weight,
-        beta=args.beta, delta=args.delta, rmu_layer=args.rmu_layer, rmu_coeff=args.rmu_coeff,
+        beta=args.beta, delta=args.delta, rmu_layer=args.rmu_layer, rmu_coeff=args.rmu_coeff, rmu_scale=args.rmu_scale,
         eval_every=args.eval_every, patience=args.patience, tol=args.tol, min_epochs=args.min_epochs,
         target_drop=args.target_drop, mc_samples=args.mc_samples, monitor_retain=args.monitor_retain)
 
@@ -145,7 +148,7 @@ def run_training(args: argparse.Namespace, backbone: ports.Backbone) -> int:
     config = train_config(args)
     objective = config.objective(backbone.config.n_layers)
     suite = suites.load_suite(args.suite, tokenizer, int(eos), backbone.config.max_seq_len,
-                              num_retain=args.num_retain if objective.uses_retain else 0,
+                              num_retain=args.num_retain if objective.uses_retain or args.monitor_retain else 0,
                               num_forget=args.num_forget, answer_window=args.answer_window)
     result = training.train(backbone, suite.forget, suite.retain, config, progress=_progress)
     stats = {**result.stats, "suite": args.suite, "model": str(args.model), "fingerprint_before": backbone.fingerprint()}
