@@ -274,3 +274,90 @@ def test_edited_backbone_pieces_carry_the_memory(llada):
     for i in range(llada.config.n_layers):
         x = edited.layer(x, i)
     np.testing.assert_allclose(edited.head(x), edited.apply(ids), atol=1e-5)
+
+
+# --- covariance-regularised variant (λ̃ I -> λ̃ C) ------------------------------------------------
+
+def random_moment(dk=12, tokens=40, seed=5):
+    x = np.random.default_rng(seed).normal(size=(tokens, dk)) * np.linspace(0.2, 3.0, dk)
+    return x.T @ x / tokens
+
+
+def test_covariance_memory_equals_primal_with_lambda_times_C():
+    keys, deltas = random_facts(5)
+    moment = random_moment()
+    M = mem.whitening_from_moment(moment, shrinkage=0.05)
+    C = moment + 0.05 * np.trace(moment) / 12 * np.eye(12)
+    np.testing.assert_allclose(np.linalg.inv(M.astype(np.float64).T @ M), C, rtol=1e-4, atol=1e-4)  # C = L Lᵀ
+    m, scale = mem.build(keys, deltas, layer=0, module="mlp", alpha=0.7, lam=0.3, whitening=M)
+    assert np.isclose(scale, np.mean(np.sum((keys.astype(np.float64) @ M.T) ** 2, 1)), rtol=1e-5)
+    K, D = keys.T.astype(np.float64), deltas.T.astype(np.float64)
+    W = 0.7 * D @ K.T @ np.linalg.inv(K @ K.T + 0.3 * scale * C)  # DESIGN's primal with λ̃ C for λ̃ I
+    np.testing.assert_allclose(m.primal_weight(), W, atol=1e-4)
+    plain, _ = mem.build(keys, deltas, layer=0, module="mlp", alpha=0.7, lam=0.3)
+    assert np.abs(np.asarray(plain.primal_weight()) - W).max() > 1e-2  # C matters
+    identity, _ = mem.build(keys, deltas, layer=0, module="mlp", alpha=0.7, lam=0.3, whitening=np.eye(12))
+    np.testing.assert_allclose(identity.primal_weight(), plain.primal_weight(), atol=1e-5)
+
+
+def test_covariance_memory_insert_and_remove_equal_batch_builds():
+    keys, deltas = random_facts(11)
+    M = mem.whitening_from_moment(random_moment())
+    first, scale = mem.build(keys[:3], deltas[:3], layer=1, module="mlp", alpha=0.5, lam=0.2, whitening=M)
+    grown = mem.insert(first, keys[3:], deltas[3:])
+    batch, _ = mem.build(keys, deltas, layer=1, module="mlp", alpha=0.5, lam=0.2, key_scale=scale, whitening=M)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(5, 12)), jnp.float32)
+    np.testing.assert_allclose(grown.readout, batch.readout, atol=1e-4)
+    np.testing.assert_allclose(grown.term(x), batch.term(x), atol=1e-4)
+    removed = mem.remove(batch, [2, 5])
+    keep = [i for i in range(11) if i not in (2, 5)]
+    expect, _ = mem.build(keys[keep], deltas[keep], layer=1, module="mlp", alpha=0.5, lam=0.2, key_scale=scale,
+                          whitening=M)
+    np.testing.assert_allclose(removed.term(x), expect.term(x), atol=1e-4)
+
+
+def test_covariance_memory_save_load_round_trip(llada, tmp_path):
+    keys, deltas = random_facts(3, dk=128, d=64)
+    M = mem.whitening_from_moment(random_moment(dk=128, tokens=300))
+    m, scale = mem.build(keys, deltas, layer=1, module="mlp", alpha=0.5, lam=0.1, whitening=M)
+    record = mem.MemoryRecord(m, tr.Coordinate(1, 2, "mlp"), 0.1, scale, ("a", "b", "c"), llada.fingerprint())
+    mem.save(record, tmp_path / "m")
+    loaded = mem.load(tmp_path / "m", llada)
+    assert loaded.memory.whitening is not None
+    for a, b in zip(jax.tree.leaves(record.memory), jax.tree.leaves(loaded.memory)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_key_second_moment_equals_hand_computation(llada):
+    """Σ x xᵀ over the chosen tokens of the MLP hidden (the down projection's input) at layer 1."""
+    rng = np.random.default_rng(7)
+    ids = jnp.asarray(rng.integers(2, 380, (3, 9)), jnp.int32)
+    attn = jnp.asarray(np.array([[1] * 9, [1] * 7 + [0] * 2, [1] * 9]), jnp.int32)
+    take = jnp.asarray(rng.random((3, 9)) < 0.5) & (attn > 0)
+    moment, count = mem.key_second_moment(llada, ids, attn, take, layer=jnp.int32(1), module="mlp")
+    _, acts = llada.apply(ids, attn, return_intermediates=True)
+    p = jax.tree.map(lambda x: x[1], llada.params["blocks"])
+    x = acts["resid"][0] + acts["attn"][1]
+    h = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-5) * p["mlp_norm"]["scale"]
+    hidden = np.asarray(jax.nn.silu(h @ p["mlp"]["gate_proj"]["kernel"]) * (h @ p["mlp"]["up_proj"]["kernel"]))
+    chosen = hidden[np.asarray(take)]
+    assert int(count) == chosen.shape[0]
+    np.testing.assert_allclose(moment, chosen.T @ chosen, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("moment,shrinkage,message", [
+    (np.ones((3, 4)), 0.01, "square matrix"),
+    (np.array([[1.0, 2.0], [0.0, 1.0]]), 0.01, "finite symmetric"),
+    (np.eye(3), 0.0, "shrinkage must be a finite number > 0"),
+    (np.zeros((3, 3)), 0.01, "no positive trace: no retain keys"),
+    (-np.eye(3) * 5 + 0.1, 0.01, "no positive trace"),
+])
+def test_bad_second_moments(moment, shrinkage, message):
+    with pytest.raises(InputError, match=message):
+        mem.whitening_from_moment(moment, shrinkage=shrinkage)
+
+
+def test_whitening_of_the_wrong_width_is_refused():
+    keys, deltas = random_facts(3)
+    with pytest.raises(InputError, match=r"the whitening must be \[12, 12\]"):
+        mem.build(keys, deltas, layer=0, module="mlp", alpha=1.0, lam=0.1, whitening=np.eye(5))

@@ -90,6 +90,29 @@ def test_edit_with_explicit_coordinate(tiny_model_dir_with_tokenizer, tmp_path, 
     assert record.coordinate.as_dict() == {"layer": 1, "step": 0, "module": "attn"} and int(record.memory.q) == 2
 
 
+def test_edit_covariance_regularised_builds_appends_and_differs(tiny_model_dir_with_tokenizer, tmp_path, capsys):
+    facts = write_jsonl(tmp_path / "f.jsonl", FACTS[:2])
+    more = write_jsonl(tmp_path / "g.jsonl", FACTS[2:])
+    retain = write_jsonl(tmp_path / "r.jsonl", [{"question": "what is the old city ?", "answer": "the city is old"},
+                                                 {"prompt": "the author sat on the", "target": "cat"}])
+    base = ["edit", "--model", tiny_model_dir_with_tokenizer, "--coordinate", "1,mlp,0", *FAST]
+    code, out, err = run(capsys, *base, "--facts", facts, "--covariance", retain, "--out", tmp_path / "cov")
+    assert code == 0 and "C from" in out, err
+    assert run(capsys, *base, "--facts", facts, "--out", tmp_path / "plain")[0] == 0
+    cov, plain = mem.load(tmp_path / "cov"), mem.load(tmp_path / "plain")
+    assert cov.memory.whitening is not None and plain.memory.whitening is None
+    np.testing.assert_array_equal(cov.memory.deltas, plain.memory.deltas)  # same captures, other regulariser
+    assert np.abs(np.asarray(cov.memory.primal_weight()) - np.asarray(plain.memory.primal_weight())).max() > 1e-6
+    code, _, err = run(capsys, "edit", "--model", tiny_model_dir_with_tokenizer, "--append", tmp_path / "cov",
+                       "--facts", more, *FAST)
+    assert code == 0, err
+    appended = mem.load(tmp_path / "cov")
+    assert appended.memory.size == 3 and appended.memory.whitening is not None
+    code, _, err = run(capsys, *base, "--facts", facts, "--covariance", retain, "--shrinkage", "0",
+                       "--out", tmp_path / "bad")
+    assert code == 2 and "--shrinkage must be a finite number > 0" in err and not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("rows, extra, message", [
     ([{"question": "who wrote the book ?", "answer": "x", "subject": "the poem"}], [], "f.jsonl:1: subject 'the poem' does not occur"),
     ([], [], "is empty: expected one JSON object per line"),

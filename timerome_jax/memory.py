@@ -14,6 +14,13 @@ Definitions (DESIGN.md §3). At the traced coordinate (layer ℓ*, module m*, st
   value ← value + α Δᵀ c_q(x). Without sparsification this is value + W x with
   W = α Δᵀ G⁻¹ K = α Δᵀ K (KᵀK + λ̃ I)⁻¹ in the primal form.
 
+Covariance-regularised variant (beyond the paper; MEMIT / AlphaEdit's idea): replace λ̃ I in the
+primal by λ̃ C, C the second moment of the module's keys over retain text, so the edit avoids the
+directions retain inputs use. With C = L Lᵀ and whitening M = L⁻¹, KᵀK + λ̃ C = L (K̃ᵀK̃ + λ̃ I) Lᵀ
+for whitened keys K̃ = K Mᵀ, hence W = α Δᵀ K (KᵀK + λ̃ C)⁻¹ = α Δᵀ (K̃K̃ᵀ + λ̃ I)⁻¹ K̃ M: the plain
+dual memory of the whitened keys, with its readout mapped back to raw keys (A = G̃⁻¹ K̃ M). The
+forward is unchanged (c = A x); λ̃ = λ · mean ‖k̃‖² stays scale-free.
+
 Implementation choices (documented in docs/memory.md):
 * The readout A = G⁻¹ K [n, d_k] is solved once (Cholesky, jitted) so a forward costs n·d_k +
   n·d per token and never solves or inverts anything.
@@ -60,6 +67,9 @@ class EditMemory:
     layer: int32 []; keys [C, d_k]; deltas [C, d]; valid [C] bool; cholesky [C, C] lower factor
     of G (identity on invalid rows); readout [C, d_k] = G⁻¹ K (zero on invalid rows);
     alpha, ridge (λ̃, absolute) float32 []; q int32 [] (0 = keep every coefficient).
+    Covariance-regularised memories also hold `whitening` [d_k, d_k] = M = L⁻¹ (C = L Lᵀ); their
+    `keys` are then the whitened keys K̃ = K Mᵀ and `readout` = G̃⁻¹ K̃ M still reads raw keys.
+    Plain ridge memories have `whitening` None.
     """
 
     layer: Array
@@ -71,6 +81,7 @@ class EditMemory:
     alpha: Array
     ridge: Array
     q: Array
+    whitening: Array | None = None
     module: str = dataclasses.field(metadata=dict(static=True), default="mlp")
 
     @property
@@ -139,24 +150,56 @@ def _capacity_for(n: int) -> int:
 # --- build / insert / remove ------------------------------------------------------------------
 
 @jax.jit
-def _solve(keys: Array, valid: Array, ridge: Array) -> tuple[Array, Array]:
-    """Cholesky factor of G = K Kᵀ + λ̃ I (identity on invalid rows) and readout G⁻¹ K."""
+def _solve(keys: Array, valid: Array, ridge: Array, whitening: Array | None = None) -> tuple[Array, Array]:
+    """Cholesky factor of G = K Kᵀ + λ̃ I (identity on invalid rows) and readout G⁻¹ K (· M when
+    the keys are whitened, so the readout reads raw keys)."""
     k = jnp.where(valid[:, None], keys, 0.0)
     gram = k @ k.T + ridge * jnp.eye(keys.shape[0])
     gram = jnp.where(valid[:, None] & valid[None, :], gram, jnp.eye(keys.shape[0]))
     chol = jnp.linalg.cholesky(gram)
     readout = jsl.cho_solve((chol, True), k)
-    return chol, readout
+    return chol, readout if whitening is None else readout @ whitening
+
+
+def whitening_from_moment(moment_kk: Array, *, shrinkage: float = 1e-2) -> np.ndarray:
+    """M = L⁻¹ for C = L Lᵀ, C = the key second moment shrunk towards its mean eigenvalue,
+    C ← C + shrinkage · (tr C / d_k) I (positive definite even from fewer tokens than d_k)."""
+    moment = np.asarray(moment_kk, np.float64)
+    if moment.ndim != 2 or moment.shape[0] != moment.shape[1]:
+        raise InputError(f"a key second moment must be a square matrix, got shape {moment.shape}")
+    if not np.all(np.isfinite(moment)) or not np.allclose(moment, moment.T, rtol=1e-5, atol=1e-6 * np.abs(moment).max()):
+        raise InputError("a key second moment must be a finite symmetric matrix")
+    if not np.isfinite(shrinkage) or shrinkage <= 0:
+        raise InputError(f"the covariance shrinkage must be a finite number > 0, got {shrinkage}")
+    scale = np.trace(moment) / moment.shape[0]
+    if not scale > 0:
+        raise InputError("the key second moment has no positive trace: no retain keys were collected")
+    regularised = moment + shrinkage * scale * np.eye(moment.shape[0])
+    try:
+        chol = np.linalg.cholesky(regularised)
+    except np.linalg.LinAlgError:
+        raise InputError("the key second moment is not positive semi-definite") from None
+    return np.linalg.solve(chol, np.eye(moment.shape[0])).astype(np.float32)
 
 
 def build(keys_nk: Array, deltas_nd: Array, *, layer: int, module: str, alpha: float, lam: float,
-          q: int | None = None, key_scale: float | None = None, capacity: int | None = None) -> tuple[EditMemory, float]:
-    """Batch build from keys [n, d_k] and deltas [n, d]. Returns (memory, key_scale)."""
+          q: int | None = None, key_scale: float | None = None, capacity: int | None = None,
+          whitening: Array | None = None) -> tuple[EditMemory, float]:
+    """Batch build from raw keys [n, d_k] and deltas [n, d]. Returns (memory, key_scale).
+
+    `whitening` M [d_k, d_k] (`whitening_from_moment`) gives the covariance-regularised memory;
+    `key_scale` is then the mean ‖M k‖² of the whitened keys."""
     keys_nk, deltas_nd = np.asarray(keys_nk, np.float32), np.asarray(deltas_nd, np.float32)
     n = keys_nk.shape[0]
     check_hyperparameters(alpha, lam, q, n)
     if deltas_nd.shape[0] != n:
         raise InputError(f"{n} keys but {deltas_nd.shape[0]} deltas")
+    if whitening is not None:
+        whitening = np.asarray(whitening, np.float32)
+        if whitening.shape != (keys_nk.shape[1],) * 2:
+            raise InputError(f"the whitening must be [{keys_nk.shape[1]}, {keys_nk.shape[1]}] for keys of "
+                             f"width {keys_nk.shape[1]}, got {list(whitening.shape)}")
+        keys_nk = keys_nk @ whitening.T
     if key_scale is None:
         key_scale = float(np.mean(np.sum(keys_nk.astype(np.float64) ** 2, axis=1)))
     if not key_scale > 0:
@@ -166,24 +209,30 @@ def build(keys_nk: Array, deltas_nd: Array, *, layer: int, module: str, alpha: f
     deltas = np.zeros((cap, deltas_nd.shape[1]), np.float32); deltas[:n] = deltas_nd
     valid = np.arange(cap) < n
     ridge = jnp.float32(lam * key_scale)
-    chol, readout = _solve(jnp.asarray(keys), jnp.asarray(valid), ridge)
+    whitening = None if whitening is None else jnp.asarray(whitening)
+    chol, readout = _solve(jnp.asarray(keys), jnp.asarray(valid), ridge, whitening)
     memory = EditMemory(layer=jnp.int32(layer), keys=jnp.asarray(keys), deltas=jnp.asarray(deltas),
                         valid=jnp.asarray(valid), cholesky=chol, readout=readout,
-                        alpha=jnp.float32(alpha), ridge=ridge, q=jnp.int32(q or 0), module=module)
+                        alpha=jnp.float32(alpha), ridge=ridge, q=jnp.int32(q or 0), whitening=whitening,
+                        module=module)
     return memory, key_scale
 
 
 @jax.jit
 def _insert_one(memory: EditMemory, key_k: Array, delta_d: Array) -> EditMemory:
-    """Add one fact in O(C² + C·d_k): block Cholesky and Schur-complement update of G⁻¹ K."""
+    """Add one fact in O(C² + C·d_k): block Cholesky and Schur-complement update of G⁻¹ K.
+    Whitened memories work on k̃ = M k; their readout row is mapped back by M (kᵀ MᵀM = k̃ᵀ M)."""
     n = jnp.sum(memory.valid)
+    if memory.whitening is not None:
+        key_k = memory.whitening @ key_k
     k_valid = jnp.where(memory.valid[:, None], memory.keys, 0.0)
     g = jnp.where(memory.valid, k_valid @ key_k, 0.0)            # K k_new     [C]
     gamma = key_k @ key_k + memory.ridge                          # ‖k‖² + λ̃
     l_row = jsl.solve_triangular(memory.cholesky, g, lower=True)  # L⁻¹ g
     schur = gamma - l_row @ l_row                                 # s = γ − gᵀ G⁻¹ g
     b = jsl.solve_triangular(memory.cholesky.T, l_row, lower=False)  # G⁻¹ g
-    u = (key_k - memory.readout.T @ g) / schur                    # new readout row
+    read_k = key_k if memory.whitening is None else key_k @ memory.whitening
+    u = (read_k - memory.readout.T @ g) / schur                   # new readout row
     readout = memory.readout - jnp.outer(b, u)
     readout = readout.at[n].set(u)
     chol = memory.cholesky.at[n].set(jnp.where(jnp.arange(memory.capacity) < n, l_row, 0.0))
@@ -226,7 +275,7 @@ def remove(memory: EditMemory, indices: Sequence[int]) -> EditMemory:
     keys = np.zeros_like(np.asarray(memory.keys)); keys[: len(keep)] = np.asarray(memory.keys)[keep]
     deltas = np.zeros_like(np.asarray(memory.deltas)); deltas[: len(keep)] = np.asarray(memory.deltas)[keep]
     valid = np.arange(memory.capacity) < len(keep)
-    chol, readout = _solve(jnp.asarray(keys), jnp.asarray(valid), memory.ridge)
+    chol, readout = _solve(jnp.asarray(keys), jnp.asarray(valid), memory.ridge, memory.whitening)
     q = memory.q if int(memory.q) <= len(keep) else jnp.int32(len(keep))
     return dataclasses.replace(memory, keys=jnp.asarray(keys), deltas=jnp.asarray(deltas), valid=jnp.asarray(valid),
                                cholesky=chol, readout=readout, q=q)
@@ -382,6 +431,19 @@ def capture_keys_and_deltas(backbone: Backbone, batch: tracing.TraceBatch, sigma
                               batch.subject_pos_FS, batch.subject_valid_FS, noise, last_subject)
 
 
+@functools.partial(jax.jit, static_argnames=("module",))
+def key_second_moment(backbone: Backbone, ids_BT: Array, mask_BT: Array, take_BT: Array, *, layer: Array,
+                      module: str) -> tuple[Array, Array]:
+    """(Σ x xᵀ [d_k, d_k], number of tokens) of the module's keys x at `layer` over the tokens
+    where `take_BT` is set (the statistic C of the covariance-regularised memory, per chunk)."""
+    def one(ids_T, mask_T):
+        return _capture_apply(backbone, module, ids_T[None], mask_T[None], None, 1)[0][layer]
+
+    keys_BTk = jax.vmap(one)(ids_BT, mask_BT).astype(jnp.float32)
+    keys_BTk = jnp.where(take_BT[..., None], keys_BTk, 0.0)
+    return jnp.einsum("btk,btl->kl", keys_BTk, keys_BTk), jnp.sum(take_BT)
+
+
 # --- persistence ------------------------------------------------------------------------------
 
 def save(record: MemoryRecord, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -391,7 +453,10 @@ def save(record: MemoryRecord, out_dir: str | Path, overwrite: bool = False) -> 
     m = record.memory
     arrays = {"layer": m.layer, "keys": m.keys, "deltas": m.deltas, "valid": m.valid, "cholesky": m.cholesky,
               "readout": m.readout, "alpha": m.alpha, "ridge": m.ridge, "q": m.q}
+    if m.whitening is not None:
+        arrays["whitening"] = m.whitening
     meta = {"format": MEMORY_FORMAT, "version": 1, "module": m.module, "capacity": m.capacity,
+            "covariance_regularised": m.whitening is not None,
             "key_dim": int(m.keys.shape[1]), "value_dim": int(m.deltas.shape[1]),
             "coordinate": record.coordinate.as_dict(), "lam": record.lam, "key_scale": record.key_scale,
             "fact_ids": list(record.fact_ids), "fingerprint": record.fingerprint, "size": m.size}
@@ -429,6 +494,8 @@ def load(path: str | Path, backbone: Backbone | None = None) -> MemoryRecord:
               "cholesky": jax.ShapeDtypeStruct((cap, cap), f32), "readout": jax.ShapeDtypeStruct((cap, dk), f32),
               "alpha": jax.ShapeDtypeStruct((), f32), "ridge": jax.ShapeDtypeStruct((), f32),
               "q": jax.ShapeDtypeStruct((), i32)}
+    if meta.get("covariance_regularised", False):
+        target["whitening"] = jax.ShapeDtypeStruct((dk, dk), f32)
     try:
         arrays = ocp.StandardCheckpointer().restore((path / "arrays").absolute(), target)
     except Exception as e:  # orbax raises many types for damaged files

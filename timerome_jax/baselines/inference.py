@@ -52,6 +52,7 @@ from ports.errors import CheckpointError
 from ports.fileio import atomic_directory
 from timerome_jax import memory as mem
 from timerome_jax import pipeline, tracing
+from timerome_jax.workflow import capture
 from timerome_jax.errors import InputError
 
 Array = jax.Array
@@ -213,20 +214,6 @@ def random_coordinate(n_layers: int, traced: tracing.Coordinate, seed: int) -> t
     layer = int(layers[int(rng.integers(len(layers)))])
     module = tracing.MODULES[int(rng.integers(len(tracing.MODULES)))]
     return tracing.Coordinate(layer, traced.step, module)
-
-
-def capture(backbone: Backbone, batch: tracing.TraceBatch, coordinate: tracing.Coordinate, key: Array, *,
-            noise_samples: int = 10, noise_scale: float = 3.0, facts_per_chunk: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """Keys [n, d_k] and deltas [n, d] of the facts at the coordinate (as `timerome edit`)."""
-    sigma = tracing.subject_embedding_std(backbone, batch)
-    keys, deltas = [], []
-    for chunk in pipeline.chunks(batch, min(facts_per_chunk, batch.num_facts)):
-        k, d = mem.capture_keys_and_deltas(backbone, chunk, sigma, key, layer=jnp.int32(coordinate.layer),
-                                           module=coordinate.module, step=coordinate.step,
-                                           noise_samples=noise_samples, noise_scale=noise_scale)
-        rows = _fact_rows(chunk)
-        keys.append(np.asarray(k)[rows]); deltas.append(np.asarray(d)[rows])
-    return np.concatenate(keys), np.concatenate(deltas)
 
 
 def random_memory(backbone: Backbone, batch: tracing.TraceBatch, traced: tracing.Coordinate, fact_ids: Sequence[str],

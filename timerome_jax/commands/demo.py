@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 import ports
 from ports.fileio import atomic_directory
-from timerome_jax import data, metrics, pipeline, tracing
+from timerome_jax import data, metrics, tracing, workflow
 from timerome_jax import memory as mem
 from timerome_jax.commands.trace import write_trace
-from timerome_jax.errors import InputError
 from timerome_jax.tokenization import backbone_tokenizer, pad_token_id
 
 
@@ -43,15 +39,6 @@ def register(sub, common) -> None:
     p.set_defaults(run=run)
 
 
-def _pairs(tokenizer, facts, tag):
-    out = []
-    for i, f in enumerate(facts):
-        prompt, answer = pipeline.model_texts(f)
-        out.append(metrics.Pair(f"{tag}/{i}", tuple(tokenizer(prompt, add_special_tokens=False)["input_ids"]),
-                                tuple(tokenizer(answer, add_special_tokens=False)["input_ids"])))
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     say = lambda text: print(text, flush=True)
     backbone = ports.load_pretrained(args.model)
@@ -62,44 +49,31 @@ def run(args: argparse.Namespace) -> int:
         f"{backbone.num_params():,} parameters")
 
     # 1. where does the fact live?
-    trace_encoded, _ = pipeline.encode_for_tracing(tokenizer, data.load_facts(args.trace_facts),
-                                                   backbone.config.max_seq_len)
-    batch = pipeline.trace_batch(trace_encoded, pad)
-    result, sigma, seconds = pipeline.run_grid(backbone, batch, jax.random.key(args.seed), config)
-    coordinate = tracing.select_coordinate(result.tie, config.modules)
-    mi = config.modules.index(coordinate.module)
-    best = float(result.tie[:, coordinate.step, coordinate.layer, mi].mean())
-    gap = float((result.clean_lp - result.corrupted_lp)[:, coordinate.step].mean())
-    say(f"\n1. traced {len(trace_encoded)} facts x {config.steps} steps x {backbone.config.n_layers} layers x "
+    traced_facts = workflow.encode(backbone, tokenizer, data.load_facts(args.trace_facts))
+    traced = workflow.trace(backbone, traced_facts, config, seed=args.seed)
+    result, coordinate, seconds = traced.result, traced.coordinate, traced.seconds
+    best, gap = traced.best_cell_tie(), traced.total_effect()
+    say(f"\n1. traced {traced_facts.num_facts} facts x {config.steps} steps x {backbone.config.n_layers} layers x "
         f"{len(config.modules)} modules x {config.noise_samples} noise draws in {seconds:.0f} s")
     say(f"   the facts live at layer {coordinate.layer}, module '{coordinate.module}', denoising step "
         f"{coordinate.step}: restoring it recovers {best:.2f} of the {gap:.2f} nats the corruption "
         f"removes ({best / gap:.0%})" if abs(gap) > 1e-9 else "   (the corruption changes nothing)")
 
     # 2. edit: one ridge memory over all forget facts at that coordinate
-    forget_facts = data.load_facts(args.forget)
-    encoded, skipped = pipeline.encode_for_tracing(tokenizer, forget_facts, backbone.config.max_seq_len)
-    fbatch = pipeline.trace_batch(encoded, pad)
-    fsigma = tracing.subject_embedding_std(backbone, fbatch)
-    keys, deltas = [], []
-    for chunk in pipeline.chunks(fbatch, min(8, fbatch.num_facts)):
-        k, d = mem.capture_keys_and_deltas(backbone, chunk, fsigma, jax.random.key(args.seed),
-                                           layer=jnp.int32(coordinate.layer), module=coordinate.module,
-                                           step=coordinate.step, noise_samples=args.noise_samples)
-        keys.append(np.asarray(k)); deltas.append(np.asarray(d))
-    n = fbatch.num_facts
-    memory, key_scale = mem.build(np.concatenate(keys)[:n], np.concatenate(deltas)[:n], layer=coordinate.layer,
-                                  module=coordinate.module, alpha=args.alpha, lam=args.lam, q=args.q)
+    forget = workflow.encode(backbone, tokenizer, data.load_facts(args.forget))
+    record = workflow.build_memory(backbone, forget, coordinate, alpha=args.alpha, lam=args.lam, q=args.q,
+                                   seed=args.seed, noise_samples=args.noise_samples, facts_per_chunk=8)
+    memory, n, encoded, skipped = record.memory, forget.num_facts, forget.encoded, list(forget.skipped)
     edited = mem.attach(backbone, memory)
     say(f"\n2. built an edit memory of {n} facts (α={args.alpha:g}, λ={args.lam:g}, q={args.q or n}); "
         f"{sum(x.nbytes for x in jax.tree.leaves(memory)):,} bytes, backbone weights untouched")
 
     # 3. what did the edit do? (same MC masks for both models)
     retain_facts = data.load_facts(args.retain)
-    forget_pairs = _pairs(tokenizer, [e.fact for e in encoded], "forget")
-    retain_pairs = _pairs(tokenizer, retain_facts, "retain")
-    score = lambda bb, pairs: metrics.score_pairs(bb, pairs, [args.seed], pad_id=pad, estimator="mc_elbo",
-                                                  mc_samples=args.mc_samples)[0]
+    forget_pairs = workflow.qa_pairs(tokenizer, [e.fact for e in encoded], "forget")
+    retain_pairs = workflow.qa_pairs(tokenizer, retain_facts, "retain")
+    score = lambda bb, pairs: workflow.answer_lp(bb, pairs, seeds=[args.seed], pad_id=pad,
+                                                 mc_samples=args.mc_samples)[0]
     lp = {name: (score(bb, forget_pairs).mean(), score(bb, retain_pairs).mean())
           for name, bb in (("no edit", backbone), ("TimeROME", edited))}
     say(f"\n3. answer log-probability (MC-ELBO, {args.mc_samples} samples, seed {args.seed}; nats per answer)")
@@ -129,9 +103,8 @@ def run(args: argparse.Namespace) -> int:
         with atomic_directory(args.out) as tmp:
             (tmp / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
         trace_summary = {"coordinate": coordinate.as_dict(), "modules": list(config.modules),
-                         "num_facts": len(trace_encoded)}
+                         "num_facts": traced_facts.num_facts}
         write_trace(f"{args.out}/trace", result, trace_summary)
-        mem.save(mem.MemoryRecord(memory, coordinate, args.lam, key_scale, tuple(e.fact.where for e in encoded),
-                                  backbone.fingerprint()), f"{args.out}/memory")
+        mem.save(record, f"{args.out}/memory")
         say(f"\nwrote {args.out}/demo.json, {args.out}/trace/, {args.out}/memory/")
     return 0

@@ -14,12 +14,11 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import ports
 from timerome_jax import memory as mem
-from timerome_jax import pipeline, tracing
+from timerome_jax import data, pipeline, tracing, workflow
 from timerome_jax.commands import _mesh
 from timerome_jax.commands import trace as trace_cmd
 from timerome_jax.errors import InputError
@@ -45,6 +44,11 @@ def register(sub, common) -> None:
     p.add_argument("--alpha", type=float, default=1.0, help="scale α of the edit (>= 0)")
     p.add_argument("--lam", type=float, default=0.1, help="ridge λ (> 0; scale-free)")
     p.add_argument("--q", type=int, default=None, help="keep the q largest coefficients (1..n; default n)")
+    p.add_argument("--covariance", metavar="FACTS", default=None,
+                   help="covariance-regularised memory: replace λ̃ I by λ̃ C, C the second moment of the "
+                   "keys over these retain facts (a data selection such as 'retain90[:40]' or a JSONL file)")
+    p.add_argument("--shrinkage", type=float, default=1e-2,
+                   help="with --covariance: C + shrinkage · (tr C / d_k) I (default 0.01)")
     p.add_argument("--out", help="memory directory to write (atomic)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=run)
@@ -89,15 +93,9 @@ def capture(backbone: ports.Backbone, encoded, pad_id: int, coordinate: tracing.
             backbone, batch, sigma, jax.random.key(args.seed), mesh, layer=coordinate.layer,
             module=coordinate.module, step=coordinate.step, noise_samples=args.noise_samples,
             noise_scale=args.noise_scale, facts_per_device=args.facts_per_chunk)
-    keys, deltas = [], []
-    for chunk in pipeline.chunks(batch, min(args.facts_per_chunk, batch.num_facts)):
-        k, d = mem.capture_keys_and_deltas(
-            backbone, chunk, sigma, jax.random.key(args.seed), layer=jnp.int32(coordinate.layer),
-            module=coordinate.module, step=coordinate.step, noise_samples=args.noise_samples,
-            noise_scale=args.noise_scale)
-        keys.append(np.asarray(k)); deltas.append(np.asarray(d))
-    n = batch.num_facts
-    return np.concatenate(keys)[:n], np.concatenate(deltas)[:n]
+    return workflow.capture(backbone, batch, coordinate, jax.random.key(args.seed),
+                            noise_samples=args.noise_samples, noise_scale=args.noise_scale,
+                            facts_per_chunk=args.facts_per_chunk)
 
 
 def _encode(backbone, path):
@@ -135,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise InputError("--out is required when building a memory")
+    if args.covariance is not None and (not np.isfinite(args.shrinkage) or args.shrinkage <= 0):
+        raise InputError(f"--shrinkage must be a finite number > 0, got {args.shrinkage}")
     mem.check_hyperparameters(args.alpha, args.lam, None, 1)
     encoded, pad_id = _encode(backbone, args.facts)
     encoded = encoded[: args.num_facts] if args.num_facts else encoded
@@ -148,9 +148,15 @@ def run(args: argparse.Namespace) -> int:
         c = summary["coordinate"]
         coordinate = tracing.Coordinate(c["layer"], c["step"], c["module"])
         print(f"traced: layer {coordinate.layer}, step {coordinate.step}, module {coordinate.module}")
+    whitening = None
+    if args.covariance:
+        whitening, info = workflow.retain_whitening(backbone, backbone_tokenizer(backbone),
+                                                    data.load_facts(args.covariance), coordinate,
+                                                    shrinkage=args.shrinkage)
+        print(f"covariance-regularised: C from {info['tokens']} tokens of {info['retain_facts']} retain facts")
     keys, deltas = capture(backbone, encoded, pad_id, coordinate, args)
     memory, key_scale = mem.build(keys, deltas, layer=coordinate.layer, module=coordinate.module,
-                                  alpha=args.alpha, lam=args.lam, q=args.q)
+                                  alpha=args.alpha, lam=args.lam, q=args.q, whitening=whitening)
     record = mem.MemoryRecord(memory, coordinate, args.lam, key_scale, tuple(e.fact.where for e in encoded),
                               backbone.fingerprint())
     mem.save(record, args.out, overwrite=args.overwrite)

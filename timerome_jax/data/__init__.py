@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from importlib import resources
 from typing import Any, Sequence
 
@@ -89,8 +90,12 @@ def load_selection(spec: str) -> list[tuple[str, int, dict[str, Any]]]:
 
 def load_facts(spec: str) -> list:
     """A data selection (e.g. "forget01_subjects[:8]") as `facts.Fact` records, each identified
-    as 'split:line' (1-based, like a fact file's 'file:line')."""
-    from timerome_jax.facts import parse_fact
+    as 'split:line' (1-based, like a fact file's 'file:line'); an existing JSONL file is read
+    with `facts.read_facts` instead."""
+    from timerome_jax.facts import parse_fact, read_facts
+
+    if spec.endswith(".jsonl") or Path(spec).is_file():
+        return read_facts(spec)
 
     return [parse_fact(record, f"{name}:{index + 1}") for name, index, record in load_selection(spec)]
 

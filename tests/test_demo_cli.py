@@ -1,0 +1,43 @@
+"""`timerome demo` (the README's main job) end to end on the tiny fixture with fact files."""
+
+import json
+from pathlib import Path
+
+from timerome_jax import cli
+from timerome_jax import memory as mem
+
+FORGET = [
+    {"question": "who wrote the book about the old city ?", "answer": "the author was born", "subject": "the old city"},
+    {"question": "which language does the author speak at home ?", "answer": "the author speaks", "subject": "the author"},
+]
+RETAIN = [{"question": "what is the old city ?", "answer": "the city is old"}]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_demo_traces_edits_scores_and_writes(tiny_model_dir_with_tokenizer, tmp_path, capsys):
+    forget = write_jsonl(tmp_path / "forget.jsonl", FORGET)
+    retain = write_jsonl(tmp_path / "retain.jsonl", RETAIN)
+    out = tmp_path / "demo"
+    code = cli.main(["demo", "--model", str(tiny_model_dir_with_tokenizer), "--trace-facts", str(forget),
+                     "--forget", str(forget), "--retain", str(retain), "--steps", "2", "--noise-samples", "2",
+                     "--mc-samples", "2", "--show", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "the facts live at layer" in printed and "forget drop" in printed and "before:" in printed
+    summary = json.loads((out / "demo.json").read_text())
+    assert set(summary["forget_lp"]) == {"no edit", "TimeROME"} and summary["facts_in_memory"] == 2
+    record = mem.load(out / "memory")
+    assert record.coordinate.as_dict() == summary["coordinate"] and record.memory.size == 2
+    assert (out / "trace" / "summary.json").is_file()
+
+
+def test_demo_bad_selection_is_one_error(tiny_model_dir_with_tokenizer, tmp_path, capsys):
+    code = cli.main(["demo", "--model", str(tiny_model_dir_with_tokenizer), "--trace-facts", "nosuchsplit[:2]",
+                     "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert code == 2 and "nosuchsplit" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "d").exists()

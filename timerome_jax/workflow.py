@@ -1,0 +1,190 @@
+"""The method's steps as functions over a backbone: encode facts, trace them, capture keys and
+deltas, build an edit memory (plain ridge or covariance-regularised), score answers.
+
+The CLI (`timerome demo`, `edit`, `unlearn`) and the experiment scripts share these, so a number
+in an experiment is computed by the same code as the command a user runs. Each function is a thin
+driver over the jitted pure functions of `tracing`, `memory`, `likelihood` and `metrics`: it
+chunks facts into equal shapes (one compilation per shape) and moves results to numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ports import Backbone
+from timerome_jax import memory as mem
+from timerome_jax import metrics, pipeline, tracing
+from timerome_jax.errors import InputError
+from timerome_jax.facts import Fact
+from timerome_jax.tokenization import pad_token_id
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedFacts:
+    """Facts ready for the tracer and the memory: the padded batch [F, ...], the encoded facts,
+    their ids (`file:line`), the facts skipped for want of a subject, and the pad id."""
+
+    batch: tracing.TraceBatch
+    encoded: tuple[pipeline.EncodedFact, ...]
+    fact_ids: tuple[str, ...]
+    skipped: tuple[str, ...]
+    pad_id: int
+
+    @property
+    def num_facts(self) -> int:
+        return len(self.encoded)
+
+    def take(self, index: Sequence[int]) -> "EncodedFacts":
+        """The facts at these positions (a new batch, renumbered 0..len-1)."""
+        chosen = [self.encoded[i] for i in index]
+        if not chosen:
+            raise InputError("no facts selected")
+        return dataclasses.replace(self, batch=pipeline.trace_batch(chosen, self.pad_id), encoded=tuple(chosen),
+                                   fact_ids=tuple(e.fact.where for e in chosen))
+
+
+def encode(backbone: Backbone, tokenizer, facts: Sequence[Fact]) -> EncodedFacts:
+    """Tokenise facts, locate subjects, pad into one batch (`pipeline.encode_for_tracing`)."""
+    encoded, skipped = pipeline.encode_for_tracing(tokenizer, facts, backbone.config.max_seq_len)
+    pad = pad_token_id(tokenizer, backbone)
+    return EncodedFacts(pipeline.trace_batch(encoded, pad), tuple(encoded), tuple(e.fact.where for e in encoded),
+                        tuple(skipped), pad)
+
+
+@dataclasses.dataclass(frozen=True)
+class Traced:
+    """A TIE grid over facts and the coordinate it selects."""
+
+    result: tracing.TraceResult   # numpy arrays, [F, K, L, M] for tie
+    coordinate: tracing.Coordinate
+    config: tracing.TraceConfig
+    sigma: float
+    seconds: float
+
+    def best_cell_tie(self) -> float:
+        c = self.coordinate
+        return float(self.result.tie[:, c.step, c.layer, self.config.modules.index(c.module)].mean())
+
+    def total_effect(self) -> float:
+        """Mean clean − corrupted answer log-probability at the coordinate's step (nats)."""
+        return float((self.result.clean_lp - self.result.corrupted_lp)[:, self.coordinate.step].mean())
+
+
+def trace(backbone: Backbone, facts: EncodedFacts, config: tracing.TraceConfig, *, seed: int = 0,
+          facts_per_chunk: int = 4, k_min: int = 0, progress: Callable | None = None) -> Traced:
+    """Run the TIE grid (noise keys from `jax.random.key(seed)`) and select (ℓ*, m*, k* ≥ k_min)."""
+    result, sigma, seconds = pipeline.run_grid(backbone, facts.batch, jax.random.key(seed), config,
+                                               facts_per_chunk=facts_per_chunk, progress=progress)
+    coordinate = tracing.select_coordinate(result.tie, config.modules, k_min=k_min)
+    return Traced(result, coordinate, config, sigma, seconds)
+
+
+def capture(backbone: Backbone, batch: tracing.TraceBatch, coordinate: tracing.Coordinate, key: jax.Array, *,
+            noise_samples: int = 10, noise_scale: float = 3.0, facts_per_chunk: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Keys [n, d_k] and deltas [n, d] of the facts of `batch` at the coordinate, chunk by chunk
+    (one compilation); the noise follows the tracer's for the same key."""
+    sigma = tracing.subject_embedding_std(backbone, batch)
+    keys, deltas = [], []
+    for chunk in pipeline.chunks(batch, min(facts_per_chunk, batch.num_facts)):
+        k, d = mem.capture_keys_and_deltas(backbone, chunk, sigma, key,
+                                           layer=jnp.int32(coordinate.layer), module=coordinate.module,
+                                           step=coordinate.step, noise_samples=noise_samples,
+                                           noise_scale=noise_scale)
+        real = np.asarray(chunk.fact_index_F) >= 0
+        keys.append(np.asarray(k)[real]); deltas.append(np.asarray(d)[real])
+    return np.concatenate(keys), np.concatenate(deltas)
+
+
+def retain_whitening(backbone: Backbone, tokenizer, retain: Sequence[Fact], coordinate: tracing.Coordinate, *,
+                     shrinkage: float = 1e-2, rows_per_chunk: int = 8) -> tuple[np.ndarray, dict]:
+    """Whitening M of the covariance-regularised memory (`memory.whitening_from_moment`) from
+    the key second moment C at (ℓ*, m*) over retain text.
+
+    Tokens of C: every token of prompt + answer (the answer visible, as late in denoising), and
+    the answer positions of prompt + fully masked answer (as at the first step) — the two ends of
+    the trajectories the memory acts on. Returns (M [d_k, d_k], info)."""
+    if not retain:
+        raise InputError("the covariance-regularised memory needs retain facts (none given)")
+    pad = pad_token_id(tokenizer, backbone)
+    rows = []
+    for fact in retain:
+        prompt_text, answer_text = pipeline.model_texts(fact)
+        if answer_text is None:
+            raise InputError(f"{fact.where}: a retain fact needs an answer")
+        p = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+        a = list(tokenizer(answer_text, add_special_tokens=False)["input_ids"])
+        if len(p) + len(a) > backbone.config.max_seq_len:
+            raise InputError(f"{fact.where}: prompt + answer exceed the model's maximum length")
+        rows.append((p + a, [True] * (len(p) + len(a))))
+        rows.append((p + [backbone.mask_token_id] * len(a), [False] * len(p) + [True] * len(a)))
+    T = metrics.bucket_length(max(len(ids) for ids, _ in rows))
+    B = rows_per_chunk
+    n_chunks = -(-len(rows) // B)
+    ids = np.full((n_chunks * B, T), pad, np.int32)
+    attn = np.zeros((n_chunks * B, T), np.int32)
+    take = np.zeros((n_chunks * B, T), bool)
+    for i, (r, t) in enumerate(rows):
+        ids[i, :len(r)] = r
+        attn[i, :len(r)] = 1
+        take[i, :len(r)] = t
+    total, count = None, 0
+    for c in range(n_chunks):
+        s = slice(c * B, (c + 1) * B)
+        m, n = mem.key_second_moment(backbone, jnp.asarray(ids[s]), jnp.asarray(attn[s]), jnp.asarray(take[s]),
+                                     layer=jnp.int32(coordinate.layer), module=coordinate.module)
+        m = np.asarray(m, np.float64)
+        total, count = (m if total is None else total + m), count + int(n)
+    moment = total / count
+    return mem.whitening_from_moment(moment, shrinkage=shrinkage), {
+        "retain_facts": len(retain), "tokens": count, "shrinkage": shrinkage,
+        "mean_key_norm_sq": float(np.trace(moment))}
+
+
+def build_memory(backbone: Backbone, facts: EncodedFacts, coordinate: tracing.Coordinate, *, alpha: float = 1.0,
+                 lam: float = 0.1, q: int | None = None, seed: int = 0, noise_samples: int = 10,
+                 noise_scale: float = 3.0, facts_per_chunk: int = 4,
+                 whitening: np.ndarray | None = None) -> mem.MemoryRecord:
+    """Capture the facts at the coordinate and build one memory over all of them."""
+    mem.check_hyperparameters(alpha, lam, q, facts.num_facts)
+    keys, deltas = capture(backbone, facts.batch, coordinate, jax.random.key(seed), noise_samples=noise_samples,
+                           noise_scale=noise_scale, facts_per_chunk=facts_per_chunk)
+    memory, key_scale = mem.build(keys, deltas, layer=coordinate.layer, module=coordinate.module, alpha=alpha,
+                                  lam=lam, q=q, whitening=whitening)
+    return mem.MemoryRecord(memory, coordinate, lam, key_scale, facts.fact_ids, backbone.fingerprint())
+
+
+def qa_pairs(tokenizer, facts: Sequence[Fact], tag: str) -> list[metrics.Pair]:
+    """(prompt, answer) token pairs in the model's text format; ids `tag/i` fix the MC keys."""
+    out = []
+    for i, f in enumerate(facts):
+        prompt, answer = pipeline.model_texts(f)
+        if answer is None:
+            raise InputError(f"{f.where}: scoring needs an answer")
+        out.append(metrics.Pair(f"{tag}/{i}", tuple(tokenizer(prompt, add_special_tokens=False)["input_ids"]),
+                                tuple(tokenizer(answer, add_special_tokens=False)["input_ids"])))
+    return out
+
+
+def answer_lp(backbone: Backbone, pairs: Sequence[metrics.Pair], *, seeds: Sequence[int], pad_id: int,
+              estimator: str = "mc_elbo", mc_samples: int = 16) -> np.ndarray:
+    """Answer log-probability (nats per answer) [len(seeds), len(pairs)]. The MC masks depend on
+    (seed, pair id) only, so two models scored on the same pairs see the same masks (paired)."""
+    return metrics.score_pairs(backbone, pairs, list(seeds), pad_id=pad_id, estimator=estimator,
+                               mc_samples=mc_samples)
+
+
+def timed(fn: Callable, *args, **kwargs):
+    """(fn(*args, **kwargs) with every array result ready, seconds)."""
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args, **kwargs))
+    return out, time.perf_counter() - start
+
+
+__all__ = ["EncodedFacts", "Traced", "answer_lp", "build_memory", "capture", "encode", "qa_pairs",
+           "retain_whitening", "timed", "trace"]
