@@ -361,6 +361,66 @@ def attach(backbone: Backbone, memory: EditMemory) -> EditedBackbone:
     return EditedBackbone(base.config, base.params, base.mask_token_id, base.dtype, base.source, memory=memory)
 
 
+def make_stack_interceptor(memories: Sequence[EditMemory], is_moe: bool):
+    """One interceptor applying every memory of `memories`, each at its own layer and site, as
+    `make_interceptor` applies one. Memories at the same site read the same key (the site's
+    unedited input; for resid its unedited output) and their terms add; a memory at a later
+    layer sees the stream the earlier ones changed, as stacked weight edits would."""
+    by_site: dict[str, list[EditMemory]] = {}
+    for memory in memories:
+        by_site.setdefault(_site(memory.module, is_moe), []).append(memory)
+
+    def interceptor(next_fun, args, kwargs, context):
+        here = by_site.get(context.module.name) if context.method_name == "__call__" else None
+        if not here:
+            return next_fun(*args, **kwargs)
+        out = next_fun(*args, **kwargs)
+        layer = kwargs["layer_index"]
+        total = out
+        # a static loop over the stack (a few memories); each term runs only at its own layer
+        for memory in here:
+            key = out if memory.module == "resid" else args[0]
+            key = key.reshape(key.shape[:2] + (-1,))
+            total = total + jax.lax.cond(layer == memory.layer, lambda k, m=memory: m.term(k).astype(out.dtype),
+                                         lambda k: jnp.zeros_like(out), key)
+        return total
+
+    return interceptor
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class EditedStack(Backbone):
+    """A Backbone carrying several memories at once (e.g. one per (layer, module) of per-fact
+    coordinates), all applied by one interceptor at every forward, like `EditedBackbone`. The
+    memories are a tuple of pytrees: another stack of the same modules and capacities reuses the
+    compiled code."""
+
+    memories: tuple[EditMemory, ...] = ()
+
+    def interception(self):
+        if not self.memories:
+            return super().interception()
+        return nn.intercept_methods(make_stack_interceptor(self.memories, self.config.is_moe))
+
+
+def attach_stack(backbone: Backbone, memories: Sequence[EditMemory]) -> EditedStack:
+    """The backbone with every memory of `memories` injected at every forward (weights untouched).
+    A stack of one memory computes exactly what `attach` does."""
+    memories = tuple(memories)
+    if not memories:
+        raise InputError("a memory stack needs at least one memory")
+    n_layers = backbone.config.n_layers
+    for i, memory in enumerate(memories):
+        if not isinstance(memory, EditMemory):
+            raise InputError(f"memory {i} of the stack is a {type(memory).__name__}, not an EditMemory")
+        if not 0 <= int(memory.layer) < n_layers:
+            raise InputError(f"memory {i} of the stack acts at layer {int(memory.layer)}, outside 0..{n_layers - 1}")
+    base = backbone if type(backbone) is Backbone else Backbone(
+        backbone.config, backbone.params, backbone.mask_token_id, backbone.dtype, backbone.source)
+    return EditedStack(base.config, base.params, base.mask_token_id, base.dtype, base.source, memories=memories)
+
+
 # --- capture of keys and deltas -----------------------------------------------------------------
 
 def _capture_apply(backbone: Backbone, module: str, ids_1T: Array, mask_1T: Array,
