@@ -107,6 +107,15 @@ def replicate(x: Any, mesh: Mesh) -> Any:
     return jax.make_array_from_callback(host.shape, NamedSharding(mesh, P()), lambda index: host[index])
 
 
+def replicate_tree(tree: Any, mesh: Mesh) -> Any:
+    """`tree` with every `jax.Array` leaf replicated on the mesh (`replicate`); other leaves kept.
+
+    For small state made on one device that must join a backbone loaded onto the mesh, e.g. an
+    edit memory restored from disk (committed to one device) before `memory.attach`: one jitted
+    call cannot take arrays committed to different sets of devices."""
+    return jax.tree.map(lambda x: replicate(x, mesh) if isinstance(x, jax.Array) else x, tree)
+
+
 def to_host(tree: Any) -> Any:
     """numpy copies of (possibly sharded) arrays; across processes, every process gets all rows."""
     def get(x):
@@ -254,5 +263,5 @@ def answer_log_likelihood(backbone: Backbone, prompt_ids_BP, prompt_mask_BP, ans
 
 __all__ = [
     "answer_log_likelihood", "capture_keys_and_deltas", "initialize", "over_facts", "pad_facts",
-    "pad_rows", "replicate", "run_grid", "shard_rows", "tie_grid", "to_host",
+    "pad_rows", "replicate", "replicate_tree", "run_grid", "shard_rows", "tie_grid", "to_host",
 ]

@@ -371,16 +371,26 @@ _row_keys = jax.jit(jax.vmap(lambda seed, data_: jax.random.fold_in(jax.random.k
 
 def score_pairs(backbone: Backbone, pairs: Sequence[Pair], seeds: Sequence[int], *, pad_id: int,
                 estimator: str = "mc_elbo", mc_samples: int = 32, pairs_per_call: int = 8,
-                batch_size: int = 32, progress: Callable | None = None) -> np.ndarray:
+                batch_size: int = 32, progress: Callable | None = None, mesh=None) -> np.ndarray:
     """LP(answer | prompt) of every pair under every seed: float64 [len(seeds), len(pairs)].
 
     Rows (seed, pair) are grouped by bucketed (prompt, answer) length and scored `pairs_per_call` at
     a time (the last call of a group is filled with copies, discarded), `batch_size` sequences per
     forward. Deterministic estimators are scored once and repeated for every seed.
+
+    With a `jax.sharding.Mesh` (the backbone loaded onto it, `ports.load_pretrained(mesh=...)`),
+    each call holds `pairs_per_call` rows per data shard and its rows are split over the mesh's
+    'data' axis (`distributed.answer_log_likelihood`); a row's key depends only on its seed and
+    pair id, so the LPs equal the single-device ones.
     """
     likelihood.check_method(estimator, mc_samples, batch_size)
     if not isinstance(pairs_per_call, int) or pairs_per_call < 1:
         raise InputError(f"pairs per call must be a positive integer, got {pairs_per_call!r}")
+    if mesh is not None:
+        from ports.sharding import data_axis_size
+        from timerome_jax import distributed
+
+        pairs_per_call *= data_axis_size(mesh)
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise InputError("at least one seed is needed")
@@ -410,9 +420,14 @@ def score_pairs(backbone: Backbone, pairs: Sequence[Pair], seeds: Sequence[int],
         a_ids, a_mask = tokenization.pad_right([c.answer_ids for c in chosen], pad_id, ab)
         keys = _row_keys(jnp.asarray([scored_seeds[s] for s, _ in chunk], jnp.uint32),
                          jnp.asarray([c.key_data for c in chosen], jnp.uint32))
-        values = np.asarray(likelihood.answer_log_likelihood_jit(
-            backbone, p_ids, p_mask, a_ids, a_mask, keys, method=estimator,
-            mc_samples=mc_samples, batch_size=batch_size), np.float64)
+        if mesh is None:
+            values = np.asarray(likelihood.answer_log_likelihood_jit(
+                backbone, p_ids, p_mask, a_ids, a_mask, keys, method=estimator,
+                mc_samples=mc_samples, batch_size=batch_size), np.float64)
+        else:  # the same row keys, split over 'data' after they are drawn
+            values = distributed.answer_log_likelihood(
+                backbone, p_ids, p_mask, a_ids, a_mask, keys, mesh, method=estimator,
+                mc_samples=mc_samples, batch_size=batch_size).astype(np.float64)
         for (s, j), v in zip(chunk[:real], values[:real]):
             out[s, j] = v
     if len(scored_seeds) < len(seeds):
@@ -554,7 +569,8 @@ def evaluate_suite(backbone: Backbone, tokenizer, suite: Suite | str, *,
                    truth_ratio_mean: str = "geometric", num_retain: int = 40,
                    limit: int | None = None, generation: GenerationConfig = GenerationConfig(),
                    pairs_per_call: int = 8, batch_size: int = 32, ci_method: str = "percentile",
-                   n_resamples: int = 9999, progress: Callable | None = None) -> dict[str, Any]:
+                   n_resamples: int = 9999, progress: Callable | None = None,
+                   mesh=None) -> dict[str, Any]:
     """Every metric of `METRICS` on one suite, per seed, with bootstrap CIs (see the module doc).
 
     Args:
@@ -572,6 +588,9 @@ def evaluate_suite(backbone: Backbone, tokenizer, suite: Suite | str, *,
       pairs_per_call, batch_size: pairs per compiled call, sequences per forward.
       ci_method, n_resamples: the bootstrap.
       progress: optional wrapper over the list of scoring calls (e.g. tqdm).
+      mesh: a `jax.sharding.Mesh` that `backbone` (and `reference`) are loaded onto: the LP rows
+        are split over its 'data' axis, `pairs_per_call` per data shard (`score_pairs`); the
+        greedy generation runs on the mesh as one program (replicated rows). None: one device.
 
     Returns a dict: one entry per metric name ({mean, ci_low, ci_high, per_seed, n_seeds}; a
     metric that cannot be computed has nulls and a `reason`), plus 'config', 'cost' (measured
@@ -607,7 +626,7 @@ def evaluate_suite(backbone: Backbone, tokenizer, suite: Suite | str, *,
     t0 = time.perf_counter()
     lp = score_pairs(backbone, pair_list, seeds, pad_id=pad_id, estimator=estimator,
                      mc_samples=mc_samples, pairs_per_call=pairs_per_call, batch_size=batch_size,
-                     progress=progress)
+                     progress=progress, mesh=mesh)
     scoring_s = time.perf_counter() - t0
 
     # --- greedy generations (seed-independent), grouped by generation length
@@ -639,7 +658,8 @@ def evaluate_suite(backbone: Backbone, tokenizer, suite: Suite | str, *,
         ref_lp = score_pairs(reference, ref_list, seeds,
                              pad_id=tokenization.pad_token_id(ref_tok, reference),
                              estimator=estimator, mc_samples=mc_samples,
-                             pairs_per_call=pairs_per_call, batch_size=batch_size, progress=progress)
+                             pairs_per_call=pairs_per_call, batch_size=batch_size, progress=progress,
+                             mesh=mesh)
         log_r_reference = log_truth_ratio(
             *_truth_arrays(ref_lp, {p.id: j for j, p in enumerate(ref_list)},
                            {p.id: len(p.answer_ids) for p in ref_list}, ref_roles),

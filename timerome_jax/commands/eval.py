@@ -1,12 +1,14 @@
 """`timerome eval`: the TOFU / robustness metrics of a model, an edited model or an unlearned one.
 
     timerome eval --model M [--memory MEMDIR | --params DIR] --suite tofu-forget01 \\
-        [--seeds 5 --mc-samples 32 --estimator mc_elbo --reference R] --out DIR
+        [--seeds 5 --mc-samples 32 --estimator mc_elbo --reference R] [--mesh dp8] --out DIR
 
 Writes DIR/metrics.json (one entry per metric with mean, ci_low, ci_high, per_seed; 'config'; 'cost'
 with the measured wall-clock and peak memory) and DIR/items.jsonl (per QA pair: generation, ROUGE-L,
 LP per seed), and prints the metrics as a table. Definitions: `timerome_jax.metrics`,
-docs/evaluation.md.
+docs/evaluation.md. With --mesh the models are loaded onto the mesh and the scored QA rows are
+split over its 'data' axis (--pairs-per-call then counts rows per data shard); the numbers equal
+the single-device run's (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import ports
 from ports.backbone import EMBEDDED_DIR
 from ports.fileio import atomic_directory
 from timerome_jax import likelihood, metrics, sampler
+from timerome_jax.commands import _mesh
 from timerome_jax.errors import InputError
 from timerome_jax.tokenization import backbone_tokenizer, load_tokenizer
 
@@ -61,11 +64,13 @@ def register(sub, common) -> None:
                    "reference answer + 1, at most G; default 96)")
     p.add_argument("--steps", type=int, default=48, help="denoising steps of that generation")
     p.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block length")
-    p.add_argument("--pairs-per-call", type=int, default=8, help="QA pairs per compiled call")
+    p.add_argument("--pairs-per-call", type=int, default=8,
+                   help="QA pairs per compiled call (per data shard with --mesh)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward")
     p.add_argument("--ci-method", choices=("percentile", "BCa"), default="percentile")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _mesh.add_mesh_argument(p)
     p.set_defaults(run=run)
 
 
@@ -107,20 +112,27 @@ def default_reference(model: str) -> str | None:
 
 
 def load_model(args: argparse.Namespace):
-    """(backbone, tokenizer) for --model / --memory / --params (an edited backbone for --memory)."""
+    """(backbone, tokenizer) for --model / --memory / --params (an edited backbone for --memory),
+    on the --mesh mesh when one is given."""
     if args.params:
-        backbone = ports.load_pretrained(args.params)
+        backbone = _mesh.backbone_on_mesh(args, args.params)
         if backbone.tokenizer_dir is not None:
             tokenizer = backbone_tokenizer(backbone)
         else:
             tokenizer = load_tokenizer(ports.resolve_model_path(args.model))
         return backbone, tokenizer
-    backbone = ports.load_pretrained(args.model)
+    backbone = _mesh.backbone_on_mesh(args, args.model)
     tokenizer = backbone_tokenizer(backbone)
     if args.memory:
         from timerome_jax import memory as mem
 
-        backbone = mem.attach(backbone, mem.load(args.memory, backbone).memory)
+        memory = mem.load(args.memory, backbone).memory
+        mesh = _mesh.mesh_from_args(args)
+        if mesh is not None:  # restored onto one device; the backbone's parameters are on the mesh
+            from timerome_jax import distributed
+
+            memory = distributed.replicate_tree(memory, mesh)
+        backbone = mem.attach(backbone, memory)
     return backbone, tokenizer
 
 
@@ -131,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
     if args.pairs_per_call < 1:
         raise InputError(f"--pairs-per-call must be >= 1, got {args.pairs_per_call}")
     sampler.check_schedule(args.gen_length, args.steps, args.block_length)
+    mesh = _mesh.mesh_from_args(args)  # a bad --mesh stops here, before anything is loaded
     generation = metrics.GenerationConfig(args.gen_length, args.steps, args.block_length)
     suite = load_suite_arg(args.suite, args.num_retain)
     out = Path(args.out)
@@ -144,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     if reference_name is not None and reference_name.lower() == "none":
         reference_name, reason = None, "--reference none"
     if reference_name is not None:
-        reference = ports.load_pretrained(reference_name)
+        reference = _mesh.backbone_on_mesh(args, reference_name)
         reference_tokenizer = (backbone_tokenizer(reference) if reference.tokenizer_dir is not None
                                else tokenizer)
     from tqdm import tqdm
@@ -155,12 +168,12 @@ def run(args: argparse.Namespace) -> int:
         reference_tokenizer=reference_tokenizer, reference_name=reference_name,
         no_reference_reason=reason, truth_ratio_mean=args.truth_ratio_mean, limit=settings["limit"],
         generation=generation, pairs_per_call=args.pairs_per_call, batch_size=args.batch_size,
-        ci_method=args.ci_method,
+        ci_method=args.ci_method, mesh=mesh,
         progress=lambda calls: tqdm(calls, desc="scoring", unit="call", file=sys.stderr, leave=False))
     items = result.pop("items")
     result["config"].update({"model": args.model, "memory": args.memory, "params": args.params,
                              "fingerprint": backbone.fingerprint(), "quick": bool(args.quick),
-                             "limit": settings["limit"]})
+                             "limit": settings["limit"], "mesh": args.mesh})
     result["cost"]["process_wall_clock_s"] = time.perf_counter() - start
     with atomic_directory(out, overwrite=args.overwrite) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
