@@ -1,0 +1,158 @@
+"""The memory experiments (sequential insertion, scaling, cost) run end to end with --quick on the
+tiny fixture model, write what they claim, and their helpers compute what they say."""
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from timerome_jax.errors import InputError
+
+ROOT = Path(__file__).parent.parent
+PNG = b"\x89PNG"
+
+
+def run_experiment(name: str, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / f"{name}.py"), "--quick", "--model", str(model),
+                           "--out", str(out), *extra], capture_output=True, text=True, timeout=600)
+
+
+def script(name: str):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+
+
+def test_sequential_quick(tiny_model_dir_with_tokenizer, tmp_path):
+    out = tmp_path / "out"
+    proc = run_experiment("sequential", tiny_model_dir_with_tokenizer, out, "--alphas", "0,1")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((out / "results.json").read_text())
+    assert r["num_facts"] == 3 and r["measured_after"] == [1, 2, 3] and r["alphas"] == [0.0, 1.0]
+    assert r["settings"]["lp_seeds"] == 2 and r["settings"]["mc_samples"] == 2
+    assert [s["inserted"] for s in r["steps"]] == [1, 2, 3]
+    for step in r["steps"]:
+        n = step["inserted"]
+        zero, one = step["alphas"]["0.0"], step["alphas"]["1.0"]
+        # the facts inserted so far and the others partition the forget set; the last step has no others
+        assert (zero["forget_not_inserted"] is None) == (n == 3)
+        # α = 0 adds nothing: every LP equals the unedited one on the same (paired) masks
+        for name in ("forget", "retain", "real_authors"):
+            assert abs(zero[name]["change"]["mean"]) < 1e-3
+            assert len(one[name]["lp"]["per_seed"]) == 2
+        assert one["forget"]["no_edit"] == zero["forget"]["no_edit"]
+        assert abs(one["forget"]["change"]["mean"] - (one["forget"]["lp"]["mean"] - one["forget"]["no_edit"]["mean"])) < 1e-6
+    # ForgetLP over the inserted facts: the no-edit level of all three facts is the no-edit forget summary
+    assert r["steps"][-1]["alphas"]["1.0"]["forget"]["no_edit"]["mean"] == pytest.approx(r["no_edit"]["forget"]["mean"])
+    # max |RetainLP change| is the largest over the measured steps
+    changes = [abs(s["alphas"]["1.0"]["retain"]["change"]["mean"]) for s in r["steps"]]
+    assert r["max_abs_retain_change"]["1.0"]["value"] == pytest.approx(max(changes))
+    assert r["max_abs_retain_change"]["0.0"]["within_1_nat"] is True
+    # the memory grown by insertions equals a batch build with the same ridge
+    seq = r["sequential_vs_batch"]
+    assert seq["readout_max_abs_diff"] <= 1e-4 * max(seq["readout_max_abs"], 1e-12)
+    assert len(r["seconds"]["insert_per_fact"]) == 3 and r["seconds"]["per_scored_sequence_warm"] > 0
+    assert (out / "sequential.png").read_bytes()[:4] == PNG
+    assert "max \\|RetainLP change\\|" in (out / "results.md").read_text()
+
+
+def test_scaling_quick(tiny_model_dir_with_tokenizer, tmp_path):
+    out = tmp_path / "out"
+    proc = run_experiment("scaling", tiny_model_dir_with_tokenizer, out)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((out / "results.json").read_text())
+    known, unknown = r["facts"]["known"], r["facts"]["unknown"]
+    assert known["encoded"] == 3 and unknown["loaded"] == 20
+    assert unknown["encoded"] + unknown["skipped_no_subject"] == unknown["loaded"] == 20
+    assert len(unknown["skipped_ids"]) == unknown["skipped_no_subject"]
+    sizes = r["sizes"]
+    assert [s["n"] for s in sizes] == [2, 3, 6]  # '2,known,6' with 3 known facts
+    for s in sizes:
+        assert s["seconds"]["build"] == pytest.approx(s["seconds"]["capture"] + s["seconds"]["solve"])
+        assert min(s["seconds"].values()) > 0 and s["capacity"] >= s["n"] and len(s["fact_ids"]) == s["n"]
+    assert [s["quality"] is not None for s in sizes] == [True, True, False]
+    assert sizes[2]["quality_note"].startswith("quality not measured: facts unknown to the model (3 of 6)")
+    q = sizes[1]["quality"]
+    assert q["forget_drop"]["mean"] == pytest.approx(q["forget_lp_no_edit"]["mean"] - q["forget_lp"]["mean"])
+    assert len(q["retain_change"]["per_seed"]) == 2
+    assert set(r["fit"]) == {"capture", "solve", "build"} and all(np.isfinite(v) for v in r["fit"].values())
+    assert (out / "scaling.png").read_bytes()[:4] == PNG
+    assert "quality not measured" in (out / "results.md").read_text()
+
+
+def test_cost_quick(tiny_model_dir_with_tokenizer, tmp_path):
+    out = tmp_path / "out"
+    proc = run_experiment("cost", tiny_model_dir_with_tokenizer, out, "--baseline", "gradascent,npo", "--max-steps", "2")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((out / "results.json").read_text())
+    phases = r["memory"]["phases"]
+    for name in ("trace", "capture", "solve"):
+        for kind in ("cold", "warm"):
+            m = phases[name][kind]
+            assert m["seconds"] > 0 and m["host_peak_rss_bytes"] > 0
+    assert r["memory"]["seconds_warm"] == pytest.approx(sum(phases[n]["warm"]["seconds"] for n in phases))
+    assert set(r["training"]) == {"gradascent", "npo"}
+    drops = {m: t["quality"]["forget"]["drop"]["mean"] for m, t in r["training"].items()}
+    converged = [m for m, t in r["training"].items() if t["stats"]["converged"]]
+    assert r["strongest"] == max(converged or drops, key=drops.get)
+    for t in r["training"].values():
+        assert t["stats"]["steps"] == 2 and t["call_seconds"] >= t["stats"]["wall_clock_seconds"]
+        assert 0 < t["changed_parameters"]["bytes"] <= t["bytes_of_trained_tensors"] <= r["parameter_bytes"]
+        assert t["quality"]["forget"]["drop"]["mean"] == pytest.approx(
+            r["no_edit"]["forget"]["mean"] - t["quality"]["forget"]["lp"]["mean"])
+    st = r["training"][r["strongest"]]["stats"]
+    assert r["speedup"]["compile_excluded"] == pytest.approx(
+        (st["setup_seconds"] + st["wall_clock_seconds"]) / r["memory"]["seconds_warm"])
+    b = r["memory"]["bytes"]
+    assert b["facts"] == 3 and 0 < b["used_by_facts"] < b["allocated"]
+    assert (out / "cost.png").read_bytes()[:4] == PNG
+    assert "Speed-up of the memory" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("name, flags, message", [
+    ("sequential", ["--alphas", "x"], "--alphas must be comma-separated numbers"),
+    ("cost", ["--baseline", "sgd"], "--baseline must be 'best' or training methods"),
+])
+def test_user_errors_are_one_line(tiny_model_dir_with_tokenizer, tmp_path, name, flags, message):
+    proc = run_experiment(name, tiny_model_dir_with_tokenizer, tmp_path / "out", *flags)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"{name}: error: {message}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_measured_steps_and_alphas():
+    sequential = script("sequential")
+    assert sequential.measured_steps(40, 10) == [1, 10, 20, 30, 40]
+    assert sequential.measured_steps(7, 3) == [1, 3, 6, 7]
+    assert sequential.measured_steps(3, 1) == [1, 2, 3]
+    assert sequential.parse_alphas("0.5, 1") == [0.5, 1.0]
+    with pytest.raises(InputError):
+        sequential.parse_alphas("-1")
+
+
+def test_sizes_and_slope():
+    scaling = script("scaling")
+    assert scaling.parse_sizes("40,known,10,400", num_known=153, num_pool=513) == [10, 40, 153, 400]
+    with pytest.raises(InputError, match="exceeds"):
+        scaling.parse_sizes("10,600", num_known=153, num_pool=513)
+    with pytest.raises(InputError):
+        scaling.parse_sizes("0,10", num_known=153, num_pool=513)
+    n = np.array([10, 20, 40, 80])
+    assert scaling.loglog_slope(n, 3e-3 * n ** 0.7) == pytest.approx(0.7)
+    assert scaling.loglog_slope([10], [1.0]) is None
+
+
+def test_cost_helpers():
+    cost = script("cost")
+    assert cost.parse_baselines("best") == ["gradascent", "graddiff", "npo", "simnpo", "rmu"]
+    assert cost.parse_baselines("npo,rmu,npo") == ["npo", "rmu"]
+    before = {"a": jnp.zeros((2, 3), jnp.float32), "b": jnp.ones((4,), jnp.bfloat16)}
+    after = {"a": before["a"].at[0, 1].set(1.0).at[1, 2].set(2.0), "b": before["b"].at[3].set(0.0)}
+    assert cost.changed_parameters(before, after) == {"elements": 3, "bytes": 2 * 4 + 1 * 2}
