@@ -50,19 +50,13 @@ from timerome_jax.baselines import inference
 from timerome_jax.errors import InputError
 
 import _common
+import _quick
 
 ABLATIONS = {"a": "traced vs random coordinate", "b": "single vs per-fact coordinates",
              "c": "ridge vs covariance-regularised", "d": "q sweep", "e": "teacher-forced vs propagated TIE"}
 QUICK = {"forget": "forget01_subjects[:3]", "retain": "retain90[:3]", "trace_facts": "forget01_subjects[:3]",
          "trace_steps": 2, "noise_samples": 2, "mc_samples": 2, "lp_seeds": 2, "random_draws": 2,
          "covariance_facts": "retain90[40:46]"}
-
-
-def apply_quick(args, parser) -> None:
-    """--quick shrinks every setting the user left at its default."""
-    for name, value in QUICK.items():
-        if getattr(args, name) == parser.get_default(name):
-            setattr(args, name, value)
 
 
 def parse_only(text: str) -> list[str]:
@@ -363,7 +357,7 @@ def main() -> None:
     p.set_defaults(mc_samples=8, real_authors="")
     args = p.parse_args()
     if args.quick:
-        apply_quick(args, p)
+        _quick.apply_quick(p, args, QUICK)   # options typed on the command line win
     with _common.experiment(args) as out:
         start = time.perf_counter()
         chosen = parse_only(args.only)

@@ -45,17 +45,11 @@ from timerome_jax import workflow
 from timerome_jax.errors import InputError
 
 import _common
+import _quick
 
 DEFAULT_ALPHAS = "0,0.25,0.5,0.75,1,1.5,2,3"
 QUICK = {"forget": "forget01_subjects[:3]", "retain": "retain90[:3]", "trace_facts": "forget01_subjects[:3]",
          "trace_steps": 2, "noise_samples": 2, "mc_samples": 2, "lp_seeds": 2, "alphas": "0,1,2"}
-
-
-def apply_quick(args, parser) -> None:
-    """--quick shrinks every setting the user left at its default."""
-    for name, value in QUICK.items():
-        if getattr(args, name) == parser.get_default(name):
-            setattr(args, name, value)
 
 
 def parse_numbers(text: str, kind, what: str) -> list:
@@ -243,13 +237,13 @@ def main() -> None:
     p.set_defaults(mc_samples=8, real_authors="")
     args = p.parse_args()
     if args.quick:
-        apply_quick(args, p)
+        _quick.apply_quick(p, args, QUICK)   # options typed on the command line win
     with _common.experiment(args) as out:
         start = time.perf_counter()
         alphas = parse_numbers(args.alphas, float, "--alphas")
         if any(not np.isfinite(a) or a < 0 for a in alphas):
             raise InputError(f"α values must be finite and >= 0, got {args.alphas}")
-        if args.q is not None or args.alpha != p.get_default("alpha"):
+        if {"alpha", "q"} & _quick.given_options(p):
             raise InputError("pareto sweeps α and q: give --alphas and --q-values, not --alpha or --q")
         if not np.isfinite(args.retain_tolerance) or args.retain_tolerance < 0:
             raise InputError(f"--retain-tolerance must be >= 0, got {args.retain_tolerance}")
@@ -271,7 +265,7 @@ def main() -> None:
 
         tic = time.perf_counter()
         base = scores(s, s.backbone, sets)
-        grid = [(a, q) for q in qs for a in sorted(alphas)]
+        grid = [(a, q) for q in qs for a in sorted(set(alphas))]
         points = []
         for alpha, q in _common.progress(grid, "scoring (α, q)", "point"):
             edited = base if alpha == 0 else scores(
@@ -300,7 +294,7 @@ def main() -> None:
         _common.write_json(out / "results.json", {
             "experiment": "pareto (paper Fig. 4)", "model": args.model, "fingerprint": s.backbone.fingerprint(),
             "seed": args.seed, "quick": args.quick,
-            "settings": {"alphas": sorted(alphas), "q_values": qs, "lam": args.lam, "forget": args.forget,
+            "settings": {"alphas": sorted(set(alphas)), "q_values": qs, "lam": args.lam, "forget": args.forget,
                          "retain": args.retain, "real_authors": args.real_authors or None,
                          "trace_facts": args.trace_facts, "trace_steps": args.trace_steps,
                          "noise_samples": args.noise_samples, "mc_samples": args.mc_samples,
