@@ -63,3 +63,104 @@ def experiment(args: argparse.Namespace):
         print(f"{Path(sys.argv[0]).stem}: error: {e}", file=sys.stderr)
         raise SystemExit(2)
     print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
+
+
+# --- the shared setup of the memory experiments ----------------------------------------------------
+
+import dataclasses  # noqa: E402
+
+
+@dataclasses.dataclass
+class Setup:
+    """The model and its tokenizer, and the fact sets every memory experiment scores."""
+
+    args: argparse.Namespace
+    backbone: object
+    tokenizer: object
+    pad_id: int
+
+    def encode(self, spec: str):
+        from timerome_jax import data, workflow
+
+        return workflow.encode(self.backbone, self.tokenizer, data.load_facts(spec))
+
+    def pairs(self, spec: str, tag: str):
+        from timerome_jax import data, workflow
+
+        return workflow.qa_pairs(self.tokenizer, data.load_facts(spec), tag)
+
+    def lp(self, backbone, pairs, seeds=None) -> np.ndarray:
+        """Answer LP [seeds, pairs] (MC-ELBO, --mc-samples; paired masks across models)."""
+        from timerome_jax import workflow
+
+        seeds = range(self.args.lp_seeds) if seeds is None else seeds
+        return workflow.answer_lp(backbone, pairs, seeds=seeds, pad_id=self.pad_id, mc_samples=self.args.mc_samples)
+
+
+def add_memory_arguments(p: argparse.ArgumentParser, *, forget: str = "forget01_subjects",
+                         retain: str = "retain90[:40]") -> None:
+    """Options shared by the memory experiments (trace settings fixed at the demo's defaults)."""
+    p.add_argument("--trace-facts", default="forget01_subjects[:8]", help="facts traced to find the coordinate")
+    p.add_argument("--coordinate", default=None, help="LAYER,MODULE,STEP: skip tracing")
+    p.add_argument("--trace-steps", type=int, default=8, help="denoising steps K of the trace")
+    p.add_argument("--noise-samples", type=int, default=3, help="noise draws R (trace and memory deltas)")
+    p.add_argument("--forget", default=forget, help="facts to forget (data selection or JSONL)")
+    p.add_argument("--retain", default=retain, help="facts whose LP should not move")
+    p.add_argument("--real-authors", default="real_authors[:40]", help="RealAuthorLP facts ('' to skip)")
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--lam", type=float, default=0.1)
+    p.add_argument("--q", type=int, default=None)
+    p.add_argument("--mc-samples", type=int, default=16, help="MC-ELBO samples per answer")
+    p.add_argument("--lp-seeds", type=int, default=5, help="MC seeds (bootstrap CIs over seeds)")
+
+
+def setup(args: argparse.Namespace) -> Setup:
+    import ports
+    from timerome_jax.tokenization import backbone_tokenizer, pad_token_id
+
+    backbone = ports.load_pretrained(args.model)
+    tokenizer = backbone_tokenizer(backbone)
+    return Setup(args, backbone, tokenizer, pad_token_id(tokenizer, backbone))
+
+
+def coordinate(s: Setup) -> tuple[object, dict]:
+    """(coordinate, info): --coordinate, else the trace of --trace-facts (seed --seed)."""
+    from timerome_jax import tracing, workflow
+    from timerome_jax.commands.edit import parse_coordinate
+
+    if s.args.coordinate:
+        c = parse_coordinate(s.args.coordinate, s.backbone.config.n_layers)
+        return c, {"coordinate": c.as_dict(), "traced": False}
+    facts = s.encode(s.args.trace_facts)
+    config = tracing.TraceConfig(steps=s.args.trace_steps, noise_samples=s.args.noise_samples)
+    traced = workflow.trace(s.backbone, facts, config, seed=s.args.seed,
+                            progress=lambda xs: progress(xs, "tracing", "chunk"))
+    return traced.coordinate, {"coordinate": traced.coordinate.as_dict(), "traced": True,
+                               "trace_facts": list(facts.fact_ids), "trace_seconds": traced.seconds,
+                               "best_cell_tie": traced.best_cell_tie(), "total_effect": traced.total_effect()}
+
+
+def summary(values_S: np.ndarray) -> dict:
+    """Mean over pairs per seed, then mean and bootstrap 95 % CI over seeds (metrics.bootstrap_ci)."""
+    from timerome_jax import metrics
+
+    per_seed = np.asarray(values_S, np.float64)
+    per_seed = per_seed.mean(axis=-1) if per_seed.ndim == 2 else per_seed
+    mean, low, high = metrics.bootstrap_ci(per_seed)
+    return {"mean": mean, "ci_low": low, "ci_high": high, "per_seed": per_seed.tolist()}
+
+
+def fmt(s: dict) -> str:
+    """'mean [low, high]' of a `summary`."""
+    if s.get("ci_low") is None:
+        return f"{s['mean']:.2f}"
+    return f"{s['mean']:.2f} [{s['ci_low']:.2f}, {s['ci_high']:.2f}]"
+
+
+def figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
