@@ -31,11 +31,12 @@ already known; training loop / each memory phase), bytes the memory adds (alloca
 capacity, and the rows of its n facts) vs bytes of parameters training changed (elements that
 differ, times their width) and of the tensors it rewrites.
 
-Cost of the defaults on this 2-core CPU for tofu-tiny (estimated from its sizes and the
-≈ 8 ms per ~100-token sequence measured for it): trace 2 × ≈ 30 s, capture 2 × ≈ 5 s, NPO to
-convergence at most 200 steps of 8 + 8 rows (≈ 0.5 s a step) plus one 160-sequence check per
-epoch (≤ 2.5 min), scoring 3 models × 120 pairs × 5 seeds × 8 samples (≈ 2 min): ≈ 6–7 min.
-`--baseline best` trains all five methods: ≈ 17 min. results.json records what was measured.
+Cost of the defaults on this 2-core CPU for tofu-tiny, estimated from its sizes and ≈ 8 ms per
+~100-token sequence (docs/evaluation.md: 7–10 ms; 20 ms measured while a training job held both
+cores): trace 2 × ≈ 30 s, capture 2 × ≈ 5 s, NPO to convergence at most 200 steps of 8 + 8 rows
+(≈ 0.5 s a step) plus one 160-sequence check per epoch (≤ 2.5 min), scoring 3 models × 120
+pairs × 5 seeds × 8 samples (≈ 2 min): ≈ 6–7 min. `--baseline best` trains and scores all five
+methods: ≈ 17 min. results.json records what was measured.
 
 Writes cost.png, results.json, results.md.
 """
@@ -43,6 +44,7 @@ Writes cost.png, results.json, results.md.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 
 import jax
@@ -54,18 +56,12 @@ from timerome_jax.baselines import suites, training
 from timerome_jax.errors import InputError
 
 import _common
+import _quick
 
 QUICK = dict(trace_facts="forget01_subjects[:2]", trace_steps=2, noise_samples=2, forget="forget01_subjects[:3]",
              retain="retain90[:3]", real_authors="real_authors[:3]", mc_samples=2, lp_seeds=2, max_steps=3,
              batch_size=2, train_mc_samples=2)
 BEST = "best"
-
-
-def apply_quick(p, args, values: dict) -> None:
-    """--quick: the smoke-run values, for every option left at its default."""
-    for name, value in values.items():
-        if getattr(args, name) == p.get_default(name):
-            setattr(args, name, value)
 
 
 def parse_baselines(text: str) -> list[str]:
@@ -106,6 +102,15 @@ def changed_parameters(before, after) -> dict:
         n = int(np.count_nonzero(a != b))
         elements, nbytes = elements + n, nbytes + n * a.dtype.itemsize
     return {"elements": elements, "bytes": nbytes}
+
+
+def trained_bytes(backbone, config: training.TrainConfig) -> int:
+    """Bytes of the parameters a training method updates (every leaf, or RMU's masked layers)."""
+    L = backbone.config.n_layers
+    leaves = jax.tree.leaves(backbone.params)
+    index, masks = training.trainable_layout(backbone.params, config.objective(L), L)
+    return int(sum((leaves[i].size if m is None else leaves[i].size // L * int(sum(m))) * leaves[i].dtype.itemsize
+                   for i, m in zip(index, masks)))
 
 
 def memory_bytes(memory: mem.EditMemory) -> dict:
@@ -231,7 +236,7 @@ def main() -> None:
                    help="MC-ELBO copies of the training convergence check")
     args = p.parse_args()
     if args.quick:
-        apply_quick(p, args, QUICK)
+        _quick.apply_quick(p, args, QUICK)
     start = time.perf_counter()
     with _common.experiment(args) as out:
         methods = parse_baselines(args.baseline)
@@ -285,13 +290,13 @@ def main() -> None:
         runs = {}
         for method in _common.progress(methods, "training", "method"):
             t0 = time.perf_counter()
-            result = training.train(bb, forget_rows, retain_rows, configs[method])
+            result = training.train(bb, forget_rows, retain_rows, configs[method], progress=lambda row, m=method: print(
+                f"  {m} step {row['step']}: ForgetLP {row['forget_lp']:.2f}", file=sys.stderr, flush=True))
             call_seconds = time.perf_counter() - t0
             trained = dataclasses.replace(bb, params=result.params)
-            itemsize = np.dtype(jax.tree.leaves(bb.params)[0].dtype).itemsize
             runs[method] = {"stats": result.stats, "call_seconds": call_seconds,
                             "changed_parameters": changed_parameters(bb.params, result.params),
-                            "bytes_of_trained_tensors": int(result.stats["trained_parameters"]) * itemsize,
+                            "bytes_of_trained_tensors": trained_bytes(bb, configs[method]),
                             "quality": quality(s.lp(trained, pairs), base, columns)}
             del result, trained
         drop = lambda m: runs[m]["quality"]["forget"]["drop"]["mean"]

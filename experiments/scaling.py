@@ -28,10 +28,12 @@ Per size n:
 (1 = linear time).
 
 Cost. Capture runs ≈ k* + 5 forwards per fact (k*+1 teacher-forced steps, one clean and R = 3
-corrupted passes at step k*): 2 × 703 facts over the default sizes (each size captured twice),
-≈ 2 min on this 2-core CPU for tofu-tiny at ≈ 8 ms per ~100-token forward; scoring (5 seeds × 8 MC samples) covers
-153 + 40 unedited and 303 + 5 × 40 edited pairs, ≈ 28,000 sequences ≈ 4 min; with tracing and
-compilation ≈ 7–8 min in all. results.json records the measured seconds.
+corrupted passes at step k*) and every size is captured twice: 2 × 703 facts over the default
+sizes, 7k–18k forwards of ~100 tokens, ≈ 1–2.5 min at ≈ 8 ms a forward (docs/evaluation.md:
+7–10 ms on this 2-core CPU; 20 ms measured while a training job held both cores). Scoring
+(5 seeds × 8 MC samples) covers 153 + 40 unedited and 303 + 5 × 40 edited pairs, ≈ 28,000
+sequences ≈ 4 min; with tracing and compilation ≈ 6–8 min on an idle machine. results.json
+records the measured seconds.
 
 Writes scaling.png (build time vs n, log-log with a linear-time reference; forget drop and
 retain change vs n), results.json, results.md.
@@ -49,19 +51,13 @@ from timerome_jax import pipeline, workflow
 from timerome_jax.errors import InputError
 
 import _common
+import _quick
 
 KNOWN = "known"
 UNKNOWN_NOTE = "quality not measured: facts unknown to the model"
 QUICK = dict(trace_facts="forget01_subjects[:2]", trace_steps=2, noise_samples=2, forget="forget01_subjects[:3]",
              unknown="forget10[:20]", retain="retain90[:3]", mc_samples=2, lp_seeds=2, sizes="2,known,6",
              facts_per_chunk=2)
-
-
-def apply_quick(p, args, values: dict) -> None:
-    """--quick: the smoke-run values, for every option left at its default."""
-    for name, value in values.items():
-        if getattr(args, name) == p.get_default(name):
-            setattr(args, name, value)
 
 
 def parse_sizes(text: str, num_known: int, num_pool: int) -> list[int]:
@@ -171,7 +167,7 @@ def main() -> None:
     p.add_argument("--facts-per-chunk", type=int, default=8, help="facts per capture call (one compilation)")
     args = p.parse_args()
     if args.quick:
-        apply_quick(p, args, QUICK)
+        _quick.apply_quick(p, args, QUICK)
     start = time.perf_counter()
     with _common.experiment(args) as out:
         if args.facts_per_chunk < 1:

@@ -32,10 +32,12 @@ on forget01 + retain90[:160]), so the default --forget is forget01_subjects (40 
 
 Cost. One measurement scores (N + |retain| + |real authors|) pairs × --lp-seeds × --mc-samples
 sequences per α. Defaults (N = 40, 40 + 40 pairs, 5 seeds, 8 MC samples, --every 10: steps
-1, 10, 20, 30, 40, two α) score 11 × 4,800 = 52,800 sequences, ≈ 7 min at the ≈ 8 ms per
-~100-token sequence measured on this 2-core CPU for tofu-tiny, plus tracing (≈ 30 s) and
-capture: ≈ 8–9 min in all. `--every 1` measures every insertion (≈ 81 × 4,800 sequences, about
-an hour). results.json records the measured seconds per scoring pass and per sequence.
+1, 10, 20, 30, 40, two α, plus the unedited pass) score 11 × 4,800 = 52,800 sequences of ~100
+tokens: ≈ 7 min at ≈ 8 ms a sequence (docs/evaluation.md: 7–10 ms on this 2-core CPU; a --quick
+run on tofu-tiny measured 20 ms while a training job held both cores), plus tracing and capture
+(≈ 1 min): ≈ 8–9 min on an idle machine. `--every 1` (every insertion: 81 passes) would take
+about an hour, which is why it is not the default. results.json records the measured seconds
+per scoring pass and per sequence.
 
 Writes sequential.png (ForgetLP / RetainLP / RealAuthorLP vs inserted facts), results.json,
 results.md.
@@ -54,16 +56,10 @@ from timerome_jax import workflow
 from timerome_jax.errors import InputError
 
 import _common
+import _quick
 
 QUICK = dict(trace_facts="forget01_subjects[:2]", trace_steps=2, noise_samples=2, forget="forget01_subjects[:3]",
              retain="retain90[:3]", real_authors="real_authors[:3]", mc_samples=2, lp_seeds=2)
-
-
-def apply_quick(p, args, values: dict) -> None:
-    """--quick: the smoke-run values, for every option left at its default."""
-    for name, value in values.items():
-        if getattr(args, name) == p.get_default(name):
-            setattr(args, name, value)
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -171,7 +167,7 @@ def main() -> None:
     p.add_argument("--every", type=int, default=10, help="measure after every EVERY insertions (and after 1 and N)")
     args = p.parse_args()
     if args.quick:
-        apply_quick(p, args, dict(QUICK, every=1))
+        _quick.apply_quick(p, args, dict(QUICK, every=1))
     start = time.perf_counter()
     with _common.experiment(args) as out:
         alphas = parse_alphas(args.alphas)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -89,7 +90,8 @@ def test_scaling_quick(tiny_model_dir_with_tokenizer, tmp_path):
 
 def test_cost_quick(tiny_model_dir_with_tokenizer, tmp_path):
     out = tmp_path / "out"
-    proc = run_experiment("cost", tiny_model_dir_with_tokenizer, out, "--baseline", "gradascent,npo", "--max-steps", "2")
+    proc = run_experiment("cost", tiny_model_dir_with_tokenizer, out, "--baseline", "gradascent,npo", "--max-steps", "2",
+                          "--real-authors=")
     assert proc.returncode == 0, proc.stderr
     r = json.loads((out / "results.json").read_text())
     phases = r["memory"]["phases"]
@@ -105,11 +107,13 @@ def test_cost_quick(tiny_model_dir_with_tokenizer, tmp_path):
     for t in r["training"].values():
         assert t["stats"]["steps"] == 2 and t["call_seconds"] >= t["stats"]["wall_clock_seconds"]
         assert 0 < t["changed_parameters"]["bytes"] <= t["bytes_of_trained_tensors"] <= r["parameter_bytes"]
+        assert t["bytes_of_trained_tensors"] == 4 * t["stats"]["trained_parameters"]  # float32 fixture
         assert t["quality"]["forget"]["drop"]["mean"] == pytest.approx(
             r["no_edit"]["forget"]["mean"] - t["quality"]["forget"]["lp"]["mean"])
     st = r["training"][r["strongest"]]["stats"]
     assert r["speedup"]["compile_excluded"] == pytest.approx(
         (st["setup_seconds"] + st["wall_clock_seconds"]) / r["memory"]["seconds_warm"])
+    assert set(r["memory"]["quality"]) == {"forget", "retain"}  # --real-authors '' skips RealAuthorLP
     b = r["memory"]["bytes"]
     assert b["facts"] == 3 and 0 < b["used_by_facts"] < b["allocated"]
     assert (out / "cost.png").read_bytes()[:4] == PNG
@@ -156,3 +160,27 @@ def test_cost_helpers():
     before = {"a": jnp.zeros((2, 3), jnp.float32), "b": jnp.ones((4,), jnp.bfloat16)}
     after = {"a": before["a"].at[0, 1].set(1.0).at[1, 2].set(2.0), "b": before["b"].at[3].set(0.0)}
     assert cost.changed_parameters(before, after) == {"elements": 3, "bytes": 2 * 4 + 1 * 2}
+
+
+def test_quick_keeps_typed_options():
+    import argparse
+
+    quick = script("_quick")
+    p = argparse.ArgumentParser()
+    p.add_argument("--mc-samples", type=int, default=8)
+    p.add_argument("--lp-seeds", type=int, default=5)
+    p.set_defaults(mc_samples=8)
+    argv = ["--mc", "8"]  # typed, equal to the default, abbreviated
+    args = p.parse_args(argv)
+    quick.apply_quick(p, args, {"mc_samples": 2, "lp_seeds": 2}, argv)
+    assert (args.mc_samples, args.lp_seeds) == (8, 2)
+
+
+def test_trained_bytes(llada_backbone):
+    from timerome_jax.baselines import training
+
+    cost = script("cost")
+    total = sum(x.size * 4 for x in jax.tree.leaves(llada_backbone.params))
+    assert cost.trained_bytes(llada_backbone, training.TrainConfig("npo")) == total
+    # RMU trains the MLP down-projections [L=3, 128, 64] of layers ℓ−2..ℓ with ℓ = L // 2 = 1: layers 0 and 1
+    assert cost.trained_bytes(llada_backbone, training.TrainConfig("rmu")) == 2 * 128 * 64 * 4
