@@ -148,3 +148,16 @@ def test_operating_points_from_flags_or_file(tmp_path, n):
     assert (safe.alpha, safe.lam, safe.q, strong.alpha, strong.lam, strong.q) == (0.5, 0.2, 2, 2.0, 0.1, None)
     [only] = forget_table.operating_points(args, ("max_forget",))
     assert only.name == "TimeROME (max-forget)"
+
+
+def test_embedded_lp_quick(tiny_model_dir_with_tokenizer, tmp_path):
+    root = Path(__file__).parent.parent
+    proc = subprocess.run([sys.executable, str(root / "experiments" / "embedded_lp.py"), "--quick", "--model",
+                           str(tiny_model_dir_with_tokenizer), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert [r["set"] for r in results["rows"]] == ["forget01[:2]", "retain90[:2]"]
+    for row in results["rows"]:
+        assert row["pairs"] == 2 and len(row["answer_lp"]["per_seed"]) == 2
+        assert row["answer_lp"]["mean"] < 0
