@@ -150,6 +150,17 @@ def summary(values_S: np.ndarray) -> dict:
     return {"mean": mean, "ci_low": low, "ci_high": high, "per_seed": per_seed.tolist()}
 
 
+def lp_changes(base: dict, edited: dict) -> dict:
+    """Forget drop and retain (and real-author) change against no edit, paired per seed, with the
+    edited LPs; `base` / `edited` map 'forget', 'retain'[, 'real_authors'] to LPs [seeds, pairs]."""
+    out = {"forget_drop": summary(base["forget"] - edited["forget"]),
+           "retain_change": summary(edited["retain"] - base["retain"]),
+           "forget_lp": summary(edited["forget"]), "retain_lp": summary(edited["retain"])}
+    if "real_authors" in base:
+        out["real_authors_change"] = summary(edited["real_authors"] - base["real_authors"])
+    return out
+
+
 def fmt(s: dict) -> str:
     """'mean [low, high]' of a `summary`."""
     if s.get("ci_low") is None:

@@ -80,14 +80,6 @@ def q_sweep(text: str | None, n: int) -> list[int]:
     return values
 
 
-def changes(base: dict, edited: dict) -> dict:
-    """Forget drop and retain (and real-author) change against no edit, with the edited LPs."""
-    out = {"forget_drop": _common.summary(base["forget"] - edited["forget"]),
-           "retain_change": _common.summary(edited["retain"] - base["retain"]),
-           "forget_lp": _common.summary(edited["forget"]), "retain_lp": _common.summary(edited["retain"])}
-    if "real_authors" in base:
-        out["real_authors_change"] = _common.summary(edited["real_authors"] - base["real_authors"])
-    return out
 
 
 class Scorer:
@@ -107,7 +99,7 @@ class Scorer:
 
     def row(self, ablation: str, variant: str, key, make_backbone, **details) -> dict:
         return {"ablation": ablation, "variant": variant, **details,
-                **changes(self.base, self.edited(key, make_backbone))}
+                **_common.lp_changes(self.base, self.edited(key, make_backbone))}
 
 
 def memory_key(coordinate: tracing.Coordinate, alpha: float, lam: float, q: int | None, n: int,
@@ -154,7 +146,7 @@ def ablation_a(ctx) -> list[dict]:
                        "max": float(max(r[metric]["mean"] for r in per_draw))}
               for metric in ("forget_drop", "retain_change")}
     rows.append({"ablation": "a", "variant": f"random coordinate (mean of {len(draws)} draws)", "coordinate": details,
-                 "spread": spread, **changes(ctx["scorer"].base, mean_scores)})
+                 "spread": spread, **_common.lp_changes(ctx["scorer"].base, mean_scores)})
     return rows
 
 

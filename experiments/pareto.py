@@ -78,14 +78,6 @@ def scores(s: _common.Setup, backbone, sets: dict) -> dict[str, np.ndarray]:
     return {name: s.lp(backbone, pairs) for name, pairs in sets.items()}
 
 
-def changes(base: dict, edited: dict) -> dict:
-    """Forget drop and retain (and real-author) change against no edit, with the edited LPs."""
-    out = {"forget_drop": _common.summary(base["forget"] - edited["forget"]),
-           "retain_change": _common.summary(edited["retain"] - base["retain"]),
-           "forget_lp": _common.summary(edited["forget"]), "retain_lp": _common.summary(edited["retain"])}
-    if "real_authors" in base:
-        out["real_authors_change"] = _common.summary(edited["real_authors"] - base["real_authors"])
-    return out
 
 
 def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -271,7 +263,7 @@ def main() -> None:
             edited = base if alpha == 0 else scores(
                 s, mem.attach(s.backbone, mem.with_hyperparameters(record.memory, alpha=alpha, q=q)), sets)
             points.append({"alpha": alpha, "q": q, "n_facts": forget.num_facts, "rescored": alpha != 0,
-                           **changes(base, edited)})
+                           **_common.lp_changes(base, edited)})
         seconds["scoring"] = time.perf_counter() - tic
 
         front = pareto_front([p["forget_drop"]["mean"] for p in points], [p["retain_change"]["mean"] for p in points])

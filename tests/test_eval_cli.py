@@ -3,12 +3,9 @@ bit-identical reruns, --params (tokenizer from --model), --memory, --reference, 
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -22,31 +19,9 @@ REQUIRED = ("forget_lp", "retain_lp", "real_author_lp", "forget_quality", "model
             "relearn_forget_lp")
 
 
-def _rec(q, a, pa, pert, pq=None):
-    r = {"question": q, "answer": a, "paraphrased_answer": pa, "perturbed_answer": pert}
-    if pq:
-        r["paraphrased_question"] = pq
-    return r
+SUITE = json.loads((Path(__file__).parent / "fixtures" / "tiny_suite.json").read_text())
 
 
-SUITE = {
-    "forget": [
-        _rec("who wrote the book about the old city ?", "the author was born in a small town",
-             "she was born near the sea", ["the cat sat on the mat", "he works as a doctor"],
-             "which author wrote the book ?"),
-        _rec("what is the capital of the country ?", "the river runs through the valley",
-             "the valley has a river now", ["her first novel won a prize", "the moon at night ."],
-             "where is the capital ?"),
-    ],
-    "retain": [_rec("which language does the author speak at home ?", "the author speak at home",
-                    "at home she speak it", ["the cat sat on", "a doctor writes poems"])],
-    "real_authors": [{"question": "who wrote the book ?", "answer": "the author of it",
-                      "perturbed_answer": ["the cat sat down", "a doctor at night"]}],
-    "world_facts": [{"question": "where is the river ?", "answer": "in the valley north",
-                     "perturbed_answer": ["on the moon now", "near the sea ."]},
-                    {"question": "where is the cat ?", "answer": "on the mat now",
-                     "perturbed_answer": ["at night in town"]}],
-}
 # the same shapes as tests/test_metrics.py, so both files share compiled code
 SMALL = ["--mc-samples", "4", "--seeds", "2", "--gen-length", "8", "--steps", "4",
          "--block-length", "8", "--pairs-per-call", "4", "--batch-size", "16"]

@@ -3,8 +3,10 @@ llada fixture (same seed -> identical numbers, pairing, aggregation, reference).
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -125,33 +127,10 @@ def test_relearn_prompt_text():
 
 # ----------------------------------------------------------------------------- the driver
 
-def _rec(q, a, pa, pert, pq=None):
-    r = {"question": q, "answer": a, "paraphrased_answer": pa, "perturbed_answer": pert}
-    if pq:
-        r["paraphrased_question"] = pq
-    return r
-
-
 # Every question <= 12 words, every answer 4..8 words: one prompt bucket (plus the relearn one),
-# one answer bucket, one generation length -> few compilations.
-TINY_SUITE = {
-    "forget": [
-        _rec("who wrote the book about the old city ?", "the author was born in a small town",
-             "she was born near the sea", ["the cat sat on the mat", "he works as a doctor"],
-             "which author wrote the book ?"),
-        _rec("what is the capital of the country ?", "the river runs through the valley",
-             "the valley has a river now", ["her first novel won a prize", "the moon at night ."],
-             "where is the capital ?"),
-    ],
-    "retain": [_rec("which language does the author speak at home ?", "the author speak at home",
-                    "at home she speak it", ["the cat sat on", "a doctor writes poems"])],
-    "real_authors": [{"question": "who wrote the book ?", "answer": "the author of it",
-                      "perturbed_answer": ["the cat sat down", "a doctor at night"]}],
-    "world_facts": [{"question": "where is the river ?", "answer": "in the valley north",
-                     "perturbed_answer": ["on the moon now", "near the sea ."]},
-                    {"question": "where is the cat ?", "answer": "on the mat now",
-                     "perturbed_answer": ["at night in town"]}],
-}
+# one answer bucket, one generation length -> few compilations. Shared with test_eval_cli.py and
+# multidevice/check_eval_mesh.py.
+TINY_SUITE = json.loads((Path(__file__).parent / "fixtures" / "tiny_suite.json").read_text())
 GEN = metrics.GenerationConfig(gen_length=8, steps=4, block_length=8, batch_size=8)
 SMALL = dict(mc_samples=4, generation=GEN, pairs_per_call=4, batch_size=16)
 

@@ -11,6 +11,7 @@ Run, like check_multidevice.py, by `tests/test_sharding.py` in a fresh 8-device 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -30,32 +31,8 @@ PROFILE = "dp8"  # QA rows over 8 data shards, parameters replicated
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _rec(q, a, pa, pert, pq=None):
-    r = {"question": q, "answer": a, "paraphrased_answer": pa, "perturbed_answer": pert}
-    if pq:
-        r["paraphrased_question"] = pq
-    return r
-
-
 # tests/test_eval_cli.py's suite: 2 forget, 1 retain, 1 real-author, 2 world-fact records
-SUITE = {
-    "forget": [
-        _rec("who wrote the book about the old city ?", "the author was born in a small town",
-             "she was born near the sea", ["the cat sat on the mat", "he works as a doctor"],
-             "which author wrote the book ?"),
-        _rec("what is the capital of the country ?", "the river runs through the valley",
-             "the valley has a river now", ["her first novel won a prize", "the moon at night ."],
-             "where is the capital ?"),
-    ],
-    "retain": [_rec("which language does the author speak at home ?", "the author speak at home",
-                    "at home she speak it", ["the cat sat on", "a doctor writes poems"])],
-    "real_authors": [{"question": "who wrote the book ?", "answer": "the author of it",
-                      "perturbed_answer": ["the cat sat down", "a doctor at night"]}],
-    "world_facts": [{"question": "where is the river ?", "answer": "in the valley north",
-                     "perturbed_answer": ["on the moon now", "near the sea ."]},
-                    {"question": "where is the cat ?", "answer": "on the mat now",
-                     "perturbed_answer": ["at night in town"]}],
-}
+SUITE = json.loads((Path(__file__).parent.parent / "fixtures" / "tiny_suite.json").read_text())
 FACTS = [{"question": "who wrote the book about the old city ?", "answer": "the author was born",
           "subject": "the old city"},
          {"prompt": "the cat sat on the", "subject": "the cat", "target": "mat"}]
