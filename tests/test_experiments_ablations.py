@@ -138,15 +138,6 @@ def test_pareto_front_equals_loop_reference():
         assert pareto.pareto_front(xs, ys).tolist() == nondominated_by_loop(list(xs), list(ys))
 
 
-@pytest.mark.parametrize("extra, message", [
-    (("--alphas", "1,x"), "--alphas must be a comma-separated list of numbers, got '1,x'"),
-    (("--q", "2"), "pareto sweeps α and q: give --alphas and --q-values, not --alpha or --q"),
-])
-def test_pareto_user_errors_are_one_line(tmp_path, extra, message):
-    proc = run_experiment("pareto", tmp_path, tmp_path / "out", *extra)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == f"pareto: error: {message}"
-    assert not (tmp_path / "out").exists()
 
 
 # --- ablations.py --------------------------------------------------------------------------------
@@ -210,12 +201,14 @@ def test_pareto_and_ablations_agree_on_the_traced_memory(pareto_run, ablations_a
     assert point["forget_drop"] == traced["forget_drop"] and point["retain_change"] == traced["retain_change"]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (("--only", "a,z"), "--only takes a comma-separated subset of a,b,c,d,e, got 'a,z'"),
-    (("--covariance-facts", "retain90[:5]"), "--covariance-facts must be disjoint from --retain"),
+@pytest.mark.parametrize("script, extra, message", [
+    ("pareto", ("--alphas", "1,x"), "--alphas must be a comma-separated list of numbers, got '1,x'"),
+    ("pareto", ("--q", "2"), "pareto sweeps α and q: give --alphas and --q-values, not --alpha or --q"),
+    ("ablations", ("--only", "a,z"), "--only takes a comma-separated subset of a,b,c,d,e, got 'a,z'"),
+    ("ablations", ("--covariance-facts", "retain90[:5]"), "--covariance-facts must be disjoint from --retain"),
 ])
-def test_ablations_user_errors_are_one_line(tmp_path, extra, message):
-    proc = run_experiment("ablations", tmp_path, tmp_path / "out", *extra)
+def test_user_errors_are_one_line(script, tmp_path, extra, message):
+    proc = run_experiment(script, tmp_path, tmp_path / "out", *extra)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"ablations: error: {message}")
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"{script}: error: {message}")
     assert not (tmp_path / "out").exists()
