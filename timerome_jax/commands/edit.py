@@ -84,11 +84,11 @@ def capture(backbone: ports.Backbone, encoded, pad_id: int, coordinate: tracing.
             args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     """Keys [n, d_k] and deltas [n, d] for the encoded facts, chunk by chunk (one compilation)."""
     batch = pipeline.trace_batch(encoded, pad_id)
-    sigma = tracing.subject_embedding_std(backbone, batch)
     mesh = _mesh.mesh_from_args(args)
     if mesh is not None:  # facts split over the mesh's 'data' axis, --facts-per-chunk per shard
         from timerome_jax import distributed
 
+        sigma = tracing.subject_embedding_std(backbone, batch)
         return distributed.capture_keys_and_deltas(
             backbone, batch, sigma, jax.random.key(args.seed), mesh, layer=coordinate.layer,
             module=coordinate.module, step=coordinate.step, noise_samples=args.noise_samples,
