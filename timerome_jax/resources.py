@@ -31,27 +31,29 @@ _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def host_peak_rss_bytes() -> int:
-    """Peak resident set size of this process in bytes (VmHWM, else getrusage)."""
+def _status_bytes(field: str) -> int | None:
+    """A `kB` field of /proc/self/status (e.g. VmHWM, VmRSS) in bytes, or None where unavailable."""
     try:
         for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def host_peak_rss_bytes() -> int:
+    """Peak resident set size of this process in bytes (VmHWM, else getrusage)."""
+    hwm = _status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
 def host_rss_bytes() -> int | None:
     """Current resident set size in bytes (VmRSS), or None where /proc is unavailable."""
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _status_bytes("VmRSS")
 
 
 def reset_host_peak() -> bool:
