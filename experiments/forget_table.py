@@ -60,13 +60,11 @@ from pathlib import Path
 
 import numpy as np
 
-import ports
 from timerome_jax import data, metrics, resources, sampler, workflow
 from timerome_jax import memory as mem
 from timerome_jax.baselines import inference, suites, training
-from timerome_jax.commands.eval import default_reference
+from timerome_jax.commands.eval import load_reference
 from timerome_jax.errors import InputError
-from timerome_jax.tokenization import backbone_tokenizer
 
 import _common
 
@@ -204,27 +202,19 @@ def build_timerome(backbone, tokenizer, facts, coordinate, point: Point, args, *
 @dataclasses.dataclass
 class Evaluator:
     """`metrics.evaluate_suite` with this run's settings and the forget-quality reference, resolved
-    as `timerome eval` resolves it (`commands.eval.default_reference`)."""
+    as `timerome eval` resolves it (`commands.eval.load_reference`)."""
 
     args: argparse.Namespace
     tokenizer: object
     reference: object = None
     reference_tokenizer: object = None
     reference_name: str | None = None
-    reason: str = "no --reference given (the retain twin of this model is unknown)"
+    reason: str = ""
 
     @classmethod
     def for_model(cls, args: argparse.Namespace, model: str, tokenizer) -> "Evaluator":
-        e = cls(args, tokenizer)
-        name = args.reference if args.reference is not None else default_reference(model)
-        if name is not None and name.lower() == "none":
-            name, e.reason = None, "--reference none"
-        if name is not None:
-            e.reference = ports.load_pretrained(name)
-            has_own = e.reference.tokenizer_dir is not None
-            e.reference_tokenizer = backbone_tokenizer(e.reference) if has_own else tokenizer
-            e.reference_name = name
-        return e
+        reference, ref_tokenizer, name, reason = load_reference(args.reference, model, tokenizer)
+        return cls(args, tokenizer, reference, ref_tokenizer, name, reason)
 
     def __call__(self, backbone, suite, desc: str, limit=None) -> dict:
         a = self.args

@@ -111,6 +111,20 @@ def default_reference(model: str) -> str | None:
     return None
 
 
+def load_reference(reference: str | None, model: str, tokenizer, load=None):
+    """(backbone, tokenizer, name, reason) of the forget-quality reference: `reference` ('none'
+    skips it) or the retain twin of `model`; backbone None with the reason when there is none.
+    `load(name)` loads a model (default `ports.load_pretrained`; eval passes its mesh loader)."""
+    name = reference if reference is not None else default_reference(model)
+    if name is not None and name.lower() == "none":
+        return None, None, None, "--reference none"
+    if name is None:
+        return None, None, None, "no --reference given (the retain twin of this model is unknown)"
+    backbone = (load or ports.load_pretrained)(name)
+    ref_tokenizer = backbone_tokenizer(backbone) if backbone.tokenizer_dir is not None else tokenizer
+    return backbone, ref_tokenizer, name, ""
+
+
 def load_model(args: argparse.Namespace):
     """(backbone, tokenizer) for --model / --memory / --params (an edited backbone for --memory),
     on the --mesh mesh when one is given."""
@@ -151,15 +165,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
 
     backbone, tokenizer = load_model(args)
-    reference_name = args.reference if args.reference is not None else default_reference(args.model)
-    reference = reference_tokenizer = None
-    reason = "no --reference given (the retain twin of this model is unknown)"
-    if reference_name is not None and reference_name.lower() == "none":
-        reference_name, reason = None, "--reference none"
-    if reference_name is not None:
-        reference = _mesh.backbone_on_mesh(args, reference_name)
-        reference_tokenizer = (backbone_tokenizer(reference) if reference.tokenizer_dir is not None
-                               else tokenizer)
+    reference, reference_tokenizer, reference_name, reason = load_reference(
+        args.reference, args.model, tokenizer, load=lambda name: _mesh.backbone_on_mesh(args, name))
     from tqdm import tqdm
 
     result = metrics.evaluate_suite(
