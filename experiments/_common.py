@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -67,7 +68,6 @@ def experiment(args: argparse.Namespace):
 
 # --- the shared setup of the memory experiments ----------------------------------------------------
 
-import dataclasses  # noqa: E402
 
 
 @dataclasses.dataclass

@@ -17,6 +17,7 @@ from timerome_jax.plots import tie_heatmaps
 from timerome_jax.tokenization import backbone_tokenizer, pad_token_id
 
 import _common
+import _quick
 
 
 def early_late_figure(tie_KLM: np.ndarray, modules, path) -> None:
@@ -48,9 +49,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--noise-samples", type=int, default=10)
     args = p.parse_args()
-    if args.quick:
-        args.facts = args.facts if args.facts != "forget01_subjects[:8]" else "forget01_subjects[:2]"
-        args.steps, args.noise_samples = 4, 2
+    if args.quick:  # options typed on the command line win over the smoke settings
+        _quick.apply_quick(p, args, {"facts": "forget01_subjects[:2]", "steps": 4, "noise_samples": 2})
     with _common.experiment(args) as out:
         backbone = ports.load_pretrained(args.model)
         tokenizer = backbone_tokenizer(backbone)
