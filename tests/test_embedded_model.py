@@ -51,12 +51,12 @@ def test_the_twin_is_another_model():
     assert ports.load_pretrained("tofu-tiny").fingerprint() != ports.load_pretrained("tofu-tiny-retain").fingerprint()
 
 
-# Bounds: the acceptance target where the shipped model meets it (forget01 >= 0.9 on these four
-# pairs: 0.98 measured; twin < 0.6), else a regression guard below the measured level (retain90:
-# 0.51 on these four, 0.518 on all 40; target 0.8 not met yet -- docs/embedded_model.md).
+# Bounds: the acceptance targets on these four pairs (forget01 >= 0.9: 1.0 measured; twin < 0.6),
+# and for retain90 a guard just below the level measured on these four (0.79; 0.843 on all 40
+# pairs, target 0.8 -- docs/embedded_model.md).
 @pytest.mark.parametrize("name, split, low, high", [
     ("tofu-tiny", "forget01", 0.9, 1.0),
-    ("tofu-tiny", "retain90", 0.4, 1.0),
+    ("tofu-tiny", "retain90", 0.7, 1.0),
     ("tofu-tiny-retain", "forget01", 0.0, 0.6),
 ])
 def test_greedy_answers(tiny, name, split, low, high):
