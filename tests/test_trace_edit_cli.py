@@ -45,7 +45,7 @@ def test_trace_writes_arrays_summary_and_heatmaps(traced):
     assert arrays["clean_lp"].shape == arrays["corrupted_lp"].shape == (3, 2)
     assert list(arrays["modules"]) == ["resid", "attn", "mlp"]
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["coordinate"]) == {"layer", "step", "module"}
+    assert set(summary["coordinate"]) == {"layer", "step", "module", "steps"} and summary["coordinate"]["steps"] == 2
     assert summary["num_facts"] == 3 and summary["shape"] == [3, 2, 3, 3] and summary["seconds"] > 0
     assert [f["subject"] for f in summary["facts"]] == ["the old city", "the cat", "the author"]
     assert sorted(p.name for p in out.glob("*.png")) == ["tie_attn.png", "tie_mlp.png", "tie_resid.png"]
@@ -87,7 +87,30 @@ def test_edit_with_explicit_coordinate(tiny_model_dir_with_tokenizer, tmp_path, 
                          "--coordinate", "1,attn,0", "--q", "2", *FAST, "--out", tmp_path / "m")
     assert code == 0, err
     record = mem.load(tmp_path / "m")
-    assert record.coordinate.as_dict() == {"layer": 1, "step": 0, "module": "attn"} and int(record.memory.q) == 2
+    assert record.coordinate.as_dict() == {"layer": 1, "step": 0, "module": "attn", "steps": 2}
+    assert int(record.memory.q) == 2
+
+
+def test_edit_gated_multi_step_memory_builds_appends_and_removes(tiny_model_dir_with_tokenizer, tmp_path, capsys):
+    facts = write_jsonl(tmp_path / "f.jsonl", FACTS[:2])
+    more = write_jsonl(tmp_path / "g.jsonl", FACTS[2:])
+    retain = write_jsonl(tmp_path / "r.jsonl", [{"question": "what is the old city ?", "answer": "the city is old"},
+                                                 {"prompt": "the author sat on the", "target": "cat"}])
+    code, out, err = run(capsys, "edit", "--model", tiny_model_dir_with_tokenizer, "--facts", facts,
+                         "--coordinate", "1,resid,0", *FAST, "--capture-steps", "all", "--gate-rate", "0.25",
+                         "--gate-facts", retain, "--out", tmp_path / "m")
+    assert code == 0 and "gated: cosine >=" in out and "(4 entries: steps 0,1)" in out, err
+    record = mem.load(tmp_path / "m")
+    assert record.capture_steps == (0, 1) and record.memory.size == 4 and record.memory.gate is not None
+    assert record.fact_ids[0] == record.fact_ids[1] != record.fact_ids[2]
+    code, out, err = run(capsys, "edit", "--model", tiny_model_dir_with_tokenizer, "--append", tmp_path / "m",
+                         "--facts", more, *FAST)
+    assert code == 0 and "now holds 3" in out, err
+    appended = mem.load(tmp_path / "m")
+    assert appended.memory.size == 6 and float(appended.memory.gate) == float(record.memory.gate)
+    code, out, err = run(capsys, "edit", "--remove", tmp_path / "m", "--fact-ids", record.fact_ids[0])
+    assert code == 0 and "2 remain" in out, err
+    assert mem.load(tmp_path / "m").memory.size == 4
 
 
 def test_edit_covariance_regularised_builds_appends_and_differs(tiny_model_dir_with_tokenizer, tmp_path, capsys):
@@ -136,6 +159,12 @@ def test_trace_bad_inputs_one_line_and_no_output(rows, extra, message, tiny_mode
     (["--alpha", "-1"], "alpha must be"), (["--lam", "0"], "lambda (ridge) must be"),
     (["--q", "5"], "q must lie in 1..n = 1..3"), (["--coordinate", "9,mlp,0"], "layer 9 is outside"),
     (["--coordinate", "1,ffn,0"], "unknown module 'ffn'"),
+    (["--coordinate", "1,mlp,2"], "step 2 is outside 0..1"),
+    (["--capture-steps", "0,5"], "capture steps must be distinct steps in 0..1"),
+    (["--capture-steps", "a"], "--capture-steps must be comma-separated integers"),
+    (["--gate-rate", "0.1"], "--gate-rate and --gate-facts go together"),
+    (["--gate-rate", "1.5", "--gate-facts", "retain90[:2]"], "--gate-rate must be a fraction in (0, 1)"),
+    (["--q", "7", "--capture-steps", "all"], "q must lie in 1..n = 1..6"),
 ])
 def test_edit_bad_inputs(extra, message, tiny_model_dir_with_tokenizer, tmp_path, capsys):
     facts = write_jsonl(tmp_path / "f.jsonl", FACTS)

@@ -186,8 +186,8 @@ def test_select_coordinate_on_a_planted_maximum():
     tie = np.zeros((2, 4, 5, 3))
     tie[:, 2, 3, 1] = 5.0
     tie[:, 0, 1, 0] = 9.0  # large, but only at step 0
-    assert tr.select_coordinate(tie, tr.MODULES).as_dict() == {"layer": 1, "step": 0, "module": "resid"}
-    assert tr.select_coordinate(tie, tr.MODULES, k_min=1).as_dict() == {"layer": 3, "step": 2, "module": "attn"}
+    assert tr.select_coordinate(tie, tr.MODULES).as_dict() == {"layer": 1, "step": 0, "module": "resid", "steps": 4}
+    assert tr.select_coordinate(tie, tr.MODULES, k_min=1).as_dict() == {"layer": 3, "step": 2, "module": "attn", "steps": 4}
     with pytest.raises(InputError, match="k_min"):
         tr.select_coordinate(tie, tr.MODULES, k_min=4)
 

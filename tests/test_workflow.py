@@ -66,5 +66,5 @@ def test_retain_whitening_is_the_inverse_cholesky_of_the_shrunk_moment(model):
     C = np.linalg.inv(M.astype(np.float64).T @ M.astype(np.float64))   # = moment + 0.1 tr/d I
     shrink = C - 0.1 * info["mean_key_norm_sq"] / M.shape[0] * np.eye(M.shape[0])
     assert np.isclose(np.trace(shrink), info["mean_key_norm_sq"], rtol=1e-3)
-    with pytest.raises(InputError, match="needs retain facts"):
+    with pytest.raises(InputError, match="need retain facts"):
         workflow.retain_whitening(backbone, tokenizer, [], c)

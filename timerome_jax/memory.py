@@ -70,6 +70,10 @@ class EditMemory:
     Covariance-regularised memories also hold `whitening` [d_k, d_k] = M = L⁻¹ (C = L Lᵀ); their
     `keys` are then the whitened keys K̃ = K Mᵀ and `readout` = G̃⁻¹ K̃ M still reads raw keys.
     Plain ridge memories have `whitening` None.
+    Gated memories (beyond the paper) also hold `gate` float32 [] = τ: the term is added only at
+    tokens whose key has cosine ≥ τ with its nearest stored key (in the whitened space when
+    `whitening` is set), so inputs unlike every edited fact pass unchanged. `gate` None = the
+    paper's memory, which acts on every token.
     """
 
     layer: Array
@@ -82,6 +86,7 @@ class EditMemory:
     ridge: Array
     q: Array
     whitening: Array | None = None
+    gate: Array | None = None
     module: str = dataclasses.field(metadata=dict(static=True), default="mlp")
 
     @property
@@ -92,10 +97,22 @@ class EditMemory:
     def size(self) -> int:
         return int(jnp.sum(self.valid))
 
+    def match(self, x_Nk: Array) -> Array:
+        """Cosine of each key x [..., d_k] with its nearest stored key (whitened space) -> [...]."""
+        x = x_Nk.astype(jnp.float32)
+        if self.whitening is not None:
+            x = jnp.einsum("...k,jk->...j", x, self.whitening)
+        keys = self.keys / jnp.maximum(jnp.linalg.norm(self.keys, axis=-1, keepdims=True), 1e-12)
+        cosine = jnp.einsum("...k,ck->...c", x, keys) / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        return jnp.max(jnp.where(self.valid, cosine, -jnp.inf), axis=-1)
+
     def coefficients(self, x_Nk: Array) -> Array:
-        """c_q(x) for keys x [..., d_k] -> [..., C] (top-q by magnitude, ties kept)."""
+        """c_q(x) for keys x [..., d_k] -> [..., C] (top-q by magnitude, ties kept; zero where a
+        gated memory's `match` is below its gate)."""
         c = jnp.einsum("...k,ck->...c", x_Nk.astype(jnp.float32), self.readout)
         c = jnp.where(self.valid, c, 0.0)
+        if self.gate is not None:
+            c = jnp.where((self.match(x_Nk) >= self.gate)[..., None], c, 0.0)
 
         def sparsify(c):
             magnitude = jnp.where(self.valid, jnp.abs(c), -1.0)
@@ -123,8 +140,13 @@ class MemoryRecord:
     coordinate: tracing.Coordinate
     lam: float
     key_scale: float
-    fact_ids: tuple[str, ...]
+    fact_ids: tuple[str, ...]      # one per entry (a fact captured at S steps has S entries)
     fingerprint: str
+    capture_steps: tuple[int, ...] = ()   # steps its facts were captured at; () = (coordinate.step,)
+
+    def __post_init__(self):
+        if not self.capture_steps:
+            object.__setattr__(self, "capture_steps", (self.coordinate.step,))
 
     def with_memory(self, memory: EditMemory, **changes) -> "MemoryRecord":
         return dataclasses.replace(self, memory=memory, **changes)
@@ -303,6 +325,26 @@ def with_hyperparameters(memory: EditMemory, alpha: float | None = None, q: int 
     return dataclasses.replace(memory, **changes)
 
 
+def with_gate(memory: EditMemory, gate: float | None) -> EditMemory:
+    """Same memory, gated at cosine τ = `gate` (in [-1, 1]); None removes the gate."""
+    if gate is None:
+        return dataclasses.replace(memory, gate=None)
+    if not np.isfinite(gate) or not -1.0 <= gate <= 1.0:
+        raise InputError(f"the gate is a cosine threshold in [-1, 1], got {gate}")
+    return dataclasses.replace(memory, gate=jnp.float32(gate))
+
+
+def gate_for_rate(match_scores: np.ndarray, rate: float) -> float:
+    """τ such that a fraction `rate` of the given keys' match scores reach it (the (1 − rate)
+    quantile): with retain keys, the share of retain tokens the gated memory still edits."""
+    scores = np.asarray(match_scores, np.float64).ravel()
+    if not np.isfinite(rate) or not 0.0 < rate < 1.0:
+        raise InputError(f"the gate rate is a fraction in (0, 1), got {rate}")
+    if scores.size == 0:
+        raise InputError("no retain keys to calibrate the gate on")
+    return float(np.clip(np.quantile(scores, 1.0 - rate), -1.0, 1.0))
+
+
 # --- injection ------------------------------------------------------------------------------
 
 def _site(module: str, is_moe: bool) -> str:
@@ -456,18 +498,20 @@ def _capture_apply(backbone: Backbone, module: str, ids_1T: Array, mask_1T: Arra
     return found["edit_key"][:, 0], found["edit_value"][:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("module", "step", "noise_samples", "noise_scale"))
+@functools.partial(jax.jit, static_argnames=("module", "step", "trace_steps", "noise_samples", "noise_scale"))
 def capture_keys_and_deltas(backbone: Backbone, batch: tracing.TraceBatch, sigma: Array, key: Array, *,
-                            layer: Array, module: str, step: int, noise_samples: int = 10,
+                            layer: Array, module: str, step: int, trace_steps: int = 8, noise_samples: int = 10,
                             noise_scale: float = 3.0) -> tuple[Array, Array]:
     """k_i and δ_i for every fact of `batch` at (layer, module, step): keys [F, d_k], deltas [F, d].
 
-    The clean trajectory is the teacher-forced one of the tracer; the place is the last subject
-    token; δ averages value_corrupted − value_clean over `noise_samples` draws whose keys follow
-    the tracer's (fold_in of the fact index, then the draw), so a trace and a memory built with
-    the same key see the same noise.
+    The clean trajectory is the teacher-forced one of the tracer with `trace_steps` steps K (the
+    state at `step` is the tracer's x_step, about step/K of the answer revealed; only the first
+    step + 1 steps run); the place is the last subject token; δ averages value_corrupted −
+    value_clean over `noise_samples` draws whose keys follow the tracer's (fold_in of the fact
+    index, then the draw), so a trace and a memory built with the same key see the same noise.
     """
-    steps = step + 1
+    if not 0 <= step < trace_steps:
+        raise InputError(f"step {step} is outside 0..{trace_steps - 1} (a {trace_steps}-step trajectory)")
     S = batch.subject_pos_FS.shape[1]
     D = backbone.config.d_model
     noise = tracing.noise_draws(key, batch.fact_index_F, noise_samples, (S, D)) * (noise_scale * sigma)
@@ -475,7 +519,7 @@ def capture_keys_and_deltas(backbone: Backbone, batch: tracing.TraceBatch, sigma
         batch.subject_pos_FS, (jnp.sum(batch.subject_valid_FS, axis=1) - 1)[:, None], axis=1)[:, 0]
 
     def one_fact(ids, am, ans, pos, valid, noise_RSD, last):
-        states, _, _, _ = tracing.clean_run(backbone, ids, am, ans, pos, steps)
+        states, _, _, _ = tracing.clean_run(backbone, ids, am, ans, pos, trace_steps, upto=step + 1)
         state = states[step]
         clean_key, clean_value = _capture_apply(backbone, module, state[None], am[None], None, 1)
 
@@ -491,17 +535,27 @@ def capture_keys_and_deltas(backbone: Backbone, batch: tracing.TraceBatch, sigma
                               batch.subject_pos_FS, batch.subject_valid_FS, noise, last_subject)
 
 
+def _token_keys(backbone: Backbone, ids_BT: Array, mask_BT: Array, layer: Array, module: str) -> Array:
+    """The module's keys at `layer` for every token of every row [B, T, d_k] (float32)."""
+    def one(ids_T, mask_T):
+        return _capture_apply(backbone, module, ids_T[None], mask_T[None], None, 1)[0][layer]
+
+    return jax.vmap(one)(ids_BT, mask_BT).astype(jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnames=("module",))
 def key_second_moment(backbone: Backbone, ids_BT: Array, mask_BT: Array, take_BT: Array, *, layer: Array,
                       module: str) -> tuple[Array, Array]:
     """(Σ x xᵀ [d_k, d_k], number of tokens) of the module's keys x at `layer` over the tokens
     where `take_BT` is set (the statistic C of the covariance-regularised memory, per chunk)."""
-    def one(ids_T, mask_T):
-        return _capture_apply(backbone, module, ids_T[None], mask_T[None], None, 1)[0][layer]
-
-    keys_BTk = jax.vmap(one)(ids_BT, mask_BT).astype(jnp.float32)
-    keys_BTk = jnp.where(take_BT[..., None], keys_BTk, 0.0)
+    keys_BTk = jnp.where(take_BT[..., None], _token_keys(backbone, ids_BT, mask_BT, layer, module), 0.0)
     return jnp.einsum("btk,btl->kl", keys_BTk, keys_BTk), jnp.sum(take_BT)
+
+
+@jax.jit
+def match_scores(backbone: Backbone, memory: EditMemory, ids_BT: Array, mask_BT: Array) -> Array:
+    """`memory.match` of every token's key at the memory's site [B, T] (to calibrate a gate)."""
+    return memory.match(_token_keys(backbone, ids_BT, mask_BT, memory.layer, memory.module))
 
 
 # --- persistence ------------------------------------------------------------------------------
@@ -515,11 +569,14 @@ def save(record: MemoryRecord, out_dir: str | Path, overwrite: bool = False) -> 
               "readout": m.readout, "alpha": m.alpha, "ridge": m.ridge, "q": m.q}
     if m.whitening is not None:
         arrays["whitening"] = m.whitening
+    if m.gate is not None:
+        arrays["gate"] = m.gate
     meta = {"format": MEMORY_FORMAT, "version": 1, "module": m.module, "capacity": m.capacity,
-            "covariance_regularised": m.whitening is not None,
+            "covariance_regularised": m.whitening is not None, "gated": m.gate is not None,
             "key_dim": int(m.keys.shape[1]), "value_dim": int(m.deltas.shape[1]),
             "coordinate": record.coordinate.as_dict(), "lam": record.lam, "key_scale": record.key_scale,
-            "fact_ids": list(record.fact_ids), "fingerprint": record.fingerprint, "size": m.size}
+            "fact_ids": list(record.fact_ids), "fingerprint": record.fingerprint, "size": m.size,
+            "capture_steps": list(record.capture_steps)}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save((tmp / "arrays").absolute(), arrays)
@@ -556,6 +613,8 @@ def load(path: str | Path, backbone: Backbone | None = None) -> MemoryRecord:
               "q": jax.ShapeDtypeStruct((), i32)}
     if meta.get("covariance_regularised", False):
         target["whitening"] = jax.ShapeDtypeStruct((dk, dk), f32)
+    if meta.get("gated", False):
+        target["gate"] = jax.ShapeDtypeStruct((), f32)
     try:
         arrays = ocp.StandardCheckpointer().restore((path / "arrays").absolute(), target)
     except Exception as e:  # orbax raises many types for damaged files
@@ -566,4 +625,4 @@ def load(path: str | Path, backbone: Backbone | None = None) -> MemoryRecord:
         raise CheckpointError(f"{path}: memory.json says {meta.get('size')} facts, the arrays hold {memory.size}")
     return MemoryRecord(memory=memory, coordinate=coordinate, lam=float(meta["lam"]),
                         key_scale=float(meta["key_scale"]), fact_ids=tuple(meta["fact_ids"]),
-                        fingerprint=meta["fingerprint"])
+                        fingerprint=meta["fingerprint"], capture_steps=tuple(meta.get("capture_steps", ())))

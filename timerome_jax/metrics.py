@@ -60,13 +60,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import resource
 import sys
 import time
 import warnings
 import zlib
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp

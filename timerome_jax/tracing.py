@@ -268,15 +268,16 @@ def _forward(backbone: Backbone, ids_T: Array, mask_T: Array, iv: Intervention |
 # --- the three runs ---------------------------------------------------------------------------
 
 def clean_run(backbone: Backbone, ids_T: Array, mask_T: Array, answer_T: Array, pos_S: Array,
-              steps: int):
+              steps: int, upto: int | None = None):
     """Teacher-forced clean trajectory of one fact.
 
     Returns states_KT (ids fed at each step), masked_KT (answer positions still masked at each
-    step), clean_KLMSD (activations of MODULES at the subject positions), clean_lp_K.
+    step), clean_KLMSD (activations of MODULES at the subject positions), clean_lp_K. With
+    `upto`, only the first `upto` steps of the `steps`-step trajectory run (K = upto above).
     """
     mask_id = backbone.mask_token_id
     answer = answer_T.astype(bool)
-    counts = reveal_counts(jnp.sum(answer), steps)
+    counts = reveal_counts(jnp.sum(answer), steps)[:upto]
     shift = backbone.config.logit_shift
 
     def step(carry, count):
@@ -458,12 +459,21 @@ def _teacher_grid_from_cached_prefix(backbone: Backbone, batch: TraceBatch, conf
 
 @dataclasses.dataclass(frozen=True)
 class Coordinate:
+    """(ℓ*, k*, m*) and the number of steps K of the trajectory that k* indexes: the state at
+    step k* of a K-step teacher-forced run has about k*/K of the answer revealed, so capturing
+    keys needs K as well as k*."""
+
     layer: int
     step: int
     module: str
+    steps: int = 8
+
+    def __post_init__(self):
+        if not 0 <= self.step < self.steps:
+            raise InputError(f"step {self.step} is outside 0..{self.steps - 1} (a {self.steps}-step trajectory)")
 
     def as_dict(self) -> dict:
-        return {"layer": self.layer, "step": self.step, "module": self.module}
+        return {"layer": self.layer, "step": self.step, "module": self.module, "steps": self.steps}
 
 
 def select_coordinate(tie_FKLM: np.ndarray, modules: tuple[str, ...], k_min: int = 0) -> Coordinate:
@@ -476,7 +486,7 @@ def select_coordinate(tie_FKLM: np.ndarray, modules: tuple[str, ...], k_min: int
     mean_KLM = tie.mean(axis=0)
     layer, module = np.unravel_index(np.argmax(mean_KLM[k_min:].mean(axis=0)), mean_KLM.shape[1:])
     step = k_min + int(np.argmax(mean_KLM[k_min:, layer, module]))
-    return Coordinate(int(layer), step, modules[int(module)])
+    return Coordinate(int(layer), step, modules[int(module)], K)
 
 
 def per_fact_coordinates(tie_FKLM: np.ndarray, modules: tuple[str, ...], k_min: int = 0) -> list[Coordinate]:

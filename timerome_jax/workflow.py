@@ -94,23 +94,21 @@ def capture(backbone: Backbone, batch: tracing.TraceBatch, coordinate: tracing.C
     for chunk in pipeline.chunks(batch, min(facts_per_chunk, batch.num_facts)):
         k, d = mem.capture_keys_and_deltas(backbone, chunk, sigma, key,
                                            layer=jnp.int32(coordinate.layer), module=coordinate.module,
-                                           step=coordinate.step, noise_samples=noise_samples,
+                                           step=coordinate.step, trace_steps=coordinate.steps,
+                                           noise_samples=noise_samples,
                                            noise_scale=noise_scale)
         real = np.asarray(chunk.fact_index_F) >= 0
         keys.append(np.asarray(k)[real]); deltas.append(np.asarray(d)[real])
     return np.concatenate(keys), np.concatenate(deltas)
 
 
-def retain_whitening(backbone: Backbone, tokenizer, retain: Sequence[Fact], coordinate: tracing.Coordinate, *,
-                     shrinkage: float = 1e-2, rows_per_chunk: int = 8) -> tuple[np.ndarray, dict]:
-    """Whitening M of the covariance-regularised memory (`memory.whitening_from_moment`) from
-    the key second moment C at (ℓ*, m*) over retain text.
-
-    Tokens of C: every token of prompt + answer (the answer visible, as late in denoising), and
-    the answer positions of prompt + fully masked answer (as at the first step) — the two ends of
-    the trajectories the memory acts on. Returns (M [d_k, d_k], info)."""
+def _retain_chunks(backbone: Backbone, tokenizer, retain: Sequence[Fact], rows_per_chunk: int):
+    """Rows over retain text, in chunks (ids [B, T], attention [B, T], take [B, T] bool): every
+    token of prompt + answer (the answer visible, as late in denoising), and the answer positions
+    of prompt + fully masked answer (as at the first step) — the two ends of the trajectories a
+    memory acts on."""
     if not retain:
-        raise InputError("the covariance-regularised memory needs retain facts (none given)")
+        raise InputError("the retain statistics need retain facts (none given)")
     pad = pad_token_id(tokenizer, backbone)
     rows = []
     for fact in retain:
@@ -133,11 +131,19 @@ def retain_whitening(backbone: Backbone, tokenizer, retain: Sequence[Fact], coor
         ids[i, :len(r)] = r
         attn[i, :len(r)] = 1
         take[i, :len(r)] = t
-    total, count = None, 0
     for c in range(n_chunks):
         s = slice(c * B, (c + 1) * B)
-        m, n = mem.key_second_moment(backbone, jnp.asarray(ids[s]), jnp.asarray(attn[s]), jnp.asarray(take[s]),
-                                     layer=jnp.int32(coordinate.layer), module=coordinate.module)
+        yield jnp.asarray(ids[s]), jnp.asarray(attn[s]), take[s]
+
+
+def retain_whitening(backbone: Backbone, tokenizer, retain: Sequence[Fact], coordinate: tracing.Coordinate, *,
+                     shrinkage: float = 1e-2, rows_per_chunk: int = 8) -> tuple[np.ndarray, dict]:
+    """Whitening M of the covariance-regularised memory (`memory.whitening_from_moment`) from
+    the key second moment C at (ℓ*, m*) over the tokens of `_retain_chunks`. Returns (M, info)."""
+    total, count = None, 0
+    for ids, attn, take in _retain_chunks(backbone, tokenizer, retain, rows_per_chunk):
+        m, n = mem.key_second_moment(backbone, ids, attn, jnp.asarray(take), layer=jnp.int32(coordinate.layer),
+                                     module=coordinate.module)
         m = np.asarray(m, np.float64)
         total, count = (m if total is None else total + m), count + int(n)
     moment = total / count
@@ -146,17 +152,54 @@ def retain_whitening(backbone: Backbone, tokenizer, retain: Sequence[Fact], coor
         "mean_key_norm_sq": float(np.trace(moment))}
 
 
+def retain_gate(backbone: Backbone, tokenizer, retain: Sequence[Fact], memory: mem.EditMemory, *,
+                rate: float = 0.01, rows_per_chunk: int = 8) -> tuple[float, dict]:
+    """Gate τ of a gated memory: the (1 − rate) quantile of `memory.match` over the retain tokens
+    of `_retain_chunks`, so that about `rate` of them are still edited. Returns (τ, info)."""
+    scores = []
+    for ids, attn, take in _retain_chunks(backbone, tokenizer, retain, rows_per_chunk):
+        scores.append(np.asarray(mem.match_scores(backbone, memory, ids, attn))[take])
+    scores = np.concatenate(scores)
+    gate = mem.gate_for_rate(scores, rate)
+    return gate, {"retain_facts": len(retain), "tokens": int(scores.size), "rate": rate, "gate": gate,
+                  "median_match": float(np.median(scores))}
+
+
 def build_memory(backbone: Backbone, facts: EncodedFacts, coordinate: tracing.Coordinate, *, alpha: float = 1.0,
                  lam: float = 0.1, q: int | None = None, seed: int = 0, noise_samples: int = 10,
-                 noise_scale: float = 3.0, facts_per_chunk: int = 4,
-                 whitening: np.ndarray | None = None) -> mem.MemoryRecord:
-    """Capture the facts at the coordinate and build one memory over all of them."""
-    mem.check_hyperparameters(alpha, lam, q, facts.num_facts)
-    keys, deltas = capture(backbone, facts.batch, coordinate, jax.random.key(seed), noise_samples=noise_samples,
-                           noise_scale=noise_scale, facts_per_chunk=facts_per_chunk)
+                 noise_scale: float = 3.0, facts_per_chunk: int = 4, whitening: np.ndarray | None = None,
+                 capture_steps: Sequence[int] | None = None) -> mem.MemoryRecord:
+    """Capture the facts at the coordinate and build one memory over all of them.
+
+    `capture_steps` (steps of the coordinate's K-step trajectory, default (k*,)): one key and
+    delta per fact and step, so the memory also matches the fact's keys later in denoising, when
+    part of the answer is visible (n · len(capture_steps) entries; `q` counts entries)."""
+    capture_steps = check_capture_steps(coordinate, capture_steps)
+    mem.check_hyperparameters(alpha, lam, q, facts.num_facts * len(capture_steps))
+    keys, deltas = capture_at_steps(backbone, facts.batch, coordinate, capture_steps, jax.random.key(seed),
+                                    noise_samples=noise_samples, noise_scale=noise_scale,
+                                    facts_per_chunk=facts_per_chunk)
     memory, key_scale = mem.build(keys, deltas, layer=coordinate.layer, module=coordinate.module, alpha=alpha,
                                   lam=lam, q=q, whitening=whitening)
-    return mem.MemoryRecord(memory, coordinate, lam, key_scale, facts.fact_ids, backbone.fingerprint())
+    ids = tuple(f for f in facts.fact_ids for _ in capture_steps)
+    return mem.MemoryRecord(memory, coordinate, lam, key_scale, ids, backbone.fingerprint(), capture_steps)
+
+
+def check_capture_steps(coordinate: tracing.Coordinate, capture_steps: Sequence[int] | None) -> tuple[int, ...]:
+    steps = (coordinate.step,) if capture_steps is None else tuple(int(k) for k in capture_steps)
+    if not steps or len(set(steps)) != len(steps) or not all(0 <= k < coordinate.steps for k in steps):
+        raise InputError(f"capture steps must be distinct steps in 0..{coordinate.steps - 1}, got {list(steps)}")
+    return steps
+
+
+def capture_at_steps(backbone: Backbone, batch: tracing.TraceBatch, coordinate: tracing.Coordinate,
+                     capture_steps: Sequence[int], key: jax.Array, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """`capture` at each step (keys [n · S, d_k], deltas [n · S, d]; fact-major: the S entries of
+    a fact are adjacent, as `build_memory` lays out fact ids)."""
+    parts = [capture(backbone, batch, dataclasses.replace(coordinate, step=k), key, **kwargs) for k in capture_steps]
+    keys = np.stack([k for k, _ in parts], axis=1)
+    deltas = np.stack([d for _, d in parts], axis=1)
+    return keys.reshape(-1, keys.shape[-1]), deltas.reshape(-1, deltas.shape[-1])
 
 
 def qa_pairs(tokenizer, facts: Sequence[Fact], tag: str) -> list[metrics.Pair]:

@@ -141,7 +141,7 @@ def steering_vector(backbone: Backbone, batch: tracing.TraceBatch, coordinate: t
     deltas = []
     for chunk in pipeline.chunks(batch, min(facts_per_chunk, batch.num_facts)):
         _, d = mem.capture_keys_and_deltas(backbone, chunk, sigma, key, layer=jnp.int32(coordinate.layer),
-                                           module=coordinate.module, step=coordinate.step,
+                                           module=coordinate.module, step=coordinate.step, trace_steps=coordinate.steps,
                                            noise_samples=noise_samples, noise_scale=noise_scale)
         deltas.append(np.asarray(d)[_fact_rows(chunk)])
     return np.concatenate(deltas).mean(axis=0).astype(np.float32)
@@ -213,7 +213,7 @@ def random_coordinate(n_layers: int, traced: tracing.Coordinate, seed: int) -> t
     layers = [l for l in range(n_layers) if l != traced.layer] or [traced.layer]
     layer = int(layers[int(rng.integers(len(layers)))])
     module = tracing.MODULES[int(rng.integers(len(tracing.MODULES)))]
-    return tracing.Coordinate(layer, traced.step, module)
+    return tracing.Coordinate(layer, traced.step, module, traced.steps)
 
 
 def random_memory(backbone: Backbone, batch: tracing.TraceBatch, traced: tracing.Coordinate, fact_ids: Sequence[str],

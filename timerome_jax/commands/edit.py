@@ -10,6 +10,7 @@ Without --trace or --coordinate the facts are traced first (the trace options ap
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -49,12 +50,22 @@ def register(sub, common) -> None:
                    "keys over these retain facts (a data selection such as 'retain90[:40]' or a JSONL file)")
     p.add_argument("--shrinkage", type=float, default=1e-2,
                    help="with --covariance: C + shrinkage · (tr C / d_k) I (default 0.01)")
+    p.add_argument("--capture-steps", default=None, metavar="STEPS",
+                   help="capture each fact at these steps of the K-step trajectory ('0,3,7' or 'all'; "
+                   "default: the coordinate's step k*): one entry per fact and step, so the memory also "
+                   "matches the fact later in denoising")
+    p.add_argument("--gate-rate", type=float, default=None, metavar="RATE",
+                   help="gated memory: edit only tokens whose key is close to a stored key, with the cosine "
+                   "threshold set so that this fraction of the --gate-facts tokens is still edited")
+    p.add_argument("--gate-facts", metavar="FACTS", default=None,
+                   help="retain facts that calibrate --gate-rate (a data selection or a JSONL file)")
     p.add_argument("--out", help="memory directory to write (atomic)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=run)
 
 
-def parse_coordinate(text: str, n_layers: int) -> tracing.Coordinate:
+def parse_coordinate(text: str, n_layers: int, steps: int = 8) -> tracing.Coordinate:
+    """LAYER,MODULE,STEP of a `steps`-step trajectory (the trace's K)."""
     parts = [p.strip() for p in text.split(",")]
     if len(parts) != 3:
         raise InputError(f"--coordinate must be LAYER,MODULE,STEP, got {text!r}")
@@ -66,23 +77,46 @@ def parse_coordinate(text: str, n_layers: int) -> tracing.Coordinate:
         raise InputError(f"unknown module {parts[1]!r} in --coordinate; choose from {', '.join(tracing.MODULES)}")
     if not 0 <= layer < n_layers:
         raise InputError(f"layer {layer} is outside 0..{n_layers - 1}")
-    if step < 0:
-        raise InputError(f"step must be >= 0, got {step}")
-    return tracing.Coordinate(layer, step, parts[1])
+    if not 0 <= step < steps:
+        raise InputError(f"step {step} is outside 0..{steps - 1} (K = --steps {steps})")
+    return tracing.Coordinate(layer, step, parts[1], steps)
 
 
 def coordinate_from_trace(trace_dir: str, n_layers: int) -> tracing.Coordinate:
     path = Path(trace_dir) / "summary.json"
     try:
-        c = json.loads(path.read_text())["coordinate"]
-        return parse_coordinate(f"{c['layer']},{c['module']},{c['step']}", n_layers)
+        summary = json.loads(path.read_text())
+        c = summary["coordinate"]
+        steps = int(c.get("steps", summary.get("config", {}).get("steps", 8)))
+        return parse_coordinate(f"{c['layer']},{c['module']},{c['step']}", n_layers, steps)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"cannot read a coordinate from {path}: {e}") from None
 
 
+def parse_capture_steps(text: str | None, coordinate: tracing.Coordinate) -> tuple[int, ...]:
+    if text is None:
+        return (coordinate.step,)
+    if text.strip() == "all":
+        return tuple(range(coordinate.steps))
+    try:
+        steps = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise InputError(f"--capture-steps must be comma-separated integers or 'all', got {text!r}") from None
+    return workflow.check_capture_steps(coordinate, steps)
+
+
 def capture(backbone: ports.Backbone, encoded, pad_id: int, coordinate: tracing.Coordinate,
-            args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
-    """Keys [n, d_k] and deltas [n, d] for the encoded facts, chunk by chunk (one compilation)."""
+            args: argparse.Namespace, capture_steps: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Keys [n · S, d_k] and deltas [n · S, d] for the encoded facts at the S capture steps
+    (fact-major), chunk by chunk (one compilation per step)."""
+    keys, deltas = zip(*(_capture_one(backbone, encoded, pad_id, dataclasses.replace(coordinate, step=k), args)
+                         for k in capture_steps))
+    keys, deltas = np.stack(keys, axis=1), np.stack(deltas, axis=1)
+    return keys.reshape(-1, keys.shape[-1]), deltas.reshape(-1, deltas.shape[-1])
+
+
+def _capture_one(backbone: ports.Backbone, encoded, pad_id: int, coordinate: tracing.Coordinate,
+                 args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     batch = pipeline.trace_batch(encoded, pad_id)
     mesh = _mesh.mesh_from_args(args)
     if mesh is not None:  # facts split over the mesh's 'data' axis, --facts-per-chunk per shard
@@ -91,7 +125,7 @@ def capture(backbone: ports.Backbone, encoded, pad_id: int, coordinate: tracing.
         sigma = tracing.subject_embedding_std(backbone, batch)
         return distributed.capture_keys_and_deltas(
             backbone, batch, sigma, jax.random.key(args.seed), mesh, layer=coordinate.layer,
-            module=coordinate.module, step=coordinate.step, noise_samples=args.noise_samples,
+            module=coordinate.module, step=coordinate.step, trace_steps=coordinate.steps, noise_samples=args.noise_samples,
             noise_scale=args.noise_scale, facts_per_device=args.facts_per_chunk)
     return workflow.capture(backbone, batch, coordinate, jax.random.key(args.seed),
                             noise_samples=args.noise_samples, noise_scale=args.noise_scale,
@@ -114,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         record = mem.load(args.remove)
         record = mem.remove_facts(record, args.fact_ids)
         mem.save(record, args.remove, overwrite=True)
-        print(f"removed {len(args.fact_ids)} fact(s); {record.memory.size} remain in {args.remove}")
+        print(f"removed {len(args.fact_ids)} fact(s); {len(set(record.fact_ids))} remain in {args.remove}")
         return 0
     if not args.facts:
         raise InputError("--facts is required (the facts to edit)")
@@ -126,41 +160,55 @@ def run(args: argparse.Namespace) -> int:
         duplicate = [i for i in ids if i in record.fact_ids]
         if duplicate:
             raise InputError(f"fact(s) already in the memory: {', '.join(duplicate[:5])}")
-        keys, deltas = capture(backbone, encoded, pad_id, record.coordinate, args)
-        record = record.with_memory(mem.insert(record.memory, keys, deltas), fact_ids=record.fact_ids + tuple(ids))
+        keys, deltas = capture(backbone, encoded, pad_id, record.coordinate, args, record.capture_steps)
+        entries = tuple(i for i in ids for _ in record.capture_steps)
+        record = record.with_memory(mem.insert(record.memory, keys, deltas), fact_ids=record.fact_ids + entries)
         mem.save(record, args.append, overwrite=True)
-        print(f"inserted {len(ids)} fact(s); the memory in {args.append} now holds {record.memory.size}")
+        print(f"inserted {len(ids)} fact(s); the memory in {args.append} now holds {len(set(record.fact_ids))}")
         return 0
     if not args.out:
         raise InputError("--out is required when building a memory")
     if args.covariance is not None and (not np.isfinite(args.shrinkage) or args.shrinkage <= 0):
         raise InputError(f"--shrinkage must be a finite number > 0, got {args.shrinkage}")
+    if (args.gate_rate is None) != (args.gate_facts is None):
+        raise InputError("--gate-rate and --gate-facts go together (the rate is measured on those facts)")
+    if args.gate_rate is not None and not (np.isfinite(args.gate_rate) and 0 < args.gate_rate < 1):
+        raise InputError(f"--gate-rate must be a fraction in (0, 1), got {args.gate_rate}")
     mem.check_hyperparameters(args.alpha, args.lam, None, 1)
     encoded, pad_id = _encode(backbone, args.facts)
     encoded = encoded[: args.num_facts] if args.num_facts else encoded
-    mem.check_hyperparameters(args.alpha, args.lam, args.q, len(encoded))
     if args.coordinate:
-        coordinate = parse_coordinate(args.coordinate, backbone.config.n_layers)
+        coordinate = parse_coordinate(args.coordinate, backbone.config.n_layers, args.steps)
     elif args.trace:
         coordinate = coordinate_from_trace(args.trace, backbone.config.n_layers)
     else:
         _, _, _, summary = trace_cmd.trace(args, backbone)
         c = summary["coordinate"]
-        coordinate = tracing.Coordinate(c["layer"], c["step"], c["module"])
+        coordinate = tracing.Coordinate(c["layer"], c["step"], c["module"], c.get("steps", args.steps))
         print(f"traced: layer {coordinate.layer}, step {coordinate.step}, module {coordinate.module}")
+    capture_steps = parse_capture_steps(args.capture_steps, coordinate)
+    mem.check_hyperparameters(args.alpha, args.lam, args.q, len(encoded) * len(capture_steps))
     whitening = None
     if args.covariance:
         whitening, info = workflow.retain_whitening(backbone, backbone_tokenizer(backbone),
                                                     data.load_facts(args.covariance), coordinate,
                                                     shrinkage=args.shrinkage)
         print(f"covariance-regularised: C from {info['tokens']} tokens of {info['retain_facts']} retain facts")
-    keys, deltas = capture(backbone, encoded, pad_id, coordinate, args)
+    keys, deltas = capture(backbone, encoded, pad_id, coordinate, args, capture_steps)
     memory, key_scale = mem.build(keys, deltas, layer=coordinate.layer, module=coordinate.module,
                                   alpha=args.alpha, lam=args.lam, q=args.q, whitening=whitening)
-    record = mem.MemoryRecord(memory, coordinate, args.lam, key_scale, tuple(e.fact.where for e in encoded),
-                              backbone.fingerprint())
+    if args.gate_rate is not None:
+        gate, info = workflow.retain_gate(backbone, backbone_tokenizer(backbone), data.load_facts(args.gate_facts),
+                                          memory, rate=args.gate_rate)
+        memory = mem.with_gate(memory, gate)
+        print(f"gated: cosine >= {gate:.4f} (edits {args.gate_rate:g} of {info['tokens']} tokens of "
+              f"{info['retain_facts']} retain facts)")
+    record = mem.MemoryRecord(memory, coordinate, args.lam, key_scale,
+                              tuple(e.fact.where for e in encoded for _ in capture_steps), backbone.fingerprint(),
+                              capture_steps)
     mem.save(record, args.out, overwrite=args.overwrite)
-    print(f"wrote an edit memory of {memory.size} fact(s) at layer {coordinate.layer}, module "
+    entries = "" if len(capture_steps) == 1 else f" ({memory.size} entries: steps {','.join(map(str, capture_steps))})"
+    print(f"wrote an edit memory of {len(encoded)} fact(s){entries} at layer {coordinate.layer}, module "
           f"{coordinate.module}, step {coordinate.step} (α={args.alpha:g}, λ={args.lam:g}, "
           f"q={args.q or memory.size}) to {args.out}")
     return 0

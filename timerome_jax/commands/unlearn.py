@@ -171,7 +171,7 @@ def run_training(args: argparse.Namespace, backbone: ports.Backbone) -> int:
 def traced_coordinate(args: argparse.Namespace, backbone: ports.Backbone, batch: tracing.TraceBatch) -> tracing.Coordinate:
     L = backbone.config.n_layers
     if args.coordinate:
-        return parse_coordinate(args.coordinate, L)
+        return parse_coordinate(args.coordinate, L, args.steps)
     if args.trace:
         return coordinate_from_trace(args.trace, L)
     config = tracing.TraceConfig(steps=args.steps, noise_samples=args.noise_samples, noise_scale=args.noise_scale)

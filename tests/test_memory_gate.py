@@ -1,0 +1,158 @@
+"""Gated memories, capture at several denoising steps, and the K of a coordinate."""
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ports
+from timerome_jax import memory as mem
+from timerome_jax import tracing as tr
+from timerome_jax import workflow
+from timerome_jax.errors import InputError
+from timerome_jax.facts import Fact
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def llada():
+    return ports.load_pretrained(FIXTURES / "llada")
+
+
+def random_facts(n, dk=12, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, dk)).astype(np.float32), rng.normal(size=(n, d)).astype(np.float32)
+
+
+def cosine_to_nearest(x, keys):
+    x = x / np.linalg.norm(x, axis=-1, keepdims=True)
+    k = keys / np.linalg.norm(keys, axis=-1, keepdims=True)
+    return (x @ k.T).max(-1)
+
+
+def test_match_is_the_cosine_with_the_nearest_stored_key():
+    keys, deltas = random_facts(5)
+    m, _ = mem.build(keys, deltas, layer=0, module="mlp", alpha=1.0, lam=0.1)  # capacity 8: 3 invalid rows
+    x = np.random.default_rng(3).normal(size=(2, 4, 12)).astype(np.float32)
+    np.testing.assert_allclose(m.match(jnp.asarray(x)), cosine_to_nearest(x, keys), atol=1e-5)
+    W = np.random.default_rng(4).normal(size=(12, 12)).astype(np.float32)
+    w, _ = mem.build(keys, deltas, layer=0, module="mlp", alpha=1.0, lam=0.1, whitening=W)
+    np.testing.assert_allclose(w.match(jnp.asarray(x)), cosine_to_nearest(x @ W.T, keys @ W.T), atol=1e-5)
+
+
+def test_gated_term_is_the_plain_term_where_the_match_passes_and_zero_elsewhere():
+    keys, deltas = random_facts(5)
+    plain, _ = mem.build(keys, deltas, layer=0, module="mlp", alpha=0.8, lam=0.1, q=3)
+    rng = np.random.default_rng(5)
+    x = np.concatenate([keys[:2] + 0.01 * rng.normal(size=(2, 12)), rng.normal(size=(6, 12))]).astype(np.float32)
+    tau = 0.9
+    gated = mem.with_gate(plain, tau)
+    passes = cosine_to_nearest(x, keys) >= tau
+    assert passes[:2].all() and not passes.all()  # near-copies of stored keys pass, random keys do not
+    expected = np.where(passes[:, None], np.asarray(plain.term(jnp.asarray(x))), 0.0)
+    np.testing.assert_allclose(gated.term(jnp.asarray(x)), expected, atol=1e-6)
+    # the lowest gate passes everything: the paper's memory, bit for bit
+    np.testing.assert_array_equal(mem.with_gate(plain, -1.0).term(jnp.asarray(x)), plain.term(jnp.asarray(x)))
+    assert mem.with_gate(gated, None).gate is None
+
+
+def test_gate_survives_insert_remove_and_save_load(llada, tmp_path):
+    keys, deltas = random_facts(4, dk=128, d=64)
+    m, scale = mem.build(keys[:3], deltas[:3], layer=1, module="mlp", alpha=0.5, lam=0.1)
+    m = mem.with_gate(m, 0.3)
+    grown = mem.insert(m, keys[3:], deltas[3:])
+    assert float(grown.gate) == pytest.approx(0.3) and float(mem.remove(grown, [0]).gate) == pytest.approx(0.3)
+    record = mem.MemoryRecord(grown, tr.Coordinate(1, 2, "mlp", 4), 0.1, scale, ("a", "a", "b", "b"),
+                              llada.fingerprint(), capture_steps=(1, 2))
+    mem.save(record, tmp_path / "m")
+    loaded = mem.load(tmp_path / "m", llada)
+    for a, b in zip(jax.tree.leaves(record.memory), jax.tree.leaves(loaded.memory)):
+        np.testing.assert_array_equal(a, b)
+    assert loaded.capture_steps == (1, 2) and loaded.coordinate == tr.Coordinate(1, 2, "mlp", 4)
+    # removing a fact id removes all of its entries
+    assert mem.remove_facts(loaded, ["a"]).memory.size == 2
+
+
+def test_gate_for_rate_is_the_upper_quantile():
+    scores = np.linspace(-1, 1, 1001)
+    tau = mem.gate_for_rate(scores, 0.1)
+    assert np.mean(scores >= tau) == pytest.approx(0.1, abs=2e-3)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: mem.with_gate(m, 1.5), "cosine threshold in [-1, 1]"),
+    (lambda m: mem.with_gate(m, float("nan")), "cosine threshold in [-1, 1]"),
+    (lambda m: mem.gate_for_rate(np.ones(3), 0.0), "fraction in (0, 1)"),
+    (lambda m: mem.gate_for_rate(np.ones(0), 0.5), "no retain keys"),
+])
+def test_bad_gates(call, message):
+    m, _ = mem.build(*random_facts(2), layer=0, module="mlp", alpha=1.0, lam=0.1)
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+        call(m)
+
+
+def test_coordinate_step_must_lie_in_its_trajectory():
+    assert tr.Coordinate(0, 7, "mlp").steps == 8
+    with pytest.raises(InputError, match="step 3 is outside 0..2"):
+        tr.Coordinate(0, 3, "mlp", 3)
+
+
+def make_batch():
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, 370, 8)), list(rng.integers(0, 370, 6))]
+    answers = [list(rng.integers(0, 370, 6)), list(rng.integers(0, 370, 4))]
+    return tr.build_trace_batch(prompts, answers, [(2, 5), (1, 3)], pad_id=378)
+
+
+def test_captured_key_at_step_k_reads_the_tracers_state_x_k(llada):
+    """The key at step 1 of a 4-step trajectory is read from the tracer's x_1 (6 answer tokens,
+    revealed 2, 2, 1, 1: 4 still masked), not from the last state of a 2-step one (3 masked)."""
+    batch = make_batch()
+    keys, _ = mem.capture_keys_and_deltas(llada, batch, jnp.float32(1.0), jax.random.key(0), layer=jnp.int32(1),
+                                          module="resid", step=1, trace_steps=4, noise_samples=1)
+    states, masked, _, _ = tr.clean_run(llada, batch.input_ids_FT[0], batch.attention_mask_FT[0],
+                                        batch.answer_mask_FT[0], batch.subject_pos_FS[0], 4)
+    assert int(jnp.sum(masked[1])) == 4
+    _, acts = llada.apply(states[1][None], batch.attention_mask_FT[:1], return_intermediates=True)
+    np.testing.assert_allclose(keys[0], acts["resid"][1, 0, 4], atol=1e-5)
+    with pytest.raises(InputError, match="step 4 is outside 0..3"):
+        mem.capture_keys_and_deltas(llada, batch, jnp.float32(1.0), jax.random.key(0), layer=jnp.int32(1),
+                                    module="resid", step=4, trace_steps=4, noise_samples=1)
+
+
+def test_capture_at_steps_is_fact_major_and_equals_single_step_captures(llada):
+    batch = make_batch()
+    c = tr.Coordinate(1, 0, "attn", 4)
+    keys, deltas = workflow.capture_at_steps(llada, batch, c, (0, 3), jax.random.key(2), noise_samples=2)
+    for j, k in enumerate((0, 3)):
+        one_k, one_d = workflow.capture(llada, batch, dataclasses.replace(c, step=k), jax.random.key(2),
+                                        noise_samples=2)
+        np.testing.assert_array_equal(keys[j::2], one_k)
+        np.testing.assert_array_equal(deltas[j::2], one_d)
+    with pytest.raises(InputError, match="capture steps must be distinct steps in 0..3"):
+        workflow.check_capture_steps(c, (0, 0))
+
+
+class _Tokenizer:
+    """Whitespace tokens -> ids < 370 (the fixture's vocabulary), enough for retain rows."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [2 + (sum(map(ord, w)) % 360) for w in text.split()]}
+
+    pad_token_id = 378
+    eos_token_id = None
+
+
+def test_retain_gate_edits_the_requested_share_of_retain_tokens(llada):
+    keys, deltas = random_facts(3, dk=64, d=64)
+    m, _ = mem.build(keys, deltas, layer=1, module="resid", alpha=1.0, lam=0.1)
+    retain = [Fact(f"what is item {i} of the list", f"item {i} is a small red box", where=f"r:{i}", kind="question")
+              for i in range(6)]
+    tau, info = workflow.retain_gate(llada, _Tokenizer(), retain, m, rate=0.2)
+    chunks = list(workflow._retain_chunks(llada, _Tokenizer(), retain, 8))
+    scores = np.concatenate([np.asarray(mem.match_scores(llada, m, i, a))[t] for i, a, t in chunks])
+    assert info["tokens"] == scores.size and np.mean(scores >= tau) == pytest.approx(0.2, abs=0.03)
