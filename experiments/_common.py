@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,11 @@ def parser(description: str, default_out: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     return p
+
+
+def command_line() -> str:
+    """The command that ran this experiment, as a user would type it (recorded in results)."""
+    return "python " + " ".join(shlex.quote(a) for a in [f"experiments/{Path(sys.argv[0]).name}", *sys.argv[1:]])
 
 
 def jsonable(x):
@@ -129,7 +135,7 @@ def coordinate(s: Setup) -> tuple[object, dict]:
     from timerome_jax.commands.edit import parse_coordinate
 
     if s.args.coordinate:
-        c = parse_coordinate(s.args.coordinate, s.backbone.config.n_layers)
+        c = parse_coordinate(s.args.coordinate, s.backbone.config.n_layers, s.args.trace_steps)
         return c, {"coordinate": c.as_dict(), "traced": False}
     facts = s.encode(s.args.trace_facts)
     config = tracing.TraceConfig(steps=s.args.trace_steps, noise_samples=s.args.noise_samples)

@@ -53,8 +53,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -129,10 +127,6 @@ def check_evaluation_arguments(args: argparse.Namespace) -> None:
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be >= 0, got {args.limit}")
     sampler.check_schedule(args.gen_length, args.gen_steps, args.block_length)
-
-
-def command_line() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in [f"experiments/{Path(sys.argv[0]).name}", *sys.argv[1:]])
 
 
 # --- operating points --------------------------------------------------------------------------
@@ -516,7 +510,7 @@ def main() -> None:
                    help="with --operating-points: whose α/λ/q the inference baselines use")
     args = p.parse_args()
     resolve(args, QUICK, DEFAULTS)
-    command = command_line()
+    command = _common.command_line()
     with _common.experiment(args) as out:
         payload = run(args, command)
         _common.write_json(out / "results.json", payload)

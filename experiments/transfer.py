@@ -242,7 +242,7 @@ def main() -> None:
     table.add_evaluation_arguments(p)
     args = p.parse_args()
     table.resolve(args, QUICK, DEFAULTS)
-    command = table.command_line()
+    command = _common.command_line()
     with _common.experiment(args) as out:
         start = time.perf_counter()
         table.check_evaluation_arguments(args)

@@ -184,3 +184,24 @@ def test_trained_bytes(llada_backbone):
     assert cost.trained_bytes(llada_backbone, training.TrainConfig("npo")) == total
     # RMU trains the MLP down-projections [L=3, 128, 64] of layers ℓ−2..ℓ with ℓ = L // 2 = 1: layers 0 and 1
     assert cost.trained_bytes(llada_backbone, training.TrainConfig("rmu")) == 2 * 128 * 64 * 4
+
+
+def test_selectivity_quick(tiny_model_dir_with_tokenizer, tmp_path):
+    out = tmp_path / "out"
+    proc = run_experiment("selectivity", tiny_model_dir_with_tokenizer, out, "--extra-coordinates", "1,resid,0")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((out / "results.json").read_text())
+    variants = ("paper", "multistep", "gated", "multistep+gated")
+    assert len(r["rows"]) == 2 * len(variants) * 2      # 2 coordinates x 4 variants x α in {1, 2}
+    builds = {(b["coordinate"]["layer"], b["variant"]): b for b in r["builds"]}
+    assert builds[(1, "paper")]["entries"] == 3 and builds[(1, "multistep")]["entries"] == 6   # K = 2 steps
+    assert builds[(1, "multistep")]["capture_steps"] == [0, 1]
+    gate = builds[(1, "gated")]["gate"]
+    assert gate["rate"] == 0.01 and -1.0 <= gate["gate"] <= 1.0 and gate["tokens"] > 0
+    assert len(r["safe_points"]) == 2 * len(variants)
+    for row in r["rows"]:
+        assert len(row["forget_drop"]["per_seed"]) == 2
+    assert (out / "selectivity.png").read_bytes()[:4] == PNG
+    assert "| variant |" in (out / "results.md").read_text()
+    bad = run_experiment("selectivity", tiny_model_dir_with_tokenizer, tmp_path / "bad", "--gate-rate", "2")
+    assert bad.returncode == 2 and "--gate-rate must be a fraction" in bad.stderr and not (tmp_path / "bad").exists()

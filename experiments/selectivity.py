@@ -1,0 +1,222 @@
+"""Selectivity of the edit memory: which variant lowers the forget answers and leaves retain alone.
+
+    python experiments/selectivity.py [--model tofu-tiny] [--quick] --out runs/selectivity
+
+Why: on the embedded model the paper's memory (key at k*, added at every token) costs the retain
+set 0.6–0.9 nats per nat of forget drop at every α (docs/RESULTS.md). Two causes are measurable:
+(1) the key of a fact at its last subject token moves as the answer is revealed (bidirectional
+attention), so the key stored at step k* no longer matches the fact's own forwards later in
+denoising; (2) the ridge read-out c(x) = G⁻¹Kᵀx responds to every token, retain ones included.
+The variants address them one at a time (`workflow.build_memory`, `memory.with_gate`):
+
+* paper: one key per fact at k* (DESIGN §3), applied at every token.
+* multistep: one key and delta per fact at each step in --capture-steps of the K-step trajectory.
+* gated: the paper's keys, term added only where the token's key has cosine ≥ τ with its nearest
+  stored key; τ = the (1 − r) quantile over the tokens of --gate-facts (retain facts disjoint from
+  the scored --retain set), so a fraction r of retain tokens is still edited (`workflow.retain_gate`).
+* multistep+gated: both.
+
+Each variant is built at the traced coordinate and at every --extra-coordinates, and swept over
+--alphas (α = 0 is the unedited model). For each point: forget drop ForgetLP(no edit) −
+ForgetLP(edit) and retain change RetainLP(edit) − RetainLP(no edit), nats per answer, MC-ELBO with
+paired masks over --lp-seeds seeds, bootstrap 95 % CIs (`_common.lp_changes`). Per variant and
+coordinate, the "safe" point is the largest forget drop whose mean retain change is within
+--retain-tolerance nats; its greedy generations give ROUGE-L recall on forget and retain.
+
+Writes results.json, results.md and selectivity.png (forget drop vs retain change per variant).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from timerome_jax import data, metrics, workflow
+from timerome_jax import memory as mem
+from timerome_jax.commands.edit import parse_coordinate
+from timerome_jax.errors import InputError
+
+import _common
+import _quick
+
+QUICK = {"forget": "forget01_subjects[:3]", "retain": "retain90[:3]", "trace_facts": "forget01_subjects[:3]",
+         "gate_facts": "retain90[3:6]", "trace_steps": 2, "noise_samples": 2, "mc_samples": 2, "lp_seeds": 2,
+         "alphas": "1,2", "gen_length": 32, "gen_steps": 16, "block_length": 32, "extra_coordinates": ""}
+VARIANTS = ("paper", "multistep", "gated", "multistep+gated")
+
+
+def parse_alphas(text: str) -> list[float]:
+    try:
+        alphas = sorted({float(a) for a in text.split(",") if a.strip()})
+    except ValueError:
+        raise InputError(f"--alphas must be comma-separated numbers, got {text!r}") from None
+    if not alphas or any(not np.isfinite(a) or a <= 0 for a in alphas):
+        raise InputError(f"--alphas must be finite numbers > 0 (α = 0 is the no-edit row), got {text!r}")
+    return alphas
+
+
+def rouge(s: _common.Setup, backbone, facts, args) -> float:
+    prompts = [p.prompt_ids for p in facts]
+    answers = metrics.generate_answers(backbone, s.tokenizer, prompts, gen_length=args.gen_length,
+                                       steps=args.gen_steps, block_length=args.block_length, batch_size=64,
+                                       pad_id=s.pad_id)
+    references = [s.tokenizer.decode(list(p.answer_ids)) for p in facts]
+    return float(np.mean([metrics.rouge_l_recall(a, r) for a, r in zip(answers, references)]))
+
+
+def build_variants(s: _common.Setup, forget, coordinate, args) -> dict[str, tuple[mem.MemoryRecord, dict]]:
+    steps = tuple(range(coordinate.steps)) if args.capture_steps == "all" else tuple(
+        int(k) for k in args.capture_steps.split(","))
+    gate_facts = data.load_facts(args.gate_facts)
+    out = {}
+    for variant in VARIANTS:
+        tic = time.perf_counter()
+        multi = variant.startswith("multistep")
+        record = workflow.build_memory(s.backbone, forget, coordinate, alpha=1.0, lam=args.lam, seed=args.seed,
+                                       noise_samples=args.noise_samples,
+                                       capture_steps=steps if multi else None)
+        info = {"capture_steps": list(record.capture_steps), "entries": record.memory.size}
+        if variant.endswith("gated"):
+            gate, gate_info = workflow.retain_gate(s.backbone, s.tokenizer, gate_facts, record.memory,
+                                                   rate=args.gate_rate)
+            record = record.with_memory(mem.with_gate(record.memory, gate))
+            info["gate"] = gate_info
+        info["build_seconds"] = time.perf_counter() - tic
+        out[variant] = (record, info)
+    return out
+
+
+def figure(rows: list[dict], tolerance: float, path) -> None:
+    plt = _common.figure()
+    coordinates = sorted({r["coordinate_label"] for r in rows})
+    fig, axes = plt.subplots(1, len(coordinates), figsize=(5.2 * len(coordinates), 4.2), squeeze=False)
+    for ax, label in zip(axes[0], coordinates):
+        ax.axhspan(-tolerance, tolerance, color="tab:green", alpha=0.08)
+        ax.axhline(0, color="grey", linewidth=0.6)
+        for variant in VARIANTS:
+            curve = sorted((r for r in rows if r["coordinate_label"] == label and r["variant"] == variant),
+                           key=lambda r: r["alpha"])
+            ax.plot([0] + [r["forget_drop"]["mean"] for r in curve], [0] + [r["retain_change"]["mean"] for r in curve],
+                    marker="o", markersize=3.5, label=variant)
+        ax.set_title(f"memory at {label}", fontsize=9)
+        ax.set_xlabel("forget drop (nats per answer)")
+        ax.set_ylabel("retain change (nats per answer)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def markdown(payload: dict) -> str:
+    st = payload["settings"]
+    lines = [f"# Memory selectivity: {payload['model']} ({payload['fingerprint']})", "",
+             f"Command: `{payload['command']}`", "",
+             f"{payload['num_forget']} forget facts, retain `{st['retain']}`; gate calibrated on `{st['gate_facts']}` "
+             f"at rate {st['gate_rate']:g}; λ = {st['lam']:g}; {st['lp_seeds']} seeds × {st['mc_samples']} MC "
+             f"samples; mean [95 % CI] over seeds, nats per answer.", "",
+             "No edit: ROUGE-L recall forget "
+             f"{payload['no_edit']['rouge_forget']:.3f}, retain {payload['no_edit']['rouge_retain']:.3f}.", "",
+             "| coordinate | variant | α | forget drop | retain change | retain / forget |", "|---|---|---|---|---|---|"]
+    for r in payload["rows"]:
+        ratio = -r["retain_change"]["mean"] / r["forget_drop"]["mean"] if r["forget_drop"]["mean"] > 0 else float("nan")
+        lines.append(f"| {r['coordinate_label']} | {r['variant']} | {r['alpha']:g} | {_common.fmt(r['forget_drop'])} | "
+                     f"{_common.fmt(r['retain_change'])} | {ratio:.2f} |")
+    lines += ["", f"Safe points (largest forget drop with |retain change| ≤ {st['retain_tolerance']:g} nats):", "",
+              "| coordinate | variant | α | forget drop | retain change | ROUGE-L forget | ROUGE-L retain |",
+              "|---|---|---|---|---|---|---|"]
+    for p in payload["safe_points"]:
+        if p["alpha"] is None:
+            lines.append(f"| {p['coordinate_label']} | {p['variant']} | none within tolerance | | | | |")
+            continue
+        lines.append(f"| {p['coordinate_label']} | {p['variant']} | {p['alpha']:g} | {_common.fmt(p['forget_drop'])} | "
+                     f"{_common.fmt(p['retain_change'])} | {p['rouge_forget']:.3f} | {p['rouge_retain']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = _common.parser(__doc__.split("\n")[0], "runs/selectivity")
+    _common.add_memory_arguments(p)
+    p.add_argument("--alphas", default="0.5,1,2,4,8", help="comma-separated α values (> 0)")
+    p.add_argument("--capture-steps", default="all", help="steps of the multistep variants ('all' or '0,3,7')")
+    p.add_argument("--gate-facts", default="retain90[40:160]",
+                   help="retain facts that calibrate the gate (keep them apart from --retain)")
+    p.add_argument("--gate-rate", type=float, default=0.01, help="share of gate-fact tokens still edited")
+    p.add_argument("--extra-coordinates", default="2,resid,0",
+                   help="';'-separated LAYER,MODULE,STEP besides the traced one ('' for none)")
+    p.add_argument("--retain-tolerance", type=float, default=1.0, help="safe: |mean retain change| ≤ this")
+    p.add_argument("--gen-length", type=int, default=96)
+    p.add_argument("--gen-steps", type=int, default=48)
+    p.add_argument("--block-length", type=int, default=32)
+    p.set_defaults(mc_samples=8, real_authors="")
+    args = p.parse_args()
+    if args.quick:
+        _quick.apply_quick(p, args, QUICK)
+    with _common.experiment(args) as out:
+        start = time.perf_counter()
+        alphas = parse_alphas(args.alphas)
+        if not (np.isfinite(args.gate_rate) and 0 < args.gate_rate < 1):
+            raise InputError(f"--gate-rate must be a fraction in (0, 1), got {args.gate_rate}")
+        if not np.isfinite(args.retain_tolerance) or args.retain_tolerance < 0:
+            raise InputError(f"--retain-tolerance must be >= 0, got {args.retain_tolerance}")
+        s = _common.setup(args)
+        traced, coordinate_info = _common.coordinate(s)
+        coordinates = [traced] + [parse_coordinate(c, s.backbone.config.n_layers, args.trace_steps)
+                                  for c in args.extra_coordinates.split(";") if c.strip()]
+        forget = s.encode(args.forget)
+        sets = {"forget": workflow.qa_pairs(s.tokenizer, [e.fact for e in forget.encoded], "forget"),
+                "retain": s.pairs(args.retain, "retain")}
+        base = {name: s.lp(s.backbone, pairs) for name, pairs in sets.items()}
+        no_edit = {"rouge_forget": rouge(s, s.backbone, sets["forget"], args),
+                   "rouge_retain": rouge(s, s.backbone, sets["retain"], args),
+                   **{name: _common.summary(v) for name, v in base.items()}}
+        rows, safe_points, builds = [], [], []
+        for coordinate in coordinates:
+            label = f"L{coordinate.layer} {coordinate.module} k{coordinate.step}"
+            variants = build_variants(s, forget, coordinate, args)
+            for variant, (record, info) in variants.items():
+                builds.append({"coordinate": coordinate.as_dict(), "variant": variant, **info})
+                curve = []
+                for alpha in _common.progress(alphas, f"{label} {variant}", "α"):
+                    edited_memory = mem.with_hyperparameters(record.memory, alpha=alpha)
+                    edited = {name: s.lp(mem.attach(s.backbone, edited_memory), pairs) for name, pairs in sets.items()}
+                    row = {"coordinate": coordinate.as_dict(), "coordinate_label": label, "variant": variant,
+                           "alpha": alpha, **_common.lp_changes(base, edited)}
+                    rows.append(row)
+                    curve.append(row)
+                within = [r for r in curve if abs(r["retain_change"]["mean"]) <= args.retain_tolerance]
+                best = max(within, key=lambda r: r["forget_drop"]["mean"], default=None)
+                point = {"coordinate_label": label, "variant": variant, "alpha": None}
+                if best is not None:
+                    edited = mem.attach(s.backbone, mem.with_hyperparameters(record.memory, alpha=best["alpha"]))
+                    point = {**point, "alpha": best["alpha"], "forget_drop": best["forget_drop"],
+                             "retain_change": best["retain_change"],
+                             "rouge_forget": rouge(s, edited, sets["forget"], args),
+                             "rouge_retain": rouge(s, edited, sets["retain"], args)}
+                safe_points.append(point)
+        payload = {
+            "experiment": "selectivity (memory variants)", "command": _common.command_line(),
+            "model": args.model, "fingerprint": s.backbone.fingerprint(), "quick": args.quick, "seed": args.seed,
+            "num_forget": forget.num_facts, "forget_facts": list(forget.fact_ids), "skipped": list(forget.skipped),
+            "settings": {"alphas": alphas, "lam": args.lam, "retain": args.retain, "gate_facts": args.gate_facts,
+                         "gate_rate": args.gate_rate, "capture_steps": args.capture_steps,
+                         "retain_tolerance": args.retain_tolerance, "lp_seeds": args.lp_seeds,
+                         "mc_samples": args.mc_samples, "noise_samples": args.noise_samples,
+                         "trace_facts": args.trace_facts, "trace_steps": args.trace_steps, "estimator": "mc_elbo",
+                         "generation": {"gen_length": args.gen_length, "steps": args.gen_steps,
+                                        "block_length": args.block_length}},
+            "coordinate": coordinate_info, "no_edit": no_edit, "builds": builds, "rows": rows,
+            "safe_points": safe_points, "seconds": time.perf_counter() - start,
+        }
+        _common.write_json(out / "results.json", payload)
+        (out / "results.md").write_text(markdown(payload))
+        figure(rows, args.retain_tolerance, out / "selectivity.png")
+        for p_ in safe_points:
+            if p_["alpha"] is not None:
+                print(f"{p_['coordinate_label']} {p_['variant']}: α={p_['alpha']:g} forget drop "
+                      f"{_common.fmt(p_['forget_drop'])}, retain {_common.fmt(p_['retain_change'])}, "
+                      f"ROUGE-L forget {p_['rouge_forget']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
