@@ -17,11 +17,11 @@ import pytest
 
 import ports
 from timerome_jax import memory as mem
-from timerome_jax import resources, tracing
+from timerome_jax import resources, tracing, workflow
 from timerome_jax.baselines import inference, suites, training
 from timerome_jax.errors import InputError
 from timerome_jax.masking import forward_process, masked_diffusion_loss
-from timerome_jax.tokenization import backbone_tokenizer, pad_token_id
+from timerome_jax.tokenization import backbone_tokenizer
 
 N_FORGET = N_RETAIN = 4
 BATCH = 4
@@ -335,10 +335,9 @@ def test_measure_reads_the_process():
 @pytest.fixture(scope="module")
 def facts_batch(model):
     tok = backbone_tokenizer(model)
-    batch, ids, skipped = inference.encode_facts(model, tok, suites.forget_facts("tofu-forget01", N_FORGET),
-                                                 pad_token_id(tok, model))
-    assert not skipped and len(ids) == N_FORGET
-    return batch, ids
+    encoded = workflow.encode(model, tok, suites.forget_facts("tofu-forget01", N_FORGET))
+    assert not encoded.skipped and encoded.num_facts == N_FORGET
+    return encoded.batch, list(encoded.fact_ids)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.5])

@@ -169,19 +169,30 @@ def build_memory(backbone: Backbone, facts: EncodedFacts, coordinate: tracing.Co
                  lam: float = 0.1, q: int | None = None, seed: int = 0, noise_samples: int = 10,
                  noise_scale: float = 3.0, facts_per_chunk: int = 4, whitening: np.ndarray | None = None,
                  capture_steps: Sequence[int] | None = None) -> mem.MemoryRecord:
-    """Capture the facts at the coordinate and build one memory over all of them.
+    """Capture the facts at the coordinate and build one memory over all of them (noise keys from
+    `jax.random.key(seed)`; see `memory_from_batch`)."""
+    return memory_from_batch(backbone, facts.batch, facts.fact_ids, coordinate, jax.random.key(seed), alpha=alpha,
+                             lam=lam, q=q, noise_samples=noise_samples, noise_scale=noise_scale,
+                             facts_per_chunk=facts_per_chunk, whitening=whitening, capture_steps=capture_steps)
+
+
+def memory_from_batch(backbone: Backbone, batch: tracing.TraceBatch, fact_ids: Sequence[str],
+                      coordinate: tracing.Coordinate, key: jax.Array, *, alpha: float = 1.0, lam: float = 0.1,
+                      q: int | None = None, noise_samples: int = 10, noise_scale: float = 3.0,
+                      facts_per_chunk: int = 4, whitening: np.ndarray | None = None,
+                      capture_steps: Sequence[int] | None = None) -> mem.MemoryRecord:
+    """The memory of the facts of `batch` (ids `fact_ids`) at the coordinate.
 
     `capture_steps` (steps of the coordinate's K-step trajectory, default (k*,)): one key and
     delta per fact and step, so the memory also matches the fact's keys later in denoising, when
     part of the answer is visible (n · len(capture_steps) entries; `q` counts entries)."""
     capture_steps = check_capture_steps(coordinate, capture_steps)
-    mem.check_hyperparameters(alpha, lam, q, facts.num_facts * len(capture_steps))
-    keys, deltas = capture_at_steps(backbone, facts.batch, coordinate, capture_steps, jax.random.key(seed),
-                                    noise_samples=noise_samples, noise_scale=noise_scale,
-                                    facts_per_chunk=facts_per_chunk)
+    mem.check_hyperparameters(alpha, lam, q, batch.num_facts * len(capture_steps))
+    keys, deltas = capture_at_steps(backbone, batch, coordinate, capture_steps, key, noise_samples=noise_samples,
+                                    noise_scale=noise_scale, facts_per_chunk=facts_per_chunk)
     memory, key_scale = mem.build(keys, deltas, layer=coordinate.layer, module=coordinate.module, alpha=alpha,
                                   lam=lam, q=q, whitening=whitening)
-    ids = tuple(f for f in facts.fact_ids for _ in capture_steps)
+    ids = tuple(f for f in fact_ids for _ in capture_steps)
     return mem.MemoryRecord(memory, coordinate, lam, key_scale, ids, backbone.fingerprint(), capture_steps)
 
 

@@ -52,7 +52,7 @@ from ports.errors import CheckpointError
 from ports.fileio import atomic_directory
 from timerome_jax import memory as mem
 from timerome_jax import pipeline, tracing
-from timerome_jax.workflow import capture
+from timerome_jax.workflow import capture, memory_from_batch
 from timerome_jax.errors import InputError
 
 Array = jax.Array
@@ -222,14 +222,9 @@ def random_memory(backbone: Backbone, batch: tracing.TraceBatch, traced: tracing
     """The ridge memory of these facts at a random coordinate (same α, λ, q, same facts)."""
     mem.check_hyperparameters(alpha, lam, q, batch.num_facts)
     coordinate = random_coordinate(backbone.config.n_layers, traced, seed)
-    keys, deltas = capture(backbone, batch, coordinate, key, noise_samples=noise_samples, noise_scale=noise_scale,
-                           facts_per_chunk=facts_per_chunk)
-    memory, key_scale = mem.build(keys, deltas, layer=coordinate.layer, module=coordinate.module, alpha=alpha,
-                                  lam=lam, q=q)
-    return mem.MemoryRecord(memory, coordinate, lam, key_scale, tuple(fact_ids), backbone.fingerprint())
+    return memory_from_batch(backbone, batch, fact_ids, coordinate, key, alpha=alpha, lam=lam, q=q,
+                             noise_samples=noise_samples, noise_scale=noise_scale, facts_per_chunk=facts_per_chunk)
 
-
-# --- building, saving, loading ---------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class InferenceBaseline:
@@ -358,13 +353,7 @@ def load_inference_baseline(path: str | Path, backbone: Backbone | None = None) 
     return steer(backbone, vector, c.layer, c.module, float(meta["alpha"]))
 
 
-def encode_facts(backbone: Backbone, tokenizer, facts, pad_id: int) -> tuple[tracing.TraceBatch, list[str], list[str]]:
-    """Facts -> (trace batch, fact ids, skipped ids), as `timerome trace/edit` encode them."""
-    encoded, skipped = pipeline.encode_for_tracing(tokenizer, facts, backbone.config.max_seq_len)
-    return pipeline.trace_batch(encoded, pad_id), [e.fact.where for e in encoded], skipped
-
-
 __all__ = ["INFERENCE_METHODS", "InferenceBaseline", "SteeredBackbone", "SteeringVector",
-           "build_inference_baseline", "caa_difference", "capture", "contrastive_sums", "encode_facts",
+           "build_inference_baseline", "caa_difference", "capture", "contrastive_sums",
            "is_inference_baseline", "load_inference_baseline", "make_steering_interceptor", "random_coordinate",
            "random_memory", "read_kind", "read_meta", "save_inference_baseline", "steer", "steering_vector"]

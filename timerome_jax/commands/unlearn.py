@@ -25,11 +25,11 @@ import jax.numpy as jnp
 import ports
 from ports import checkpoint
 from ports.fileio import atomic_directory
-from timerome_jax import pipeline, resources, tracing
+from timerome_jax import pipeline, resources, tracing, workflow
 from timerome_jax.baselines import inference, suites, training
 from timerome_jax.commands.edit import coordinate_from_trace, parse_coordinate
 from timerome_jax.errors import InputError
-from timerome_jax.tokenization import backbone_tokenizer, pad_token_id
+from timerome_jax.tokenization import backbone_tokenizer
 
 DEFAULT_MODEL = "tofu-tiny"
 METHODS = training.TRAINING_METHODS + inference.INFERENCE_METHODS
@@ -184,7 +184,8 @@ def traced_coordinate(args: argparse.Namespace, backbone: ports.Backbone, batch:
 def run_inference(args: argparse.Namespace, backbone: ports.Backbone) -> int:
     tokenizer = backbone_tokenizer(backbone)
     facts = suites.forget_facts(args.suite, args.num_forget)
-    batch, fact_ids, skipped = inference.encode_facts(backbone, tokenizer, facts, pad_token_id(tokenizer, backbone))
+    encoded = workflow.encode(backbone, tokenizer, facts)
+    batch, fact_ids, skipped = encoded.batch, list(encoded.fact_ids), list(encoded.skipped)
     if skipped:
         print(f"timerome unlearn: skipped {len(skipped)} forget fact(s) whose question does not name its subject",
               file=sys.stderr)
