@@ -108,6 +108,11 @@ def add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--q", type=int, default=None, help="q without --operating-points (default n)")
     t.add_argument("--covariance", default=None, metavar="FACTS",
                    help="covariance-regularised memory over these retain facts (as timerome edit --covariance)")
+    t.add_argument("--gate-rate", type=float, default=None, help="gated memory without --operating-points "
+                   "(as timerome edit --gate-rate; needs --gate-facts)")
+    t.add_argument("--gate-facts", default=None, metavar="FACTS", help="retain facts that calibrate the gate")
+    t.add_argument("--capture-steps", default=None, help="keys at these steps ('all' or '0,3,7') without "
+                   "--operating-points")
 
 
 def resolve(args: argparse.Namespace, quick: dict, defaults: dict) -> None:
@@ -134,7 +139,8 @@ def check_evaluation_arguments(args: argparse.Namespace) -> None:
 @dataclasses.dataclass(frozen=True)
 class Point:
     """One TimeROME configuration: row name, α, λ, q (None = n), covariance facts (None = plain
-    ridge), and where it came from."""
+    ridge), where it came from, and optionally a gate (rate r calibrated on `gate_facts`,
+    `workflow.retain_gate`) and the capture steps ('all' or steps; None = k*)."""
 
     name: str
     alpha: float
@@ -142,13 +148,23 @@ class Point:
     q: int | None
     covariance: str | None
     source: dict
+    gate_rate: float | None = None
+    gate_facts: str | None = None
+    capture_steps: str | None = None
+
+    def describe(self) -> str:
+        return (f"α={self.alpha:g}, λ={self.lam:g}, q={self.q if self.q is not None else 'n'}"
+                + (f", covariance {self.covariance}" if self.covariance else "")
+                + (f", keys at steps {self.capture_steps}" if self.capture_steps else "")
+                + (f", gated at rate {self.gate_rate:g} on {self.gate_facts}" if self.gate_rate else ""))
 
 
 def operating_points(args: argparse.Namespace, which=tuple(POINTS)) -> list[Point]:
     """The TimeROME rows: the `which` points of --operating-points, else one from the flags."""
     if not args.operating_points:
         return [Point("TimeROME", float(args.alpha), float(args.lam), args.q, args.covariance,
-                      {"from": "flags --alpha/--lam/--q (no --operating-points given)"})]
+                      {"from": "flags --alpha/--lam/--q (no --operating-points given)"},
+                      args.gate_rate, args.gate_facts, args.capture_steps)]
     path = Path(args.operating_points)
     try:
         points = json.loads(path.read_text())["operating_points"]
@@ -166,9 +182,14 @@ def operating_points(args: argparse.Namespace, which=tuple(POINTS)) -> list[Poin
             covariance = args.covariance or "retain90[:40]"
         try:
             q = point.get("q")
+            gate_rate = point.get("gate_rate")
+            steps = point.get("capture_steps")
             out.append(Point(POINTS[key], float(point["alpha"]), float(point.get("lam", args.lam)),
                              None if q is None else int(q), covariance or None,
-                             {"from": str(path), "key": key, "point": point}))
+                             {"from": str(path), "key": key, "point": point},
+                             None if gate_rate is None else float(gate_rate), point.get("gate_facts"),
+                             None if steps is None else (steps if isinstance(steps, str)
+                                                         else ",".join(str(int(k)) for k in steps))))
         except (TypeError, ValueError) as e:
             raise InputError(f"{path}: operating point {key!r} is malformed: {e}") from None
     return out
@@ -183,12 +204,24 @@ def build_timerome(backbone, tokenizer, facts, coordinate, point: Point, args, *
         if point.covariance:
             whitening, info = workflow.retain_whitening(backbone, tokenizer, data.load_facts(point.covariance),
                                                         coordinate)
+        steps = None
+        if point.capture_steps:
+            steps = (range(coordinate.steps) if point.capture_steps == "all"
+                     else [int(k) for k in point.capture_steps.split(",")])
         record = workflow.build_memory(backbone, facts, coordinate, alpha=point.alpha, lam=point.lam, q=point.q,
-                                       seed=args.seed, noise_samples=args.noise_samples, whitening=whitening)
-        return record, info
+                                       seed=args.seed, noise_samples=args.noise_samples, whitening=whitening,
+                                       capture_steps=steps)
+        gate = None
+        if point.gate_rate:
+            if not point.gate_facts:
+                raise InputError(f"{point.name}: a gate rate needs gate facts to calibrate on")
+            tau, gate = workflow.retain_gate(backbone, tokenizer, data.load_facts(point.gate_facts), record.memory,
+                                             rate=point.gate_rate)
+            record = record.with_memory(mem.with_gate(record.memory, tau))
+        return record, (info, gate)
 
-    (record, info), cost = measured(build, warm_up=warm_up)
-    return mem.attach(backbone, record.memory), record, {**cost, "covariance": info}
+    (record, (info, gate)), cost = measured(build, warm_up=warm_up)
+    return mem.attach(backbone, record.memory), record, {**cost, "covariance": info, "gate": gate}
 
 
 # --- evaluation ----------------------------------------------------------------------------------
@@ -352,9 +385,7 @@ def markdown(payload: dict) -> str:
                f"reference: {st['reference'] or 'none (' + st['no_reference_reason'] + ')'}; {where}.")
     out.append("")
     out.append("TimeROME operating points: " + "; ".join(
-        f"{p['name']}: α={p['alpha']:g}, λ={p['lam']:g}, q={p['q'] if p['q'] is not None else 'n'}"
-        + (f", covariance {p['covariance']}" if p["covariance"] else "") + f" (from {p['source']['from']})"
-        for p in payload["operating_points"]))
+        f"{p['name']}: {Point(**p).describe()} (from {p['source']['from']})" for p in payload["operating_points"]))
     for p in payload["operating_points"]:
         tuned_at = (p["source"].get("point") or {}).get("coordinate")
         if tuned_at and c and tuned_at != c:
@@ -461,7 +492,9 @@ def run(args: argparse.Namespace, command: str) -> dict:
             kind, method = "timerome", point.name
             model, record, cost = build_timerome(s.backbone, s.tokenizer, facts, coordinate, point, args)
             settings = {"coordinate": coordinate.as_dict(), "alpha": point.alpha, "lam": point.lam, "q": point.q,
-                        "covariance": point.covariance, "facts": record.memory.size,
+                        "covariance": point.covariance, "gate_rate": point.gate_rate,
+                        "gate_facts": point.gate_facts, "capture_steps": point.capture_steps,
+                        "facts": record.memory.size,
                         "key_scale": record.key_scale, "source": point.source}
         result = evaluate(model, suite, method)
         base = base or result

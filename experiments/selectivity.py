@@ -15,6 +15,9 @@ The variants address them one at a time (`workflow.build_memory`, `memory.with_g
   stored key; τ = the (1 − r) quantile over the tokens of --gate-facts (retain facts disjoint from
   the scored --retain set), so a fraction r of retain tokens is still edited (`workflow.retain_gate`).
 * multistep+gated: both.
+* covariance / covariance+gated: the covariance-regularised memory (λ̃ C, C over the --gate-facts
+  tokens), alone and gated; its match is measured between whitened keys, which removes the
+  direction every residual-stream key shares.
 
 Each variant is built at the traced coordinate and at every --extra-coordinates, and swept over
 --alphas (α = 0 is the unedited model). For each point: forget drop ForgetLP(no edit) −
@@ -22,6 +25,10 @@ ForgetLP(edit) and retain change RetainLP(edit) − RetainLP(no edit), nats per 
 paired masks over --lp-seeds seeds, bootstrap 95 % CIs (`_common.lp_changes`). Per variant and
 coordinate, the "safe" point is the largest forget drop whose mean retain change is within
 --retain-tolerance nats; its greedy generations give ROUGE-L recall on forget and retain.
+
+`operating_points` in results.json (utility_safe: the largest forget drop within the tolerance over
+every variant, coordinate and α; max_forget: the largest forget drop) have the shape of pareto.py's,
+so `forget_table.py --operating-points runs/selectivity/results.json` evaluates them.
 
 Writes results.json, results.md and selectivity.png (forget drop vs retain change per variant).
 """
@@ -43,7 +50,7 @@ import _quick
 QUICK = {"forget": "forget01_subjects[:3]", "retain": "retain90[:3]", "trace_facts": "forget01_subjects[:3]",
          "gate_facts": "retain90[3:6]", "trace_steps": 2, "noise_samples": 2, "mc_samples": 2, "lp_seeds": 2,
          "alphas": "1,2", "gen_length": 32, "gen_steps": 16, "block_length": 32, "extra_coordinates": ""}
-VARIANTS = ("paper", "multistep", "gated", "multistep+gated")
+VARIANTS = ("paper", "multistep", "gated", "multistep+gated", "covariance", "covariance+gated")
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -65,18 +72,30 @@ def rouge(s: _common.Setup, backbone, facts, args) -> float:
     return float(np.mean([metrics.rouge_l_recall(a, r) for a, r in zip(answers, references)]))
 
 
+def parse_variants(text: str) -> list[str]:
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise InputError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
+    return variants
+
+
 def build_variants(s: _common.Setup, forget, coordinate, args) -> dict[str, tuple[mem.MemoryRecord, dict]]:
     steps = tuple(range(coordinate.steps)) if args.capture_steps == "all" else tuple(
         int(k) for k in args.capture_steps.split(","))
     gate_facts = data.load_facts(args.gate_facts)
     out = {}
-    for variant in VARIANTS:
+    for variant in args.variant_list:
         tic = time.perf_counter()
         multi = variant.startswith("multistep")
+        whitening = None
+        if variant.startswith("covariance"):
+            whitening, _ = workflow.retain_whitening(s.backbone, s.tokenizer, gate_facts, coordinate)
         record = workflow.build_memory(s.backbone, forget, coordinate, alpha=1.0, lam=args.lam, seed=args.seed,
-                                       noise_samples=args.noise_samples,
+                                       noise_samples=args.noise_samples, whitening=whitening,
                                        capture_steps=steps if multi else None)
-        info = {"capture_steps": list(record.capture_steps), "entries": record.memory.size}
+        info = {"capture_steps": list(record.capture_steps), "entries": record.memory.size,
+                "covariance": whitening is not None}
         if variant.endswith("gated"):
             gate, gate_info = workflow.retain_gate(s.backbone, s.tokenizer, gate_facts, record.memory,
                                                    rate=args.gate_rate)
@@ -87,6 +106,31 @@ def build_variants(s: _common.Setup, forget, coordinate, args) -> dict[str, tupl
     return out
 
 
+def variant_config(variant: str, args) -> dict:
+    """The memory options of a variant, in the operating-point form forget_table.py reads."""
+    return {"covariance": args.gate_facts if variant.startswith("covariance") else None,
+            "capture_steps": args.capture_steps if variant.startswith("multistep") else None,
+            "gate_rate": args.gate_rate if variant.endswith("gated") else None,
+            "gate_facts": args.gate_facts if variant.endswith("gated") else None}
+
+
+def operating_points(rows: list[dict], args) -> dict:
+    """utility_safe: the largest mean forget drop over every variant, coordinate and α whose mean
+    retain change is within --retain-tolerance (no edit, α = 0, when none is); max_forget: the
+    largest mean forget drop. Shaped like pareto.py's, for forget_table.py --operating-points."""
+    def entry(r):
+        return {"alpha": r["alpha"], "lam": args.lam, "q": None, "variant": r["variant"],
+                "coordinate": r["coordinate"], **variant_config(r["variant"], args),
+                "forget_drop": r["forget_drop"], "retain_change": r["retain_change"], "is_no_edit": False}
+
+    within = [r for r in rows if abs(r["retain_change"]["mean"]) <= args.retain_tolerance]
+    safe = max(within, key=lambda r: r["forget_drop"]["mean"], default=None)
+    no_edit = {"alpha": 0.0, "lam": args.lam, "q": None, "variant": "paper", "is_no_edit": True,
+               **variant_config("paper", args)}
+    return {"utility_safe": {**(entry(safe) if safe else no_edit), "retain_tolerance": args.retain_tolerance},
+            "max_forget": entry(max(rows, key=lambda r: r["forget_drop"]["mean"]))}
+
+
 def figure(rows: list[dict], tolerance: float, path) -> None:
     plt = _common.figure()
     coordinates = sorted({r["coordinate_label"] for r in rows})
@@ -94,7 +138,7 @@ def figure(rows: list[dict], tolerance: float, path) -> None:
     for ax, label in zip(axes[0], coordinates):
         ax.axhspan(-tolerance, tolerance, color="tab:green", alpha=0.08)
         ax.axhline(0, color="grey", linewidth=0.6)
-        for variant in VARIANTS:
+        for variant in sorted({r["variant"] for r in rows}, key=VARIANTS.index):
             curve = sorted((r for r in rows if r["coordinate_label"] == label and r["variant"] == variant),
                            key=lambda r: r["alpha"])
             ax.plot([0] + [r["forget_drop"]["mean"] for r in curve], [0] + [r["retain_change"]["mean"] for r in curve],
@@ -131,6 +175,8 @@ def markdown(payload: dict) -> str:
             continue
         lines.append(f"| {p['coordinate_label']} | {p['variant']} | {p['alpha']:g} | {_common.fmt(p['forget_drop'])} | "
                      f"{_common.fmt(p['retain_change'])} | {p['rouge_forget']:.3f} | {p['rouge_retain']:.3f} |")
+    lines += ["", "Operating points (all variants): " + "; ".join(
+        f"{name}: {p['variant']} α={p['alpha']:g}" for name, p in payload["operating_points"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -138,6 +184,7 @@ def main() -> None:
     p = _common.parser(__doc__.split("\n")[0], "runs/selectivity")
     _common.add_memory_arguments(p)
     p.add_argument("--alphas", default="0.5,1,2,4,8", help="comma-separated α values (> 0)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--capture-steps", default="all", help="steps of the multistep variants ('all' or '0,3,7')")
     p.add_argument("--gate-facts", default="retain90[40:160]",
                    help="retain facts that calibrate the gate (keep them apart from --retain)")
@@ -155,6 +202,7 @@ def main() -> None:
     with _common.experiment(args) as out:
         start = time.perf_counter()
         alphas = parse_alphas(args.alphas)
+        args.variant_list = parse_variants(args.variants)
         if not (np.isfinite(args.gate_rate) and 0 < args.gate_rate < 1):
             raise InputError(f"--gate-rate must be a fraction in (0, 1), got {args.gate_rate}")
         if not np.isfinite(args.retain_tolerance) or args.retain_tolerance < 0:
@@ -199,14 +247,15 @@ def main() -> None:
             "model": args.model, "fingerprint": s.backbone.fingerprint(), "quick": args.quick, "seed": args.seed,
             "num_forget": forget.num_facts, "forget_facts": list(forget.fact_ids), "skipped": list(forget.skipped),
             "settings": {"alphas": alphas, "lam": args.lam, "retain": args.retain, "gate_facts": args.gate_facts,
-                         "gate_rate": args.gate_rate, "capture_steps": args.capture_steps,
+                         "gate_rate": args.gate_rate, "capture_steps": args.capture_steps, "variants": args.variant_list,
                          "retain_tolerance": args.retain_tolerance, "lp_seeds": args.lp_seeds,
                          "mc_samples": args.mc_samples, "noise_samples": args.noise_samples,
                          "trace_facts": args.trace_facts, "trace_steps": args.trace_steps, "estimator": "mc_elbo",
                          "generation": {"gen_length": args.gen_length, "steps": args.gen_steps,
                                         "block_length": args.block_length}},
             "coordinate": coordinate_info, "no_edit": no_edit, "builds": builds, "rows": rows,
-            "safe_points": safe_points, "seconds": time.perf_counter() - start,
+            "safe_points": safe_points, "operating_points": operating_points(rows, args),
+            "seconds": time.perf_counter() - start,
         }
         _common.write_json(out / "results.json", payload)
         (out / "results.md").write_text(markdown(payload))

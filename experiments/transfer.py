@@ -162,6 +162,7 @@ def run_model(model: str, args: argparse.Namespace, points: list[table.Point], s
             out.append({
                 "model": model, "fingerprint": s.backbone.fingerprint(), "suite": name, "point": point.name,
                 "alpha": point.alpha, "lam": point.lam, "q": point.q, "covariance": point.covariance,
+                "gate_rate": point.gate_rate, "capture_steps": point.capture_steps,
                 "source": point.source, "coordinate": coordinate.as_dict(), "trace": trace,
                 "facts_in_memory": record.memory.size, "facts_skipped": list(facts.skipped),
                 "evaluated_forget_positions": evaluated, "evaluated_in_forget01": flags,

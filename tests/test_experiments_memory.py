@@ -191,8 +191,9 @@ def test_selectivity_quick(tiny_model_dir_with_tokenizer, tmp_path):
     proc = run_experiment("selectivity", tiny_model_dir_with_tokenizer, out, "--extra-coordinates", "1,resid,0")
     assert proc.returncode == 0, proc.stderr
     r = json.loads((out / "results.json").read_text())
-    variants = ("paper", "multistep", "gated", "multistep+gated")
-    assert len(r["rows"]) == 2 * len(variants) * 2      # 2 coordinates x 4 variants x α in {1, 2}
+    variants = ("paper", "multistep", "gated", "multistep+gated", "covariance", "covariance+gated")
+    assert len(r["rows"]) == 2 * len(variants) * 2      # 2 coordinates x 6 variants x α in {1, 2}
+    assert builds_covariance(r) == {"covariance": True, "covariance+gated": True}
     builds = {(b["coordinate"]["layer"], b["variant"]): b for b in r["builds"]}
     assert builds[(1, "paper")]["entries"] == 3 and builds[(1, "multistep")]["entries"] == 6   # K = 2 steps
     assert builds[(1, "multistep")]["capture_steps"] == [0, 1]
@@ -205,3 +206,32 @@ def test_selectivity_quick(tiny_model_dir_with_tokenizer, tmp_path):
     assert "| variant |" in (out / "results.md").read_text()
     bad = run_experiment("selectivity", tiny_model_dir_with_tokenizer, tmp_path / "bad", "--gate-rate", "2")
     assert bad.returncode == 2 and "--gate-rate must be a fraction" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def builds_covariance(r: dict) -> dict:
+    return {b["variant"]: b["covariance"] for b in r["builds"] if b["covariance"]}
+
+
+def test_selectivity_operating_points_feed_the_forget_table():
+    sel, table = script("selectivity"), script("forget_table")
+    import argparse
+    args = argparse.Namespace(lam=0.1, retain_tolerance=1.0, gate_facts="retain90[40:160]", gate_rate=0.01,
+                              capture_steps="all")
+    def row(variant, alpha, drop, retain):
+        return {"variant": variant, "alpha": alpha, "coordinate": {"layer": 1, "step": 0, "module": "resid", "steps": 8},
+                "forget_drop": {"mean": drop}, "retain_change": {"mean": retain}}
+    rows = [row("paper", 1.0, 50.0, -40.0), row("multistep+gated", 2.0, 9.0, -0.9), row("gated", 4.0, 30.0, -3.0)]
+    points = sel.operating_points(rows, args)
+    assert points["utility_safe"]["variant"] == "multistep+gated" and points["max_forget"]["variant"] == "paper"
+    assert points["utility_safe"]["capture_steps"] == "all" and points["utility_safe"]["gate_rate"] == 0.01
+    assert points["max_forget"]["gate_rate"] is None and points["max_forget"]["capture_steps"] is None
+    none = sel.operating_points([row("paper", 1.0, 50.0, -40.0)], args)["utility_safe"]
+    assert none["is_no_edit"] and none["alpha"] == 0.0
+    import json, tempfile, pathlib
+    with tempfile.TemporaryDirectory() as d:
+        path = pathlib.Path(d) / "results.json"
+        path.write_text(json.dumps({"operating_points": points}))
+        ns = argparse.Namespace(operating_points=str(path), lam=0.1, covariance=None)
+        safe, most = table.operating_points(ns)
+    assert (safe.gate_rate, safe.gate_facts, safe.capture_steps, safe.alpha) == (0.01, "retain90[40:160]", "all", 2.0)
+    assert most.gate_rate is None and most.capture_steps is None and "gated at rate 0.01" in safe.describe()
