@@ -55,6 +55,12 @@ def random_tokens(rng: np.random.Generator, n: int) -> list[int]:
     return [int(t) for t in rng.integers(0, 370, size=n)]
 
 
+def random_facts(n: int, dk: int = 12, d: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random memory keys [n, dk] and deltas [n, d] (float32)."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, dk)).astype(np.float32), rng.normal(size=(n, d)).astype(np.float32)
+
+
 def build_word_tokenizer(out_dir: Path) -> None:
     """Save a WordLevel tokenizer covering all 384 ids, with eos/pad 378 and mask 380."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -2,7 +2,6 @@
 = batch build, removal, persistence (atomic, fingerprinted), no recompilation, bad inputs."""
 
 import dataclasses
-import os
 import signal
 import subprocess
 import sys
@@ -20,17 +19,14 @@ from timerome_jax import memory as mem
 from timerome_jax import tracing as tr
 from timerome_jax.errors import InputError
 
+from conftest import random_facts
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
-def llada():
-    return ports.load_pretrained(FIXTURES / "llada")
-
-
-def random_facts(n, dk=12, d=6, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, dk)).astype(np.float32), rng.normal(size=(n, d)).astype(np.float32)
+def llada(llada_backbone):
+    return llada_backbone
 
 
 def test_dual_form_equals_primal_ridge():

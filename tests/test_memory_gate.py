@@ -1,31 +1,24 @@
 """Gated memories, capture at several denoising steps, and the K of a coordinate."""
 
 import dataclasses
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import ports
 from timerome_jax import memory as mem
 from timerome_jax import tracing as tr
 from timerome_jax import workflow
 from timerome_jax.errors import InputError
 from timerome_jax.facts import Fact
 
-FIXTURES = Path(__file__).parent / "fixtures"
+from conftest import random_facts
 
 
 @pytest.fixture(scope="module")
-def llada():
-    return ports.load_pretrained(FIXTURES / "llada")
-
-
-def random_facts(n, dk=12, d=6, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, dk)).astype(np.float32), rng.normal(size=(n, d)).astype(np.float32)
+def llada(llada_backbone):
+    return llada_backbone
 
 
 def cosine_to_nearest(x, keys):
