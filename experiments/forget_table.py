@@ -164,7 +164,8 @@ def operating_points(args: argparse.Namespace, which=tuple(POINTS)) -> list[Poin
     if not args.operating_points:
         return [Point("TimeROME", float(args.alpha), float(args.lam), args.q, args.covariance,
                       {"from": "flags --alpha/--lam/--q (no --operating-points given)"},
-                      args.gate_rate, args.gate_facts, args.capture_steps)]
+                      getattr(args, "gate_rate", None), getattr(args, "gate_facts", None),
+                      getattr(args, "capture_steps", None))]
     path = Path(args.operating_points)
     try:
         points = json.loads(path.read_text())["operating_points"]

@@ -41,3 +41,19 @@ def test_demo_bad_selection_is_one_error(tiny_model_dir_with_tokenizer, tmp_path
     err = capsys.readouterr().err
     assert code == 2 and "nosuchsplit" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "d").exists()
+
+
+def test_demo_gated_memory_is_saved_with_its_gate(tiny_model_dir_with_tokenizer, tmp_path, capsys):
+    forget = write_jsonl(tmp_path / "forget.jsonl", FORGET)
+    retain = write_jsonl(tmp_path / "retain.jsonl", RETAIN)
+    out = tmp_path / "demo"
+    code = cli.main(["demo", "--model", str(tiny_model_dir_with_tokenizer), "--trace-facts", str(forget),
+                     "--forget", str(forget), "--retain", str(retain), "--steps", "2", "--noise-samples", "2",
+                     "--mc-samples", "2", "--show", "1", "--gate-rate", "0.2", "--gate-facts", str(retain),
+                     "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "gated at cosine" in printed
+    assert mem.load(out / "memory").memory.gate is not None
+    code = cli.main(["demo", "--model", str(tiny_model_dir_with_tokenizer), "--gate-rate", "0", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--gate-rate must be a fraction in (0, 1)" in err and not (tmp_path / "x").exists()

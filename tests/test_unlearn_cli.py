@@ -95,7 +95,7 @@ def _seed_with_module(module, traced):
 
 @pytest.mark.parametrize("method", ["steer", "random_memory", "caa"])
 def test_inference_method_writes_a_baseline_eval_can_load(method, tiny_model_dir_with_tokenizer, tmp_path, capsys):
-    traced = tracing.Coordinate(0, 1, "mlp") if method != "caa" else tracing.Coordinate(1, 0, "attn")
+    traced = tracing.Coordinate(0, 1, "mlp") if method != "caa" else tracing.Coordinate(1, 0, "attn", 1)  # --steps 1
     extra = ["--steps", "1", "--noise-samples", "2", "--facts-per-chunk", "2"] if method == "caa" else []
     seed = _seed_with_module("mlp", traced) if method == "random_memory" else 0
     out = tmp_path / method

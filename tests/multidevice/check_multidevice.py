@@ -210,7 +210,8 @@ def single_device_memory(setting):
     for chunk in pipeline.chunks(batch, PER_CHUNK):
         k, d = mem.capture_keys_and_deltas(single, chunk, sigma, jax.random.key(SEED),
                                            layer=jnp.int32(COORDINATE["layer"]), module=COORDINATE["module"],
-                                           step=COORDINATE["step"], noise_samples=DRAWS, noise_scale=3.0)
+                                           step=COORDINATE["step"], trace_steps=STEPS, noise_samples=DRAWS,
+                                           noise_scale=3.0)
         keys.append(np.asarray(k))
         deltas.append(np.asarray(d))
     keys, deltas = np.concatenate(keys)[:3], np.concatenate(deltas)[:3]
@@ -224,7 +225,7 @@ def test_memory_built_on_sharded_model_equals_unsharded(setting, single_device_m
     sigma = tracing.subject_embedding_std(sharded, batch)
     keys_8, deltas_8 = distributed.capture_keys_and_deltas(
         sharded, batch, sigma, jax.random.key(SEED), mesh, noise_samples=DRAWS, noise_scale=3.0,
-        facts_per_device=PER_CHUNK, **COORDINATE)
+        facts_per_device=PER_CHUNK, trace_steps=STEPS, **COORDINATE)
     np.testing.assert_allclose(keys_8, keys_1, **TOL)
     np.testing.assert_allclose(deltas_8, deltas_1, **TOL)
     m8, _ = mem.build(keys_8, deltas_8, layer=COORDINATE["layer"], module=COORDINATE["module"], alpha=1.0, lam=0.1)

@@ -12,12 +12,14 @@ import argparse
 import json
 
 import jax
+import numpy as np
 
 import ports
 from ports.fileio import atomic_directory
 from timerome_jax import data, metrics, tracing, workflow
 from timerome_jax import memory as mem
 from timerome_jax.commands.trace import write_trace
+from timerome_jax.errors import InputError
 from timerome_jax.tokenization import backbone_tokenizer, pad_token_id
 
 
@@ -32,6 +34,10 @@ def register(sub, common) -> None:
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--lam", type=float, default=0.1)
     p.add_argument("--q", type=int, default=None)
+    p.add_argument("--gate-rate", type=float, default=None,
+                   help="gate the memory (docs/memory.md): edit only tokens whose key matches a stored key, "
+                   "calibrated so that this fraction of the --gate-facts tokens is still edited")
+    p.add_argument("--gate-facts", default="retain90[40:160]", help="retain facts that calibrate the gate")
     p.add_argument("--mc-samples", type=int, default=16)
     p.add_argument("--show", type=int, default=3, help="forget questions whose answers are shown")
     p.add_argument("--seed", type=int, default=0)
@@ -41,6 +47,8 @@ def register(sub, common) -> None:
 
 def run(args: argparse.Namespace) -> int:
     say = lambda text: print(text, flush=True)
+    if args.gate_rate is not None and not (np.isfinite(args.gate_rate) and 0 < args.gate_rate < 1):
+        raise InputError(f"--gate-rate must be a fraction in (0, 1), got {args.gate_rate}")
     backbone = ports.load_pretrained(args.model)
     tokenizer = backbone_tokenizer(backbone)
     pad = pad_token_id(tokenizer, backbone)
@@ -63,9 +71,15 @@ def run(args: argparse.Namespace) -> int:
     forget = workflow.encode(backbone, tokenizer, data.load_facts(args.forget))
     record = workflow.build_memory(backbone, forget, coordinate, alpha=args.alpha, lam=args.lam, q=args.q,
                                    seed=args.seed, noise_samples=args.noise_samples, facts_per_chunk=8)
+    gated = ""
+    if args.gate_rate is not None:
+        tau, info = workflow.retain_gate(backbone, tokenizer, data.load_facts(args.gate_facts), record.memory,
+                                         rate=args.gate_rate)
+        record = record.with_memory(mem.with_gate(record.memory, tau))
+        gated = f", gated at cosine {tau:.3f} (edits {args.gate_rate:g} of {info['tokens']} {args.gate_facts} tokens)"
     memory, n, encoded, skipped = record.memory, forget.num_facts, forget.encoded, list(forget.skipped)
     edited = mem.attach(backbone, memory)
-    say(f"\n2. built an edit memory of {n} facts (α={args.alpha:g}, λ={args.lam:g}, q={args.q or n}); "
+    say(f"\n2. built an edit memory of {n} facts (α={args.alpha:g}, λ={args.lam:g}, q={args.q or n}{gated}); "
         f"{sum(x.nbytes for x in jax.tree.leaves(memory)):,} bytes, backbone weights untouched")
 
     # 3. what did the edit do? (same MC masks for both models)
