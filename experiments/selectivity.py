@@ -188,7 +188,7 @@ def main() -> None:
     p.add_argument("--capture-steps", default="all", help="steps of the multistep variants ('all' or '0,3,7')")
     p.add_argument("--gate-facts", default="retain90[40:160]",
                    help="retain facts that calibrate the gate (keep them apart from --retain)")
-    p.add_argument("--gate-rate", type=float, default=0.01, help="share of gate-fact tokens still edited")
+    p.add_argument("--gate-rate", type=float, default=0.001, help="share of gate-fact tokens still edited")
     p.add_argument("--extra-coordinates", default="2,resid,0",
                    help="';'-separated LAYER,MODULE,STEP besides the traced one ('' for none)")
     p.add_argument("--retain-tolerance", type=float, default=1.0, help="safe: |mean retain change| ≤ this")

@@ -50,10 +50,15 @@ def test_demo_gated_memory_is_saved_with_its_gate(tiny_model_dir_with_tokenizer,
     code = cli.main(["demo", "--model", str(tiny_model_dir_with_tokenizer), "--trace-facts", str(forget),
                      "--forget", str(forget), "--retain", str(retain), "--steps", "2", "--noise-samples", "2",
                      "--mc-samples", "2", "--show", "1", "--gate-rate", "0.2", "--gate-facts", str(retain),
-                     "--out", str(out)])
+                     "--capture-steps", "all", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert code == 0 and "gated at cosine" in printed
-    assert mem.load(out / "memory").memory.gate is not None
+    assert code == 0 and "gated at cosine" in printed and "keys at steps 0,1: 4 entries" in printed
+    record = mem.load(out / "memory")
+    assert record.memory.gate is not None and record.capture_steps == (0, 1) and record.memory.size == 4
+    code = cli.main(["demo", "--model", str(tiny_model_dir_with_tokenizer), "--steps", "2", "--capture-steps", "0,2",
+                     "--out", str(tmp_path / "y")])
+    err = capsys.readouterr().err
+    assert code == 2 and "capture steps must be distinct steps in 0..1" in err and not (tmp_path / "y").exists()
     code = cli.main(["demo", "--model", str(tiny_model_dir_with_tokenizer), "--gate-rate", "0", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 2 and "--gate-rate must be a fraction in (0, 1)" in err and not (tmp_path / "x").exists()

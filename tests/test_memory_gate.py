@@ -149,3 +149,29 @@ def test_retain_gate_edits_the_requested_share_of_retain_tokens(llada):
     chunks = list(workflow._retain_chunks(llada, _Tokenizer(), retain, 8))
     scores = np.concatenate([np.asarray(mem.match_scores(llada, m, i, a))[t] for i, a, t in chunks])
     assert info["tokens"] == scores.size and np.mean(scores >= tau) == pytest.approx(0.2, abs=0.03)
+
+
+def test_retain_rows_cover_every_token_at_every_reveal_level(llada):
+    """The gate and C are statistics over what the memory sees: every token (prompt included) of
+    each fact at each reveal level, from all-masked to all-visible answers, reproducibly."""
+    tok = _Tokenizer()
+    retain = [Fact("what is item one", "item one is a small red box", where="r:0", kind="question"),
+              Fact("what is item two of it", "a big blue one", where="r:1", kind="question")]
+    chunks = list(workflow._retain_chunks(llada, tok, retain, 4))
+    ids = np.concatenate([np.asarray(i) for i, _, _ in chunks])
+    attn = np.concatenate([np.asarray(a) for _, a, _ in chunks])
+    take = np.concatenate([t for _, _, t in chunks])
+    levels = workflow.RETAIN_REVEAL_LEVELS
+    assert ids.shape[0] >= len(retain) * len(levels) and np.array_equal(take, attn.astype(bool))
+    mask_id = llada.mask_token_id
+    for f, fact in enumerate(retain):
+        prompt, answer = (len(tok(t)["input_ids"]) for t in workflow.pipeline.model_texts(fact))
+        rows = ids[f * len(levels):(f + 1) * len(levels)]
+        visible = [(rows[j, prompt:prompt + answer] != mask_id).sum() for j in range(len(levels))]
+        assert visible == [round(level * answer) for level in levels]
+        assert (rows[:, :prompt] == rows[0, :prompt]).all() and (rows[:, :prompt] != mask_id).all()
+        assert take[f * len(levels):(f + 1) * len(levels), :prompt].all()   # prompt tokens of masked rows too
+    again = np.concatenate([np.asarray(i) for i, _, _ in workflow._retain_chunks(llada, tok, retain, 4)])
+    np.testing.assert_array_equal(ids, again)
+    other = np.concatenate([np.asarray(i) for i, _, _ in workflow._retain_chunks(llada, tok, retain, 4, seed=1)])
+    assert not np.array_equal(ids, other)

@@ -18,6 +18,7 @@ import ports
 from ports.fileio import atomic_directory
 from timerome_jax import data, metrics, tracing, workflow
 from timerome_jax import memory as mem
+from timerome_jax.commands.edit import parse_capture_steps
 from timerome_jax.commands.trace import write_trace
 from timerome_jax.errors import InputError
 from timerome_jax.tokenization import backbone_tokenizer, pad_token_id
@@ -38,6 +39,9 @@ def register(sub, common) -> None:
                    help="gate the memory (docs/memory.md): edit only tokens whose key matches a stored key, "
                    "calibrated so that this fraction of the --gate-facts tokens is still edited")
     p.add_argument("--gate-facts", default="retain90[40:160]", help="retain facts that calibrate the gate")
+    p.add_argument("--capture-steps", default=None, metavar="STEPS",
+                   help="'all' or comma-separated steps of the trajectory: store each fact's key and delta at "
+                   "these steps (default: the traced step only; docs/memory.md)")
     p.add_argument("--mc-samples", type=int, default=16)
     p.add_argument("--show", type=int, default=3, help="forget questions whose answers are shown")
     p.add_argument("--seed", type=int, default=0)
@@ -49,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     say = lambda text: print(text, flush=True)
     if args.gate_rate is not None and not (np.isfinite(args.gate_rate) and 0 < args.gate_rate < 1):
         raise InputError(f"--gate-rate must be a fraction in (0, 1), got {args.gate_rate}")
+    if args.capture_steps is not None:   # refuse a bad value before minutes of tracing
+        parse_capture_steps(args.capture_steps, tracing.Coordinate(layer=0, step=0, module="resid", steps=args.steps))
     backbone = ports.load_pretrained(args.model)
     tokenizer = backbone_tokenizer(backbone)
     pad = pad_token_id(tokenizer, backbone)
@@ -69,8 +75,10 @@ def run(args: argparse.Namespace) -> int:
 
     # 2. edit: one ridge memory over all forget facts at that coordinate
     forget = workflow.encode(backbone, tokenizer, data.load_facts(args.forget))
+    steps = None if args.capture_steps is None else parse_capture_steps(args.capture_steps, coordinate)
     record = workflow.build_memory(backbone, forget, coordinate, alpha=args.alpha, lam=args.lam, q=args.q,
-                                   seed=args.seed, noise_samples=args.noise_samples, facts_per_chunk=8)
+                                   seed=args.seed, noise_samples=args.noise_samples, facts_per_chunk=8,
+                                   capture_steps=steps)
     gated = ""
     if args.gate_rate is not None:
         tau, info = workflow.retain_gate(backbone, tokenizer, data.load_facts(args.gate_facts), record.memory,
@@ -79,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         gated = f", gated at cosine {tau:.3f} (edits {args.gate_rate:g} of {info['tokens']} {args.gate_facts} tokens)"
     memory, n, encoded, skipped = record.memory, forget.num_facts, forget.encoded, list(forget.skipped)
     edited = mem.attach(backbone, memory)
-    say(f"\n2. built an edit memory of {n} facts (α={args.alpha:g}, λ={args.lam:g}, q={args.q or n}{gated}); "
+    entries = "" if steps is None else f", keys at steps {','.join(map(str, steps))}: {memory.size} entries"
+    say(f"\n2. built an edit memory of {n} facts (α={args.alpha:g}, λ={args.lam:g}, q={args.q or memory.size}{entries}{gated}); "
         f"{sum(x.nbytes for x in jax.tree.leaves(memory)):,} bytes, backbone weights untouched")
 
     # 3. what did the edit do? (same MC masks for both models)
