@@ -174,6 +174,15 @@ def fmt(s: dict) -> str:
     return f"{s['mean']:.2f} [{s['ci_low']:.2f}, {s['ci_high']:.2f}]"
 
 
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """Lay out, write and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def figure():
     import matplotlib
 

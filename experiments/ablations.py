@@ -286,9 +286,7 @@ def figure(rows: list[dict], path) -> None:
         ax.set_xlabel(title)
     axes[0].set_yticks(y, [f"{r['ablation']}: {r['variant']}" for r in shown], fontsize=7)
     fig.suptitle("ablations (mean and bootstrap 95 % CI over seeds)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=130)
 
 
 def where_text(coordinate) -> str:

@@ -170,9 +170,7 @@ def plot(path, phases: dict, train_stats: dict, method: str) -> None:
     right.set_xticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
     right.set_ylabel("host peak RSS − RSS at start (MiB)")
     right.set_title("host memory added in the phase")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=120)
 
 
 def markdown(r: dict) -> str:

@@ -441,9 +441,7 @@ def bar_figure(labels: list[str], panels: list[tuple[str, list[dict]]], path: Pa
     first.set_yticklabels(labels, fontsize=8)
     first.invert_yaxis()
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=120)
 
 
 # --- main ----------------------------------------------------------------------------------------

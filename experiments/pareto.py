@@ -185,9 +185,7 @@ def figure(points: list[dict], front: np.ndarray, chosen: dict, baselines: list[
     ax.set_ylabel("ΔRetainLP (nats per answer)")
     ax.set_title("forget / retain trade-off (bootstrap 95 % CIs over seeds)", fontsize=9)
     ax.legend(fontsize=6.5, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=130)
 
 
 def markdown(points, front, chosen, baselines, note, coordinate, args) -> str:

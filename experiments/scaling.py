@@ -131,9 +131,7 @@ def plot(path, rows: list[dict], fit: dict) -> None:
     right.set_title("quality" + (f" (not measured at n = {', '.join(map(str, unmeasured))}: unknown facts)"
                                  if unmeasured else ""), fontsize=9)
     right.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=120)
 
 
 def markdown(results: dict) -> str:

@@ -147,9 +147,7 @@ def figure(rows: list[dict], tolerance: float, path) -> None:
         ax.set_xlabel("forget drop (nats per answer)")
         ax.set_ylabel("retain change (nats per answer)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=130)
 
 
 def markdown(payload: dict) -> str:

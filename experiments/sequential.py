@@ -133,9 +133,7 @@ def plot(path, steps: list[dict], alphas: list[float], no_edit: dict, has_real: 
     np.atleast_1d(axes)[0].set_ylabel("answer log-probability (nats)")
     for ax in np.atleast_1d(axes):
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=120)
 
 
 def markdown(results: dict) -> str:

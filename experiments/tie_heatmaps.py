@@ -38,9 +38,7 @@ def early_late_figure(tie_KLM: np.ndarray, modules, path) -> None:
         ax.set_xlabel("layer")
     np.atleast_1d(axes)[0].set_ylabel("mean TIE (nats)")
     np.atleast_1d(axes)[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=120)
 
 
 def main() -> None:

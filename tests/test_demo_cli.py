@@ -18,13 +18,19 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-def test_demo_traces_edits_scores_and_writes(tiny_model_dir_with_tokenizer, tmp_path, capsys):
+def run_demo(model_dir: Path, tmp_path: Path, *extra: str) -> tuple[int, Path, Path]:
+    """`timerome demo` on FORGET / RETAIN with the smallest settings -> (exit code, out dir, retain file)."""
     forget = write_jsonl(tmp_path / "forget.jsonl", FORGET)
     retain = write_jsonl(tmp_path / "retain.jsonl", RETAIN)
     out = tmp_path / "demo"
-    code = cli.main(["demo", "--model", str(tiny_model_dir_with_tokenizer), "--trace-facts", str(forget),
-                     "--forget", str(forget), "--retain", str(retain), "--steps", "2", "--noise-samples", "2",
-                     "--mc-samples", "2", "--show", "1", "--out", str(out)])
+    code = cli.main(["demo", "--model", str(model_dir), "--trace-facts", str(forget), "--forget", str(forget),
+                     "--retain", str(retain), "--steps", "2", "--noise-samples", "2", "--mc-samples", "2",
+                     "--show", "1", "--out", str(out), *[a.replace("RETAIN", str(retain)) for a in extra]])
+    return code, out, retain
+
+
+def test_demo_traces_edits_scores_and_writes(tiny_model_dir_with_tokenizer, tmp_path, capsys):
+    code, out, _ = run_demo(tiny_model_dir_with_tokenizer, tmp_path)
     printed = capsys.readouterr().out
     assert code == 0
     assert "the facts live at layer" in printed and "forget drop" in printed and "before:" in printed
@@ -44,13 +50,8 @@ def test_demo_bad_selection_is_one_error(tiny_model_dir_with_tokenizer, tmp_path
 
 
 def test_demo_gated_memory_is_saved_with_its_gate(tiny_model_dir_with_tokenizer, tmp_path, capsys):
-    forget = write_jsonl(tmp_path / "forget.jsonl", FORGET)
-    retain = write_jsonl(tmp_path / "retain.jsonl", RETAIN)
-    out = tmp_path / "demo"
-    code = cli.main(["demo", "--model", str(tiny_model_dir_with_tokenizer), "--trace-facts", str(forget),
-                     "--forget", str(forget), "--retain", str(retain), "--steps", "2", "--noise-samples", "2",
-                     "--mc-samples", "2", "--show", "1", "--gate-rate", "0.2", "--gate-facts", str(retain),
-                     "--capture-steps", "all", "--out", str(out)])
+    code, out, _ = run_demo(tiny_model_dir_with_tokenizer, tmp_path, "--gate-rate", "0.2", "--gate-facts", "RETAIN",
+                            "--capture-steps", "all")
     printed = capsys.readouterr().out
     assert code == 0 and "gated at cosine" in printed and "keys at steps 0,1: 4 entries" in printed
     record = mem.load(out / "memory")
