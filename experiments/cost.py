@@ -265,7 +265,7 @@ def main() -> None:
         key = jax.random.key(args.seed)
         phases["capture"], phases["solve"] = {}, {}
         for kind in ("cold", "warm"):
-            (keys, deltas), phases["capture"][kind] = measured(lambda: workflow.capture(
+            (keys, deltas, _), phases["capture"][kind] = measured(lambda: workflow.capture(
                 bb, forget.batch, coordinate, key, noise_samples=args.noise_samples, facts_per_chunk=8))
         for kind in ("cold", "warm"):
             (memory, key_scale), phases["solve"][kind] = measured(lambda: mem.build(

@@ -113,6 +113,8 @@ def add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--gate-facts", default=None, metavar="FACTS", help="retain facts that calibrate the gate")
     t.add_argument("--capture-steps", default=None, help="keys at these steps ('all' or '0,3,7') without "
                    "--operating-points")
+    t.add_argument("--key-positions", default=None, choices=("last", "subject"),
+                   help="keys at the last or at every subject token without --operating-points (default last)")
 
 
 def resolve(args: argparse.Namespace, quick: dict, defaults: dict) -> None:
@@ -140,7 +142,8 @@ def check_evaluation_arguments(args: argparse.Namespace) -> None:
 class Point:
     """One TimeROME configuration: row name, α, λ, q (None = n), covariance facts (None = plain
     ridge), where it came from, and optionally a gate (rate r calibrated on `gate_facts`,
-    `workflow.retain_gate`) and the capture steps ('all' or steps; None = k*)."""
+    `workflow.retain_gate`), the capture steps ('all' or steps; None = k*) and the key positions
+    ('last' subject token or every 'subject' token)."""
 
     name: str
     alpha: float
@@ -151,11 +154,13 @@ class Point:
     gate_rate: float | None = None
     gate_facts: str | None = None
     capture_steps: str | None = None
+    key_positions: str = "last"
 
     def describe(self) -> str:
         return (f"α={self.alpha:g}, λ={self.lam:g}, q={self.q if self.q is not None else 'n'}"
                 + (f", covariance {self.covariance}" if self.covariance else "")
                 + (f", keys at steps {self.capture_steps}" if self.capture_steps else "")
+                + (", keys at every subject token" if self.key_positions == "subject" else "")
                 + (f", gated at rate {self.gate_rate:g} on {self.gate_facts}" if self.gate_rate else ""))
 
 
@@ -165,7 +170,7 @@ def operating_points(args: argparse.Namespace, which=tuple(POINTS)) -> list[Poin
         return [Point("TimeROME", float(args.alpha), float(args.lam), args.q, args.covariance,
                       {"from": "flags --alpha/--lam/--q (no --operating-points given)"},
                       getattr(args, "gate_rate", None), getattr(args, "gate_facts", None),
-                      getattr(args, "capture_steps", None))]
+                      getattr(args, "capture_steps", None), getattr(args, "key_positions", None) or "last")]
     path = Path(args.operating_points)
     try:
         points = json.loads(path.read_text())["operating_points"]
@@ -190,7 +195,8 @@ def operating_points(args: argparse.Namespace, which=tuple(POINTS)) -> list[Poin
                              {"from": str(path), "key": key, "point": point},
                              None if gate_rate is None else float(gate_rate), point.get("gate_facts"),
                              None if steps is None else (steps if isinstance(steps, str)
-                                                         else ",".join(str(int(k)) for k in steps))))
+                                                         else ",".join(str(int(k)) for k in steps)),
+                             workflow.check_key_positions(point.get("key_positions", "last"))))
         except (TypeError, ValueError) as e:
             raise InputError(f"{path}: operating point {key!r} is malformed: {e}") from None
     return out
@@ -211,7 +217,7 @@ def build_timerome(backbone, tokenizer, facts, coordinate, point: Point, args, *
                      else [int(k) for k in point.capture_steps.split(",")])
         record = workflow.build_memory(backbone, facts, coordinate, alpha=point.alpha, lam=point.lam, q=point.q,
                                        seed=args.seed, noise_samples=args.noise_samples, whitening=whitening,
-                                       capture_steps=steps)
+                                       capture_steps=steps, key_positions=point.key_positions)
         gate = None
         if point.gate_rate:
             if not point.gate_facts:
@@ -493,7 +499,8 @@ def run(args: argparse.Namespace, command: str) -> dict:
             settings = {"coordinate": coordinate.as_dict(), "alpha": point.alpha, "lam": point.lam, "q": point.q,
                         "covariance": point.covariance, "gate_rate": point.gate_rate,
                         "gate_facts": point.gate_facts, "capture_steps": point.capture_steps,
-                        "facts": record.memory.size,
+                        "key_positions": point.key_positions, "facts": len(set(record.fact_ids)),
+                        "memory_entries": record.memory.size,
                         "key_scale": record.key_scale, "source": point.source}
         result = evaluate(model, suite, method)
         base = base or result

@@ -201,7 +201,7 @@ def main() -> None:
             # the first call compiles the capture kernel and the eager ops around it (σ, chunk gathers: about
             # 1 s of compilation per new batch shape, which would fake a sub-linear slope at small n)
             _, capture_first = workflow.timed(workflow.capture, s.backbone, facts.batch, coordinate, key, **capture)
-            (keys, deltas), capture_seconds = workflow.timed(workflow.capture, s.backbone, facts.batch, coordinate,
+            (keys, deltas, _), capture_seconds = workflow.timed(workflow.capture, s.backbone, facts.batch, coordinate,
                                                              key, **capture)
 
             def build():

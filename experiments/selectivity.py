@@ -50,7 +50,8 @@ import _quick
 QUICK = {"forget": "forget01_subjects[:3]", "retain": "retain90[:3]", "trace_facts": "forget01_subjects[:3]",
          "gate_facts": "retain90[3:6]", "trace_steps": 2, "noise_samples": 2, "mc_samples": 2, "lp_seeds": 2,
          "alphas": "1,2", "gen_length": 32, "gen_steps": 16, "block_length": 32, "extra_coordinates": ""}
-VARIANTS = ("paper", "multistep", "gated", "multistep+gated", "covariance", "covariance+gated")
+VARIANTS = ("paper", "multistep", "gated", "multistep+gated", "covariance", "covariance+gated", "subject+gated",
+            "multistep+subject+gated")
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -93,9 +94,10 @@ def build_variants(s: _common.Setup, forget, coordinate, args) -> dict[str, tupl
             whitening, _ = workflow.retain_whitening(s.backbone, s.tokenizer, gate_facts, coordinate)
         record = workflow.build_memory(s.backbone, forget, coordinate, alpha=1.0, lam=args.lam, seed=args.seed,
                                        noise_samples=args.noise_samples, whitening=whitening,
-                                       capture_steps=steps if multi else None)
-        info = {"capture_steps": list(record.capture_steps), "entries": record.memory.size,
-                "covariance": whitening is not None}
+                                       capture_steps=steps if multi else None,
+                                       key_positions=key_positions(variant))
+        info = {"capture_steps": list(record.capture_steps), "key_positions": record.key_positions,
+                "entries": record.memory.size, "covariance": whitening is not None}
         if variant.endswith("gated"):
             gate, gate_info = workflow.retain_gate(s.backbone, s.tokenizer, gate_facts, record.memory,
                                                    rate=args.gate_rate)
@@ -106,10 +108,15 @@ def build_variants(s: _common.Setup, forget, coordinate, args) -> dict[str, tupl
     return out
 
 
+def key_positions(variant: str) -> str:
+    return "subject" if "subject" in variant.split("+") else "last"
+
+
 def variant_config(variant: str, args) -> dict:
     """The memory options of a variant, in the operating-point form forget_table.py reads."""
     return {"covariance": args.gate_facts if variant.startswith("covariance") else None,
             "capture_steps": args.capture_steps if variant.startswith("multistep") else None,
+            "key_positions": key_positions(variant),
             "gate_rate": args.gate_rate if variant.endswith("gated") else None,
             "gate_facts": args.gate_facts if variant.endswith("gated") else None}
 

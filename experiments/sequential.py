@@ -180,7 +180,7 @@ def main() -> None:
         forget = s.encode(args.forget)
         N = forget.num_facts
         t0 = time.perf_counter()
-        keys, deltas = workflow.capture(s.backbone, forget.batch, coordinate, jax.random.key(args.seed),
+        keys, deltas, _ = workflow.capture(s.backbone, forget.batch, coordinate, jax.random.key(args.seed),
                                         noise_samples=args.noise_samples, facts_per_chunk=8)
         capture_seconds = time.perf_counter() - t0
 

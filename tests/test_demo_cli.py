@@ -53,7 +53,7 @@ def test_demo_gated_memory_is_saved_with_its_gate(tiny_model_dir_with_tokenizer,
     code, out, _ = run_demo(tiny_model_dir_with_tokenizer, tmp_path, "--gate-rate", "0.2", "--gate-facts", "RETAIN",
                             "--capture-steps", "all")
     printed = capsys.readouterr().out
-    assert code == 0 and "gated at cosine" in printed and "keys at steps 0,1: 4 entries" in printed
+    assert code == 0 and "gated at cosine" in printed and "keys at steps 0,1 of the last tokens: 4 entries" in printed
     record = mem.load(out / "memory")
     assert record.memory.gate is not None and record.capture_steps == (0, 1) and record.memory.size == 4
     code = cli.main(["demo", "--model", str(tiny_model_dir_with_tokenizer), "--steps", "2", "--capture-steps", "0,2",

@@ -191,14 +191,18 @@ def test_selectivity_quick(tiny_model_dir_with_tokenizer, tmp_path):
     proc = run_experiment("selectivity", tiny_model_dir_with_tokenizer, out, "--extra-coordinates", "1,resid,0")
     assert proc.returncode == 0, proc.stderr
     r = json.loads((out / "results.json").read_text())
-    variants = ("paper", "multistep", "gated", "multistep+gated", "covariance", "covariance+gated")
-    assert len(r["rows"]) == 2 * len(variants) * 2      # 2 coordinates x 6 variants x α in {1, 2}
+    variants = ("paper", "multistep", "gated", "multistep+gated", "covariance", "covariance+gated", "subject+gated",
+                "multistep+subject+gated")
+    assert len(r["rows"]) == 2 * len(variants) * 2      # 2 coordinates x 8 variants x α in {1, 2}
     assert builds_covariance(r) == {"covariance": True, "covariance+gated": True}
     builds = {(b["coordinate"]["layer"], b["variant"]): b for b in r["builds"]}
     assert builds[(1, "paper")]["entries"] == 3 and builds[(1, "multistep")]["entries"] == 6   # K = 2 steps
     assert builds[(1, "multistep")]["capture_steps"] == [0, 1]
+    subject = builds[(1, "subject+gated")]          # one entry per subject token (≥ 1 per fact)
+    assert subject["key_positions"] == "subject" and subject["entries"] > 3
+    assert builds[(1, "multistep+subject+gated")]["entries"] == 2 * subject["entries"]
     gate = builds[(1, "gated")]["gate"]
-    assert gate["rate"] == 0.01 and -1.0 <= gate["gate"] <= 1.0 and gate["tokens"] > 0
+    assert gate["rate"] == 0.001 and -1.0 <= gate["gate"] <= 1.0 and gate["tokens"] > 0
     assert len(r["safe_points"]) == 2 * len(variants)
     for row in r["rows"]:
         assert len(row["forget_drop"]["per_seed"]) == 2
@@ -224,6 +228,7 @@ def test_selectivity_operating_points_feed_the_forget_table():
     points = sel.operating_points(rows, args)
     assert points["utility_safe"]["variant"] == "multistep+gated" and points["max_forget"]["variant"] == "paper"
     assert points["utility_safe"]["capture_steps"] == "all" and points["utility_safe"]["gate_rate"] == 0.01
+    assert points["utility_safe"]["key_positions"] == "last"
     assert points["max_forget"]["gate_rate"] is None and points["max_forget"]["capture_steps"] is None
     none = sel.operating_points([row("paper", 1.0, 50.0, -40.0)], args)["utility_safe"]
     assert none["is_no_edit"] and none["alpha"] == 0.0
@@ -235,3 +240,13 @@ def test_selectivity_operating_points_feed_the_forget_table():
         safe, most = table.operating_points(ns)
     assert (safe.gate_rate, safe.gate_facts, safe.capture_steps, safe.alpha) == (0.01, "retain90[40:160]", "all", 2.0)
     assert most.gate_rate is None and most.capture_steps is None and "gated at rate 0.01" in safe.describe()
+    assert safe.key_positions == most.key_positions == "last"
+    subject = sel.operating_points([row("multistep+subject+gated", 8.0, 60.0, -0.7)], args)
+    with tempfile.TemporaryDirectory() as d:
+        path = pathlib.Path(d) / "results.json"
+        path.write_text(json.dumps({"operating_points": subject}))
+        safe, _ = table.operating_points(argparse.Namespace(operating_points=str(path), lam=0.1, covariance=None))
+        assert safe.key_positions == "subject" and "every subject token" in safe.describe()
+        path.write_text(json.dumps({"operating_points": {k: {**v, "key_positions": "first"} for k, v in subject.items()}}))
+        with pytest.raises(InputError, match="key positions must be one of"):
+            table.operating_points(argparse.Namespace(operating_points=str(path), lam=0.1, covariance=None))

@@ -1,6 +1,7 @@
 """Gated memories, capture at several denoising steps, and the K of a coordinate."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import pytest
 from timerome_jax import memory as mem
 from timerome_jax import tracing as tr
 from timerome_jax import workflow
-from timerome_jax.errors import InputError
+from timerome_jax.errors import CheckpointError, InputError
 from timerome_jax.facts import Fact
 
 from conftest import random_facts
@@ -120,12 +121,14 @@ def test_captured_key_at_step_k_reads_the_tracers_state_x_k(llada):
 def test_capture_at_steps_is_fact_major_and_equals_single_step_captures(llada):
     batch = make_batch()
     c = tr.Coordinate(1, 0, "attn", 4)
-    keys, deltas = workflow.capture_at_steps(llada, batch, c, (0, 3), jax.random.key(2), noise_samples=2)
+    keys, deltas, rows = workflow.capture_at_steps(llada, batch, c, (0, 3), jax.random.key(2), noise_samples=2)
+    assert rows.tolist() == [0, 0, 1, 1]
     for j, k in enumerate((0, 3)):
-        one_k, one_d = workflow.capture(llada, batch, dataclasses.replace(c, step=k), jax.random.key(2),
-                                        noise_samples=2)
+        one_k, one_d, one_rows = workflow.capture(llada, batch, dataclasses.replace(c, step=k), jax.random.key(2),
+                                                  noise_samples=2)
         np.testing.assert_array_equal(keys[j::2], one_k)
         np.testing.assert_array_equal(deltas[j::2], one_d)
+        assert one_rows.tolist() == [0, 1]
     with pytest.raises(InputError, match="capture steps must be distinct steps in 0..3"):
         workflow.check_capture_steps(c, (0, 0))
 
@@ -175,3 +178,46 @@ def test_retain_rows_cover_every_token_at_every_reveal_level(llada):
     np.testing.assert_array_equal(ids, again)
     other = np.concatenate([np.asarray(i) for i, _, _ in workflow._retain_chunks(llada, tok, retain, 4, seed=1)])
     assert not np.array_equal(ids, other)
+
+
+def test_subject_positions_capture_every_subject_token_and_the_last_is_the_papers(llada):
+    """positions="subject" gives one entry per subject token (2..4 and 1..2 here, so 3 + 2); the
+    entry at the last subject token is exactly the paper's single entry; entries stay fact-major
+    over steps, and the memory's fact ids repeat per entry."""
+    batch = make_batch()
+    c = tr.Coordinate(1, 0, "resid", 4)
+    kw = dict(layer=jnp.int32(1), module="resid", step=0, trace_steps=4, noise_samples=2)
+    last_k, last_d = mem.capture_keys_and_deltas(llada, batch, jnp.float32(1.0), jax.random.key(0), **kw)
+    all_k, all_d = mem.capture_keys_and_deltas(llada, batch, jnp.float32(1.0), jax.random.key(0), positions="subject",
+                                               **kw)
+    assert all_k.shape[:2] == batch.subject_pos_FS.shape
+    n_subject = np.asarray(batch.subject_valid_FS).sum(1)
+    for f, n in enumerate(n_subject):
+        np.testing.assert_allclose(all_k[f, n - 1], last_k[f], atol=1e-6)
+        np.testing.assert_allclose(all_d[f, n - 1], last_d[f], atol=1e-6)
+    keys, deltas, rows = workflow.capture_at_steps(llada, batch, c, (0, 2), jax.random.key(0), noise_samples=2,
+                                                   positions="subject")
+    assert rows.tolist() == [0] * (2 * n_subject[0]) + [1] * (2 * n_subject[1])
+    record = workflow.memory_from_batch(llada, batch, ("a", "b"), c, jax.random.key(0), noise_samples=2,
+                                        capture_steps=(0, 2), key_positions="subject")
+    assert record.fact_ids == ("a",) * (2 * n_subject[0]) + ("b",) * (2 * n_subject[1])
+    assert record.memory.size == len(keys) and record.key_positions == "subject"
+    with pytest.raises(InputError, match="key positions must be one of last, subject"):
+        workflow.memory_from_batch(llada, batch, ("a", "b"), c, jax.random.key(0), key_positions="all")
+
+
+def test_key_positions_survive_save_and_load(llada, tmp_path):
+    keys, deltas = random_facts(3, dk=64, d=64)
+    m, scale = mem.build(keys, deltas, layer=1, module="resid", alpha=1.0, lam=0.1)
+    record = mem.MemoryRecord(m, tr.Coordinate(1, 0, "resid", 4), 0.1, scale, ("a", "a", "b"), llada.fingerprint(),
+                              (0,), "subject")
+    mem.save(record, tmp_path / "m")
+    assert mem.load(tmp_path / "m", llada).key_positions == "subject"
+    meta = json.loads((tmp_path / "m" / "memory.json").read_text())
+    del meta["key_positions"]                     # saved before key positions were recorded
+    (tmp_path / "m" / "memory.json").write_text(json.dumps(meta))
+    assert mem.load(tmp_path / "m", llada).key_positions == "last"
+    meta["key_positions"] = "middle"
+    (tmp_path / "m" / "memory.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="corrupted: key_positions 'middle'"):
+        mem.load(tmp_path / "m", llada)

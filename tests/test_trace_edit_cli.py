@@ -99,7 +99,7 @@ def test_edit_gated_multi_step_memory_builds_appends_and_removes(tiny_model_dir_
     code, out, err = run(capsys, "edit", "--model", tiny_model_dir_with_tokenizer, "--facts", facts,
                          "--coordinate", "1,resid,0", *FAST, "--capture-steps", "all", "--gate-rate", "0.25",
                          "--gate-facts", retain, "--out", tmp_path / "m")
-    assert code == 0 and "gated: cosine >=" in out and "(4 entries: steps 0,1)" in out, err
+    assert code == 0 and "gated: cosine >=" in out and "(4 entries: steps 0,1, last tokens)" in out, err
     record = mem.load(tmp_path / "m")
     assert record.capture_steps == (0, 1) and record.memory.size == 4 and record.memory.gate is not None
     assert record.fact_ids[0] == record.fact_ids[1] != record.fact_ids[2]
@@ -111,6 +111,31 @@ def test_edit_gated_multi_step_memory_builds_appends_and_removes(tiny_model_dir_
     code, out, err = run(capsys, "edit", "--remove", tmp_path / "m", "--fact-ids", record.fact_ids[0])
     assert code == 0 and "2 remain" in out, err
     assert mem.load(tmp_path / "m").memory.size == 4
+
+
+def test_edit_subject_positions_build_and_append_like_a_batch_build(tiny_model_dir_with_tokenizer, tmp_path, capsys):
+    facts = write_jsonl(tmp_path / "f.jsonl", FACTS[:2])
+    more = write_jsonl(tmp_path / "g.jsonl", FACTS[2:])
+    everything = write_jsonl(tmp_path / "all.jsonl", FACTS)
+    common = ["--model", tiny_model_dir_with_tokenizer, "--coordinate", "1,resid,0", *FAST, "--key-positions", "subject"]
+    code, out, err = run(capsys, "edit", "--facts", facts, *common, "--out", tmp_path / "m")
+    assert code == 0 and "subject tokens)" in out, err
+    record = mem.load(tmp_path / "m")
+    assert record.key_positions == "subject" and record.memory.size > 2 and len(set(record.fact_ids)) == 2
+    code, out, err = run(capsys, "edit", "--model", tiny_model_dir_with_tokenizer, "--append", tmp_path / "m",
+                         "--facts", more, *FAST)
+    assert code == 0 and "now holds 3" in out, err
+    code, out, err = run(capsys, "edit", "--facts", everything, *common, "--out", tmp_path / "batch")
+    assert code == 0, err
+    appended, batch = mem.load(tmp_path / "m"), mem.load(tmp_path / "batch")
+    # fact ids are file:line, so compare the entries' line numbers: the same per-fact entry counts
+    lines = lambda r: [int(i.rsplit(":", 1)[1]) for i in r.fact_ids]
+    assert [n + 2 if f.startswith(str(more)) else n for f, n in zip(appended.fact_ids, lines(appended))] == lines(batch)
+    np.testing.assert_allclose(np.asarray(appended.memory.keys)[: batch.memory.size],
+                               np.asarray(batch.memory.keys)[: batch.memory.size], rtol=1e-5, atol=1e-5)
+    code, _, err = run(capsys, "edit", "--facts", facts, *common, "--q", "100", "--out", tmp_path / "q")
+    assert code == 2 and f"q must lie in 1..n = 1..{record.memory.size} (number of memory entries)" in err, err
+    assert not (tmp_path / "q").exists()
 
 
 def test_edit_covariance_regularised_builds_appends_and_differs(tiny_model_dir_with_tokenizer, tmp_path, capsys):

@@ -192,25 +192,27 @@ def run_grid(backbone: Backbone, batch: tracing.TraceBatch, key: jax.Array, conf
 # --- data-parallel capture of edit keys and deltas ----------------------------------------------
 
 @functools.lru_cache(maxsize=32)
-def _capture_fn(mesh: Mesh, module: str, step: int, trace_steps: int, noise_samples: int, noise_scale: float):
+def _capture_fn(mesh: Mesh, module: str, step: int, trace_steps: int, noise_samples: int, noise_scale: float,
+                positions: str):
     def capture(backbone, batch, sigma, key, layer):
         return memory.capture_keys_and_deltas(backbone, batch, sigma, key, layer=layer, module=module,
                                               step=step, trace_steps=trace_steps, noise_samples=noise_samples,
-                                              noise_scale=noise_scale)
+                                              noise_scale=noise_scale, positions=positions)
 
     return over_facts(capture, mesh, replicated_before=1, replicated_after=3)
 
 
 def capture_keys_and_deltas(backbone: Backbone, batch: tracing.TraceBatch, sigma: jax.Array, key: jax.Array,
                             mesh: Mesh, *, layer: int, module: str, step: int, trace_steps: int = 8,
-                            noise_samples: int = 10,
-                            noise_scale: float = 3.0, facts_per_device: int = 4) -> tuple[np.ndarray, np.ndarray]:
+                            noise_samples: int = 10, noise_scale: float = 3.0, facts_per_device: int = 4,
+                            positions: str = "last") -> tuple[np.ndarray, np.ndarray]:
     """`memory.capture_keys_and_deltas` over all facts of `batch`, split over 'data' in chunks of
-    `facts_per_device` x (data axis size). Returns numpy keys [F, d_k] and deltas [F, d]."""
+    `facts_per_device` x (data axis size). Returns numpy keys [F, d_k] and deltas [F, d] (with
+    positions "subject": [F, S, d_k] and [F, S, d])."""
     from timerome_jax import pipeline
 
     n = data_axis_size(mesh)
-    fn = _capture_fn(mesh, module, int(step), int(trace_steps), int(noise_samples), float(noise_scale))
+    fn = _capture_fn(mesh, module, int(step), int(trace_steps), int(noise_samples), float(noise_scale), positions)
     size = n * min(max(facts_per_device, 1), -(-batch.num_facts // n))
     sigma, key, layer = (replicate(x, mesh) for x in (np.float32(sigma), key, np.int32(layer)))
     keys, deltas = [], []

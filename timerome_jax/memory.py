@@ -143,6 +143,7 @@ class MemoryRecord:
     fact_ids: tuple[str, ...]      # one per entry (a fact captured at S steps has S entries)
     fingerprint: str
     capture_steps: tuple[int, ...] = ()   # steps its facts were captured at; () = (coordinate.step,)
+    key_positions: str = "last"           # "last" subject token (the paper's) or every "subject" token
 
     def __post_init__(self):
         if not self.capture_steps:
@@ -162,7 +163,7 @@ def check_hyperparameters(alpha: float, lam: float, q: int | None, n: int) -> No
     if n < 1:
         raise InputError("the edit memory needs at least one fact")
     if q is not None and not 1 <= q <= n:
-        raise InputError(f"q must lie in 1..n = 1..{n} (number of facts), got {q}")
+        raise InputError(f"q must lie in 1..n = 1..{n} (number of memory entries), got {q}")
 
 
 def _capacity_for(n: int) -> int:
@@ -498,41 +499,55 @@ def _capture_apply(backbone: Backbone, module: str, ids_1T: Array, mask_1T: Arra
     return found["edit_key"][:, 0], found["edit_value"][:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("module", "step", "trace_steps", "noise_samples", "noise_scale"))
+KEY_POSITIONS = ("last", "subject")
+
+
+@functools.partial(jax.jit, static_argnames=("module", "step", "trace_steps", "noise_samples", "noise_scale",
+                                             "positions"))
 def capture_keys_and_deltas(backbone: Backbone, batch: tracing.TraceBatch, sigma: Array, key: Array, *,
                             layer: Array, module: str, step: int, trace_steps: int = 8, noise_samples: int = 10,
-                            noise_scale: float = 3.0) -> tuple[Array, Array]:
-    """k_i and δ_i for every fact of `batch` at (layer, module, step): keys [F, d_k], deltas [F, d].
+                            noise_scale: float = 3.0, positions: str = "last") -> tuple[Array, Array]:
+    """k_i and δ_i for every fact of `batch` at (layer, module, step).
+
+    positions "last" (the paper's): the last subject token, keys [F, d_k], deltas [F, d].
+    positions "subject" (beyond the paper): every subject token, keys [F, S, d_k], deltas [F, S, d]
+    (S = the batch's subject width; entries where `batch.subject_valid_FS` is False are padding).
+    The last subject token alone carries only part of what the corruption removes: the earlier
+    subject tokens stay clean and later layers read the name from them (docs/memory.md).
 
     The clean trajectory is the teacher-forced one of the tracer with `trace_steps` steps K (the
     state at `step` is the tracer's x_step, about step/K of the answer revealed; only the first
-    step + 1 steps run); the place is the last subject token; δ averages value_corrupted −
-    value_clean over `noise_samples` draws whose keys follow the tracer's (fold_in of the fact
-    index, then the draw), so a trace and a memory built with the same key see the same noise.
+    step + 1 steps run); δ averages value_corrupted − value_clean over `noise_samples` draws whose
+    keys follow the tracer's (fold_in of the fact index, then the draw), so a trace and a memory
+    built with the same key see the same noise.
     """
     if not 0 <= step < trace_steps:
         raise InputError(f"step {step} is outside 0..{trace_steps - 1} (a {trace_steps}-step trajectory)")
+    if positions not in KEY_POSITIONS:
+        raise InputError(f"key positions must be one of {', '.join(KEY_POSITIONS)}, got {positions!r}")
     S = batch.subject_pos_FS.shape[1]
     D = backbone.config.d_model
     noise = tracing.noise_draws(key, batch.fact_index_F, noise_samples, (S, D)) * (noise_scale * sigma)
-    last_subject = jnp.take_along_axis(
-        batch.subject_pos_FS, (jnp.sum(batch.subject_valid_FS, axis=1) - 1)[:, None], axis=1)[:, 0]
 
-    def one_fact(ids, am, ans, pos, valid, noise_RSD, last):
-        states, _, _, _ = tracing.clean_run(backbone, ids, am, ans, pos, trace_steps, upto=step + 1)
+    def one_fact(ids, am, ans, pos_S, valid, noise_RSD):
+        states, _, _, _ = tracing.clean_run(backbone, ids, am, ans, pos_S, trace_steps, upto=step + 1)
         state = states[step]
         clean_key, clean_value = _capture_apply(backbone, module, state[None], am[None], None, 1)
 
         def corrupted(noise_SD):
-            iv = tracing.Intervention(pos, valid, noise_SD, jnp.int32(-1), jnp.int32(0),
+            iv = tracing.Intervention(pos_S, valid, noise_SD, jnp.int32(-1), jnp.int32(0),
                                       jnp.zeros((backbone.config.n_layers, 3, S, D)))
-            return _capture_apply(backbone, module, state[None], am[None], iv, 1)[1][layer, last]
+            return _capture_apply(backbone, module, state[None], am[None], iv, 1)[1][layer][pos_S]
 
-        delta = jnp.mean(jax.vmap(corrupted)(noise_RSD), axis=0) - clean_value[layer, last]
-        return clean_key[layer, last], delta
+        delta_SD = jnp.mean(jax.vmap(corrupted)(noise_RSD), axis=0) - clean_value[layer][pos_S]
+        key_SK = clean_key[layer][pos_S]
+        if positions == "subject":
+            return key_SK, delta_SD
+        last = jnp.sum(valid) - 1
+        return key_SK[last], delta_SD[last]
 
     return jax.vmap(one_fact)(batch.input_ids_FT, batch.attention_mask_FT, batch.answer_mask_FT,
-                              batch.subject_pos_FS, batch.subject_valid_FS, noise, last_subject)
+                              batch.subject_pos_FS, batch.subject_valid_FS, noise)
 
 
 def _token_keys(backbone: Backbone, ids_BT: Array, mask_BT: Array, layer: Array, module: str) -> Array:
@@ -576,7 +591,7 @@ def save(record: MemoryRecord, out_dir: str | Path, overwrite: bool = False) -> 
             "key_dim": int(m.keys.shape[1]), "value_dim": int(m.deltas.shape[1]),
             "coordinate": record.coordinate.as_dict(), "lam": record.lam, "key_scale": record.key_scale,
             "fact_ids": list(record.fact_ids), "fingerprint": record.fingerprint, "size": m.size,
-            "capture_steps": list(record.capture_steps)}
+            "capture_steps": list(record.capture_steps), "key_positions": record.key_positions}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save((tmp / "arrays").absolute(), arrays)
@@ -599,6 +614,9 @@ def load(path: str | Path, backbone: Backbone | None = None) -> MemoryRecord:
             raise ValueError(f"format {meta.get('format')!r}")
         cap, dk, dv = int(meta["capacity"]), int(meta["key_dim"]), int(meta["value_dim"])
         coordinate = tracing.Coordinate(**meta["coordinate"])
+        positions = meta.get("key_positions", "last")   # memories saved before it was recorded
+        if positions not in KEY_POSITIONS:
+            raise ValueError(f"key_positions {positions!r}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{meta_path} is corrupted: {e}") from None
     if backbone is not None and meta["fingerprint"] != backbone.fingerprint():
@@ -625,4 +643,5 @@ def load(path: str | Path, backbone: Backbone | None = None) -> MemoryRecord:
         raise CheckpointError(f"{path}: memory.json says {meta.get('size')} facts, the arrays hold {memory.size}")
     return MemoryRecord(memory=memory, coordinate=coordinate, lam=float(meta["lam"]),
                         key_scale=float(meta["key_scale"]), fact_ids=tuple(meta["fact_ids"]),
-                        fingerprint=meta["fingerprint"], capture_steps=tuple(meta.get("capture_steps", ())))
+                        fingerprint=meta["fingerprint"], capture_steps=tuple(meta.get("capture_steps", ())),
+                        key_positions=positions)

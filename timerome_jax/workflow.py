@@ -86,20 +86,45 @@ def trace(backbone: Backbone, facts: EncodedFacts, config: tracing.TraceConfig, 
 
 
 def capture(backbone: Backbone, batch: tracing.TraceBatch, coordinate: tracing.Coordinate, key: jax.Array, *,
-            noise_samples: int = 10, noise_scale: float = 3.0, facts_per_chunk: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """Keys [n, d_k] and deltas [n, d] of the facts of `batch` at the coordinate, chunk by chunk
-    (one compilation); the noise follows the tracer's for the same key."""
+            noise_samples: int = 10, noise_scale: float = 3.0, facts_per_chunk: int = 4,
+            positions: str = "last") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Memory entries of the facts of `batch` at the coordinate, chunk by chunk (one compilation):
+    keys [E, d_k], deltas [E, d] and the fact (row of `batch`) of each entry [E], fact-major.
+    positions "last": one entry per fact (the paper's); "subject": one per subject token
+    (`memory.capture_keys_and_deltas`). The noise follows the tracer's for the same key."""
     sigma = tracing.subject_embedding_std(backbone, batch)
-    keys, deltas = [], []
-    for chunk in pipeline.chunks(batch, min(facts_per_chunk, batch.num_facts)):
+    size = min(facts_per_chunk, batch.num_facts)
+    parts = []
+    for c, chunk in enumerate(pipeline.chunks(batch, size)):
         k, d = mem.capture_keys_and_deltas(backbone, chunk, sigma, key,
                                            layer=jnp.int32(coordinate.layer), module=coordinate.module,
                                            step=coordinate.step, trace_steps=coordinate.steps,
                                            noise_samples=noise_samples,
-                                           noise_scale=noise_scale)
-        real = np.asarray(chunk.fact_index_F) >= 0
-        keys.append(np.asarray(k)[real]); deltas.append(np.asarray(d)[real])
-    return np.concatenate(keys), np.concatenate(deltas)
+                                           noise_scale=noise_scale, positions=positions)
+        keys, deltas, rows = entries_of(chunk, np.asarray(k), np.asarray(d), positions)
+        parts.append((keys, deltas, rows + c * size))
+    return tuple(np.concatenate(x) for x in zip(*parts))
+
+
+def entries_of(batch: tracing.TraceBatch, keys: np.ndarray, deltas: np.ndarray,
+               positions: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A capture's output for `batch` ([F, ...] for "last", [F, S, ...] for "subject") as memory
+    entries: (keys [E, d_k], deltas [E, d], row of `batch` of each entry [E]); filler rows and
+    padded subject positions dropped, fact-major."""
+    real = np.asarray(batch.fact_index_F) >= 0
+    row_F = np.arange(real.shape[0])
+    if positions == "last":
+        return keys[real], deltas[real], row_F[real]
+    take_FS = np.asarray(batch.subject_valid_FS) & real[:, None]
+    return keys[take_FS], deltas[take_FS], np.broadcast_to(row_F[:, None], take_FS.shape)[take_FS]
+
+
+def merge_steps(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Entries captured at several steps (one (keys, deltas, fact) triple per step, each fact-major)
+    -> one fact-major list: a fact's entries adjacent, by step, then by position."""
+    keys, deltas, facts = (np.concatenate(x) for x in zip(*parts))
+    order = np.argsort(facts, kind="stable")
+    return keys[order], deltas[order], facts[order]
 
 
 # Fractions of the answer visible in the retain rows: from the first denoising step (all masked)
@@ -181,32 +206,39 @@ def retain_gate(backbone: Backbone, tokenizer, retain: Sequence[Fact], memory: m
 def build_memory(backbone: Backbone, facts: EncodedFacts, coordinate: tracing.Coordinate, *, alpha: float = 1.0,
                  lam: float = 0.1, q: int | None = None, seed: int = 0, noise_samples: int = 10,
                  noise_scale: float = 3.0, facts_per_chunk: int = 4, whitening: np.ndarray | None = None,
-                 capture_steps: Sequence[int] | None = None) -> mem.MemoryRecord:
+                 capture_steps: Sequence[int] | None = None, key_positions: str = "last") -> mem.MemoryRecord:
     """Capture the facts at the coordinate and build one memory over all of them (noise keys from
     `jax.random.key(seed)`; see `memory_from_batch`)."""
     return memory_from_batch(backbone, facts.batch, facts.fact_ids, coordinate, jax.random.key(seed), alpha=alpha,
                              lam=lam, q=q, noise_samples=noise_samples, noise_scale=noise_scale,
-                             facts_per_chunk=facts_per_chunk, whitening=whitening, capture_steps=capture_steps)
+                             facts_per_chunk=facts_per_chunk, whitening=whitening, capture_steps=capture_steps,
+                             key_positions=key_positions)
 
 
 def memory_from_batch(backbone: Backbone, batch: tracing.TraceBatch, fact_ids: Sequence[str],
                       coordinate: tracing.Coordinate, key: jax.Array, *, alpha: float = 1.0, lam: float = 0.1,
                       q: int | None = None, noise_samples: int = 10, noise_scale: float = 3.0,
                       facts_per_chunk: int = 4, whitening: np.ndarray | None = None,
-                      capture_steps: Sequence[int] | None = None) -> mem.MemoryRecord:
-    """The memory of the facts of `batch` (ids `fact_ids`) at the coordinate.
+                      capture_steps: Sequence[int] | None = None, key_positions: str = "last") -> mem.MemoryRecord:
+    """The memory of the facts of `batch` (ids `fact_ids`, one per row) at the coordinate.
 
     `capture_steps` (steps of the coordinate's K-step trajectory, default (k*,)): one key and
     delta per fact and step, so the memory also matches the fact's keys later in denoising, when
-    part of the answer is visible (n · len(capture_steps) entries; `q` counts entries)."""
+    part of the answer is visible. `key_positions` "subject" stores one entry per subject token
+    instead of the last one only. Entries are fact-major and `fact_ids` of the record repeat per
+    entry; `q` counts entries."""
     capture_steps = check_capture_steps(coordinate, capture_steps)
-    mem.check_hyperparameters(alpha, lam, q, batch.num_facts * len(capture_steps))
-    keys, deltas = capture_at_steps(backbone, batch, coordinate, capture_steps, key, noise_samples=noise_samples,
-                                    noise_scale=noise_scale, facts_per_chunk=facts_per_chunk)
+    check_key_positions(key_positions)
+    mem.check_hyperparameters(alpha, lam, None, 1)
+    keys, deltas, rows = capture_at_steps(backbone, batch, coordinate, capture_steps, key, noise_samples=noise_samples,
+                                          noise_scale=noise_scale, facts_per_chunk=facts_per_chunk,
+                                          positions=key_positions)
+    mem.check_hyperparameters(alpha, lam, q, len(keys))
     memory, key_scale = mem.build(keys, deltas, layer=coordinate.layer, module=coordinate.module, alpha=alpha,
                                   lam=lam, q=q, whitening=whitening)
-    ids = tuple(f for f in fact_ids for _ in capture_steps)
-    return mem.MemoryRecord(memory, coordinate, lam, key_scale, ids, backbone.fingerprint(), capture_steps)
+    ids = tuple(fact_ids[r] for r in rows)
+    return mem.MemoryRecord(memory, coordinate, lam, key_scale, ids, backbone.fingerprint(), capture_steps,
+                            key_positions)
 
 
 def check_capture_steps(coordinate: tracing.Coordinate, capture_steps: Sequence[int] | None) -> tuple[int, ...]:
@@ -216,14 +248,18 @@ def check_capture_steps(coordinate: tracing.Coordinate, capture_steps: Sequence[
     return steps
 
 
+def check_key_positions(positions: str) -> str:
+    if positions not in mem.KEY_POSITIONS:
+        raise InputError(f"key positions must be one of {', '.join(mem.KEY_POSITIONS)}, got {positions!r}")
+    return positions
+
+
 def capture_at_steps(backbone: Backbone, batch: tracing.TraceBatch, coordinate: tracing.Coordinate,
-                     capture_steps: Sequence[int], key: jax.Array, **kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """`capture` at each step (keys [n · S, d_k], deltas [n · S, d]; fact-major: the S entries of
-    a fact are adjacent, as `build_memory` lays out fact ids)."""
-    parts = [capture(backbone, batch, dataclasses.replace(coordinate, step=k), key, **kwargs) for k in capture_steps]
-    keys = np.stack([k for k, _ in parts], axis=1)
-    deltas = np.stack([d for _, d in parts], axis=1)
-    return keys.reshape(-1, keys.shape[-1]), deltas.reshape(-1, deltas.shape[-1])
+                     capture_steps: Sequence[int], key: jax.Array, **kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`capture` at each step, merged fact-major (`merge_steps`): keys [E, d_k], deltas [E, d],
+    fact (row of `batch`) of each entry [E]."""
+    return merge_steps([capture(backbone, batch, dataclasses.replace(coordinate, step=k), key, **kwargs)
+                        for k in capture_steps])
 
 
 def qa_pairs(tokenizer, facts: Sequence[Fact], tag: str) -> list[metrics.Pair]:
@@ -253,5 +289,5 @@ def timed(fn: Callable, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
-__all__ = ["EncodedFacts", "Traced", "answer_lp", "build_memory", "capture", "encode", "qa_pairs",
+__all__ = ["EncodedFacts", "Traced", "answer_lp", "build_memory", "capture", "encode", "entries_of", "merge_steps", "qa_pairs",
            "retain_whitening", "timed", "trace"]

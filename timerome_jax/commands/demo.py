@@ -42,6 +42,8 @@ def register(sub, common) -> None:
     p.add_argument("--capture-steps", default=None, metavar="STEPS",
                    help="'all' or comma-separated steps of the trajectory: store each fact's key and delta at "
                    "these steps (default: the traced step only; docs/memory.md)")
+    p.add_argument("--key-positions", choices=mem.KEY_POSITIONS, default="last",
+                   help="read each fact's keys at its 'last' subject token (the paper's) or at every 'subject' token")
     p.add_argument("--mc-samples", type=int, default=16)
     p.add_argument("--show", type=int, default=3, help="forget questions whose answers are shown")
     p.add_argument("--seed", type=int, default=0)
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     steps = None if args.capture_steps is None else parse_capture_steps(args.capture_steps, coordinate)
     record = workflow.build_memory(backbone, forget, coordinate, alpha=args.alpha, lam=args.lam, q=args.q,
                                    seed=args.seed, noise_samples=args.noise_samples, facts_per_chunk=8,
-                                   capture_steps=steps)
+                                   capture_steps=steps, key_positions=args.key_positions)
     gated = ""
     if args.gate_rate is not None:
         tau, info = workflow.retain_gate(backbone, tokenizer, data.load_facts(args.gate_facts), record.memory,
@@ -87,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         gated = f", gated at cosine {tau:.3f} (edits {args.gate_rate:g} of {info['tokens']} {args.gate_facts} tokens)"
     memory, n, encoded, skipped = record.memory, forget.num_facts, forget.encoded, list(forget.skipped)
     edited = mem.attach(backbone, memory)
-    entries = "" if steps is None else f", keys at steps {','.join(map(str, steps))}: {memory.size} entries"
+    entries = "" if memory.size == n else (f", keys at steps {','.join(map(str, record.capture_steps))} of "
+                                           f"the {args.key_positions} tokens: {memory.size} entries")
     say(f"\n2. built an edit memory of {n} facts (α={args.alpha:g}, λ={args.lam:g}, q={args.q or memory.size}{entries}{gated}); "
         f"{sum(x.nbytes for x in jax.tree.leaves(memory)):,} bytes, backbone weights untouched")
 

@@ -54,6 +54,9 @@ def register(sub, common) -> None:
                    help="capture each fact at these steps of the K-step trajectory ('0,3,7' or 'all'; "
                    "default: the coordinate's step k*): one entry per fact and step, so the memory also "
                    "matches the fact later in denoising")
+    p.add_argument("--key-positions", choices=mem.KEY_POSITIONS, default="last",
+                   help="where each fact's keys are read: its 'last' subject token (the paper's) or every "
+                   "'subject' token, one entry each (docs/memory.md)")
     p.add_argument("--gate-rate", type=float, default=None, metavar="RATE",
                    help="gated memory: edit only tokens whose key is close to a stored key, with the cosine "
                    "threshold set so that this fraction of the --gate-facts tokens is still edited")
@@ -106,30 +109,30 @@ def parse_capture_steps(text: str | None, coordinate: tracing.Coordinate) -> tup
 
 
 def capture(backbone: ports.Backbone, encoded, pad_id: int, coordinate: tracing.Coordinate,
-            args: argparse.Namespace, capture_steps: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Keys [n · S, d_k] and deltas [n · S, d] for the encoded facts at the S capture steps
-    (fact-major), chunk by chunk (one compilation per step)."""
-    keys, deltas = zip(*(_capture_one(backbone, encoded, pad_id, dataclasses.replace(coordinate, step=k), args)
-                         for k in capture_steps))
-    keys, deltas = np.stack(keys, axis=1), np.stack(deltas, axis=1)
-    return keys.reshape(-1, keys.shape[-1]), deltas.reshape(-1, deltas.shape[-1])
+            args: argparse.Namespace, capture_steps: tuple[int, ...],
+            positions: str = "last") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Memory entries of the encoded facts at the capture steps: keys [E, d_k], deltas [E, d] and
+    the fact (index into `encoded`) of each entry, fact-major (`workflow.merge_steps`)."""
+    return workflow.merge_steps([_capture_one(backbone, encoded, pad_id, dataclasses.replace(coordinate, step=k),
+                                              args, positions) for k in capture_steps])
 
 
 def _capture_one(backbone: ports.Backbone, encoded, pad_id: int, coordinate: tracing.Coordinate,
-                 args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+                 args: argparse.Namespace, positions: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     batch = pipeline.trace_batch(encoded, pad_id)
     mesh = _mesh.mesh_from_args(args)
     if mesh is not None:  # facts split over the mesh's 'data' axis, --facts-per-chunk per shard
         from timerome_jax import distributed
 
         sigma = tracing.subject_embedding_std(backbone, batch)
-        return distributed.capture_keys_and_deltas(
+        keys, deltas = distributed.capture_keys_and_deltas(
             backbone, batch, sigma, jax.random.key(args.seed), mesh, layer=coordinate.layer,
             module=coordinate.module, step=coordinate.step, trace_steps=coordinate.steps, noise_samples=args.noise_samples,
-            noise_scale=args.noise_scale, facts_per_device=args.facts_per_chunk)
+            noise_scale=args.noise_scale, facts_per_device=args.facts_per_chunk, positions=positions)
+        return workflow.entries_of(batch, keys, deltas, positions)
     return workflow.capture(backbone, batch, coordinate, jax.random.key(args.seed),
                             noise_samples=args.noise_samples, noise_scale=args.noise_scale,
-                            facts_per_chunk=args.facts_per_chunk)
+                            facts_per_chunk=args.facts_per_chunk, positions=positions)
 
 
 def _encode(backbone, path):
@@ -160,8 +163,9 @@ def run(args: argparse.Namespace) -> int:
         duplicate = [i for i in ids if i in record.fact_ids]
         if duplicate:
             raise InputError(f"fact(s) already in the memory: {', '.join(duplicate[:5])}")
-        keys, deltas = capture(backbone, encoded, pad_id, record.coordinate, args, record.capture_steps)
-        entries = tuple(i for i in ids for _ in record.capture_steps)
+        keys, deltas, rows = capture(backbone, encoded, pad_id, record.coordinate, args, record.capture_steps,
+                                     record.key_positions)
+        entries = tuple(ids[r] for r in rows)
         record = record.with_memory(mem.insert(record.memory, keys, deltas), fact_ids=record.fact_ids + entries)
         mem.save(record, args.append, overwrite=True)
         print(f"inserted {len(ids)} fact(s); the memory in {args.append} now holds {len(set(record.fact_ids))}")
@@ -187,14 +191,16 @@ def run(args: argparse.Namespace) -> int:
         coordinate = tracing.Coordinate(c["layer"], c["step"], c["module"], c.get("steps", args.steps))
         print(f"traced: layer {coordinate.layer}, step {coordinate.step}, module {coordinate.module}")
     capture_steps = parse_capture_steps(args.capture_steps, coordinate)
-    mem.check_hyperparameters(args.alpha, args.lam, args.q, len(encoded) * len(capture_steps))
+    n_min = len(encoded) * len(capture_steps)   # the entries: exactly these with "last", at least with "subject"
+    mem.check_hyperparameters(args.alpha, args.lam, args.q if args.key_positions == "last" else None, n_min)
     whitening = None
     if args.covariance:
         whitening, info = workflow.retain_whitening(backbone, backbone_tokenizer(backbone),
                                                     data.load_facts(args.covariance), coordinate,
                                                     shrinkage=args.shrinkage)
         print(f"covariance-regularised: C from {info['tokens']} tokens of {info['retain_facts']} retain facts")
-    keys, deltas = capture(backbone, encoded, pad_id, coordinate, args, capture_steps)
+    keys, deltas, rows = capture(backbone, encoded, pad_id, coordinate, args, capture_steps, args.key_positions)
+    mem.check_hyperparameters(args.alpha, args.lam, args.q, len(keys))
     memory, key_scale = mem.build(keys, deltas, layer=coordinate.layer, module=coordinate.module,
                                   alpha=args.alpha, lam=args.lam, q=args.q, whitening=whitening)
     if args.gate_rate is not None:
@@ -203,11 +209,11 @@ def run(args: argparse.Namespace) -> int:
         memory = mem.with_gate(memory, gate)
         print(f"gated: cosine >= {gate:.4f} (edits {args.gate_rate:g} of {info['tokens']} tokens of "
               f"{info['retain_facts']} retain facts)")
-    record = mem.MemoryRecord(memory, coordinate, args.lam, key_scale,
-                              tuple(e.fact.where for e in encoded for _ in capture_steps), backbone.fingerprint(),
-                              capture_steps)
+    record = mem.MemoryRecord(memory, coordinate, args.lam, key_scale, tuple(encoded[r].fact.where for r in rows),
+                              backbone.fingerprint(), capture_steps, args.key_positions)
     mem.save(record, args.out, overwrite=args.overwrite)
-    entries = "" if len(capture_steps) == 1 else f" ({memory.size} entries: steps {','.join(map(str, capture_steps))})"
+    entries = "" if memory.size == len(encoded) else (
+        f" ({memory.size} entries: steps {','.join(map(str, capture_steps))}, {args.key_positions} tokens)")
     print(f"wrote an edit memory of {len(encoded)} fact(s){entries} at layer {coordinate.layer}, module "
           f"{coordinate.module}, step {coordinate.step} (α={args.alpha:g}, λ={args.lam:g}, "
           f"q={args.q or memory.size}) to {args.out}")
