@@ -191,7 +191,7 @@ def retain_whitening(backbone: Backbone, tokenizer, retain: Sequence[Fact], coor
 
 
 def retain_gate(backbone: Backbone, tokenizer, retain: Sequence[Fact], memory: mem.EditMemory, *,
-                rate: float = 0.01, rows_per_chunk: int = 8) -> tuple[float, dict]:
+                rate: float = 0.001, rows_per_chunk: int = 8) -> tuple[float, dict]:
     """Gate τ of a gated memory: the (1 − rate) quantile of `memory.match` over the retain tokens
     of `_retain_chunks`, so that about `rate` of them are still edited. Returns (τ, info)."""
     scores = []
