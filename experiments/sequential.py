@@ -39,6 +39,13 @@ run on tofu-tiny measured 20 ms while a training job held both cores), plus trac
 about an hour, which is why it is not the default. results.json records the measured seconds
 per scoring pass and per sequence.
 
+The memory variants of `experiments/selectivity.py` (docs/memory.md) are options here too:
+--capture-steps ('all' or '0,3,7': a fact's entries at several steps), --key-positions subject
+(an entry per subject token) and --gate-rate R (with --gate-facts, default retain90[40:160]). A
+fact's entries are inserted together. A gated memory's τ is re-calibrated on --gate-facts after
+each measured insertion (`workflow.retain_gate`, ~3 s), as a user would after appending; the
+scores at that step use it.
+
 Writes sequential.png (ForgetLP / RetainLP / RealAuthorLP vs inserted facts), results.json,
 results.md.
 """
@@ -52,7 +59,7 @@ import jax
 import numpy as np
 
 from timerome_jax import memory as mem
-from timerome_jax import workflow
+from timerome_jax import data, workflow
 from timerome_jax.errors import InputError
 
 import _common
@@ -70,6 +77,13 @@ def parse_alphas(text: str) -> list[float]:
     if not alphas or any(not math.isfinite(a) or a < 0 for a in alphas):
         raise InputError(f"--alphas must be finite numbers >= 0, got {text!r}")
     return alphas
+
+
+def parse_steps(text: str) -> list[int]:
+    try:
+        return [int(k) for k in text.split(",")]
+    except ValueError:
+        raise InputError(f"--capture-steps must be 'all' or comma-separated integers, got {text!r}") from None
 
 
 def measured_steps(n_facts: int, every: int) -> list[int]:
@@ -136,11 +150,21 @@ def plot(path, steps: list[dict], alphas: list[float], no_edit: dict, has_real: 
     _common.save_figure(fig, path, dpi=120)
 
 
+def describe(m: dict) -> str:
+    """The memory variant in words (the paper's: last subject token at k*, no gate)."""
+    parts = [f"{m['entries']} entries", f"keys at steps {','.join(map(str, m['capture_steps']))}",
+             f"{m['key_positions']} subject token{'s' if m['key_positions'] == 'subject' else ''}"]
+    if m["gate_rate"]:
+        parts.append(f"gated at rate {m['gate_rate']:g} on {m['gate_facts']} (re-calibrated at each measurement)")
+    return ", ".join(parts)
+
+
 def markdown(results: dict) -> str:
     lines = ["# Sequential insertion (paper Fig. 3)", "",
              f"Model `{results['model']}` ({results['fingerprint']}), coordinate {results['coordinate']['coordinate']}, "
              f"{results['num_facts']} facts inserted one at a time; MC-ELBO {results['settings']['mc_samples']} samples, "
              f"{results['settings']['lp_seeds']} seeds, mean [95 % bootstrap CI] in nats per answer.", "",
+             f"Memory: {describe(results['memory'])}.", "",
              "| inserted | α | ForgetLP (inserted) | no edit | not inserted yet: change | RetainLP change | "
              "RealAuthorLP change |", "|---|---|---|---|---|---|---|"]
     for s in results["steps"]:
@@ -163,6 +187,10 @@ def main() -> None:
     p.set_defaults(mc_samples=8)  # measured cost: 16 samples would double the ≈ 7 min of scoring
     p.add_argument("--alphas", default="0.5,1", help="comma-separated α values (one curve each)")
     p.add_argument("--every", type=int, default=10, help="measure after every EVERY insertions (and after 1 and N)")
+    p.add_argument("--capture-steps", default=None, help="'all' or comma-separated steps (default: k* only)")
+    p.add_argument("--key-positions", default="last", choices=mem.KEY_POSITIONS)
+    p.add_argument("--gate-rate", type=float, default=None, help="gated memory, re-calibrated at each measurement")
+    p.add_argument("--gate-facts", default="retain90[40:160]", help="retain facts that calibrate the gate")
     args = p.parse_args()
     if args.quick:
         _quick.apply_quick(p, args, dict(QUICK, every=1))
@@ -173,6 +201,8 @@ def main() -> None:
             raise InputError(f"--every must be >= 1, got {args.every}")
         if args.q is not None and args.q < 1:
             raise InputError(f"--q must be >= 1, got {args.q}")
+        if args.gate_rate is not None and not (math.isfinite(args.gate_rate) and 0 < args.gate_rate < 1):
+            raise InputError(f"--gate-rate must be a fraction in (0, 1), got {args.gate_rate}")
         s = _common.setup(args)
         t0 = time.perf_counter()
         coordinate, coordinate_info = _common.coordinate(s)
@@ -180,8 +210,13 @@ def main() -> None:
         forget = s.encode(args.forget)
         N = forget.num_facts
         t0 = time.perf_counter()
-        keys, deltas, _ = workflow.capture(s.backbone, forget.batch, coordinate, jax.random.key(args.seed),
-                                        noise_samples=args.noise_samples, facts_per_chunk=8)
+        capture_steps = workflow.check_capture_steps(coordinate, None if args.capture_steps is None else (
+            range(coordinate.steps) if args.capture_steps == "all" else parse_steps(args.capture_steps)))
+        keys, deltas, rows = workflow.capture_at_steps(s.backbone, forget.batch, coordinate, capture_steps,
+                                                       jax.random.key(args.seed), noise_samples=args.noise_samples,
+                                                       facts_per_chunk=8, positions=args.key_positions)
+        entries_of_fact = [np.flatnonzero(rows == f) for f in range(N)]   # contiguous: fact-major
+        gate_facts = data.load_facts(args.gate_facts) if args.gate_rate is not None else None
         capture_seconds = time.perf_counter() - t0
 
         # every scored pair in one list, so each scoring pass fills its calls across the sets
@@ -205,19 +240,27 @@ def main() -> None:
         base = score(s.backbone)
         no_edit = {name: _common.summary(base[:, cols]) for name, cols in columns.items()}
 
-        memory, key_scale = mem.build(keys[:1], deltas[:1], layer=coordinate.layer, module=coordinate.module,
+        first = entries_of_fact[0]
+        memory, key_scale = mem.build(keys[first], deltas[first], layer=coordinate.layer, module=coordinate.module,
                                       alpha=1.0, lam=args.lam)
-        insert_seconds = [0.0]
+        insert_seconds, gates = [0.0], {}
         steps, want = [], set(measured_steps(N, args.every))
         for n in _common.progress(range(1, N + 1), "inserting", "fact"):
             if n > 1:
-                memory, seconds = workflow.timed(mem.insert, memory, keys[n - 1:n], deltas[n - 1:n])
+                new = entries_of_fact[n - 1]
+                memory, seconds = workflow.timed(mem.insert, memory, keys[new], deltas[new])
                 insert_seconds.append(seconds)
             if n not in want:
                 continue
-            row = {"inserted": n, "capacity": memory.capacity, "alphas": {}}
+            gated = memory
+            if gate_facts is not None:
+                tau, info = workflow.retain_gate(s.backbone, s.tokenizer, gate_facts, memory, rate=args.gate_rate)
+                gated, gates[n] = mem.with_gate(memory, tau), info
+            row = {"inserted": n, "entries": memory.size, "capacity": memory.capacity, "alphas": {},
+                   "gate": gates.get(n)}
             for alpha in alphas:
-                view = mem.with_hyperparameters(memory, alpha=alpha, q=None if args.q is None else min(args.q, n))
+                view = mem.with_hyperparameters(gated, alpha=alpha,
+                                                q=None if args.q is None else min(args.q, memory.size))
                 lp = score(mem.attach(s.backbone, view))
                 inserted, later = columns["forget"][:n], columns["forget"][n:]
                 row["alphas"][str(alpha)] = {
@@ -244,6 +287,9 @@ def main() -> None:
             "alphas": alphas, "coordinate": coordinate_info, "num_facts": N, "facts": list(forget.fact_ids),
             "skipped_facts": list(forget.skipped), "num_retain_pairs": len(sets["retain"]),
             "num_real_author_pairs": len(sets.get("real_authors", [])),
+            "memory": {"capture_steps": list(capture_steps), "key_positions": args.key_positions,
+                       "gate_rate": args.gate_rate, "gate_facts": args.gate_facts if args.gate_rate else None,
+                       "entries": memory.size},
             "key_scale": key_scale, "key_scale_all_facts": float(np.mean(np.sum(np.asarray(keys, np.float64) ** 2, 1))),
             "sequential_vs_batch": {"readout_max_abs_diff": readout_diff, "readout_max_abs": readout_scale},
             "no_edit": no_edit, "measured_after": sorted(want), "steps": steps, "max_abs_retain_change": max_change,

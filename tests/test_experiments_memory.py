@@ -64,6 +64,26 @@ def test_sequential_quick(tiny_model_dir_with_tokenizer, tmp_path):
     assert "max \\|RetainLP change\\|" in (out / "results.md").read_text()
 
 
+def test_sequential_quick_with_the_selective_memory(tiny_model_dir_with_tokenizer, tmp_path):
+    """Keys at both steps of every subject token, gated: a fact's entries go in together, the gate is
+    re-calibrated at each measurement, and the grown memory still equals a batch build."""
+    out = tmp_path / "out"
+    proc = run_experiment("sequential", tiny_model_dir_with_tokenizer, out, "--alphas", "1", "--capture-steps", "all",
+                          "--key-positions", "subject", "--gate-rate", "0.2", "--gate-facts", "retain90[3:6]")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((out / "results.json").read_text())
+    m = r["memory"]
+    assert m["capture_steps"] == [0, 1] and m["key_positions"] == "subject" and m["entries"] > 2 * r["num_facts"]
+    entries = [s["entries"] for s in r["steps"]]
+    assert entries == sorted(entries) and entries[-1] == m["entries"] and all(e % 2 == 0 for e in entries)
+    assert all(s["gate"]["rate"] == 0.2 and s["gate"]["tokens"] > 0 for s in r["steps"])
+    seq = r["sequential_vs_batch"]
+    assert seq["readout_max_abs_diff"] <= 1e-4 * max(seq["readout_max_abs"], 1e-12)
+    assert "gated at rate 0.2" in (out / "results.md").read_text()
+    bad = run_experiment("sequential", tiny_model_dir_with_tokenizer, tmp_path / "bad", "--gate-rate", "1")
+    assert bad.returncode == 2 and "--gate-rate must be a fraction" in bad.stderr and not (tmp_path / "bad").exists()
+
+
 def test_scaling_quick(tiny_model_dir_with_tokenizer, tmp_path):
     out = tmp_path / "out"
     proc = run_experiment("scaling", tiny_model_dir_with_tokenizer, out)
