@@ -4,7 +4,11 @@
 * build time (capture excluded) for 10, 100 and 1000 facts (target: 100x the facts <= 20x the time),
 * bytes the memory adds (model weights are untouched).
 
-    python benchmarks/memory_overhead.py [--model tofu-tiny | --random]
+    python benchmarks/memory_overhead.py [--model tofu-tiny | --random] [--facts N --module resid --gate 0.999]
+
+`--facts` is the number of memory entries (a selective memory of 40 facts, keys at 8 steps of
+every subject token, has ~1,300); `--gate` adds the key-match gate (its cost does not depend on
+the threshold: every token's cosine with every stored key is computed).
 
 With `--random` (default when the embedded model is absent) a tofu-tiny-sized random LLaDA is used.
 """
@@ -44,7 +48,9 @@ def main() -> None:
     ap.add_argument("--random", action="store_true", help="use a random tofu-tiny-sized model")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=96)
-    ap.add_argument("--facts", type=int, default=40, help="facts in the memory for the latency test")
+    ap.add_argument("--facts", type=int, default=40, help="memory entries for the latency test")
+    ap.add_argument("--module", default="mlp", choices=("mlp", "attn", "resid"), help="site of the memory")
+    ap.add_argument("--gate", type=float, default=None, help="gate the memory at this cosine")
     args = ap.parse_args()
     try:
         bb = random_backbone(256, 6, 4, 512, 2048) if args.random else ports.load_pretrained(args.model)
@@ -53,8 +59,11 @@ def main() -> None:
     c = bb.config
     ids = jnp.asarray(np.random.default_rng(0).integers(2, c.vocab_size, (args.batch, args.tokens)), jnp.int32)
     rng = np.random.default_rng(1)
-    memory, _ = mem.build(rng.normal(size=(args.facts, c.mlp_hidden)), rng.normal(size=(args.facts, c.d_model)),
-                          layer=c.n_layers // 2, module="mlp", alpha=1.0, lam=0.1)
+    key_dim = c.mlp_hidden if args.module == "mlp" else c.d_model
+    memory, _ = mem.build(rng.normal(size=(args.facts, key_dim)), rng.normal(size=(args.facts, c.d_model)),
+                          layer=c.n_layers // 2, module=args.module, alpha=1.0, lam=0.1)
+    if args.gate is not None:
+        memory = mem.with_gate(memory, args.gate)
     plain = jax.jit(lambda bb, ids: bb.apply(ids))
     edited = jax.jit(lambda bb, m, ids: mem.edited_apply(bb, m, ids))
     # interleave the two measurements so machine noise hits both alike
@@ -69,7 +78,9 @@ def main() -> None:
     weights = sum(x.nbytes for x in jax.tree.leaves(bb.params))
     print(f"device            {jax.devices()[0].device_kind}")
     print(f"model             {c.family} d={c.d_model} L={c.n_layers} F={c.mlp_hidden}; batch {args.batch} x {args.tokens} tokens")
-    print(f"forward           unedited {p * 1e3:.2f} ms, edited ({args.facts} facts, mlp layer {int(memory.layer)}) "
+    gated = "" if args.gate is None else f", gated at {args.gate:g}"
+    print(f"forward           unedited {p * 1e3:.2f} ms, edited ({args.facts} entries, {args.module} layer "
+          f"{int(memory.layer)}{gated}) "
           f"{e * 1e3:.2f} ms: overhead {100 * (e / p - 1):+.1f}% (target <= 3%; medians of 15 interleaved bests)")
     print("build (solve)     " + ", ".join(f"{n} facts {t * 1e3:.1f} ms" for n, t in builds.items())
           + f": 100x facts cost {builds[1000] / builds[10]:.1f}x the time (target <= 20x)")

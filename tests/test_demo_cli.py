@@ -63,3 +63,13 @@ def test_demo_gated_memory_is_saved_with_its_gate(tiny_model_dir_with_tokenizer,
     code = cli.main(["demo", "--model", str(tiny_model_dir_with_tokenizer), "--gate-rate", "0", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 2 and "--gate-rate must be a fraction in (0, 1)" in err and not (tmp_path / "x").exists()
+
+
+def test_demo_selective_preset_builds_the_selective_memory(tiny_model_dir_with_tokenizer, tmp_path, capsys):
+    code, out, _ = run_demo(tiny_model_dir_with_tokenizer, tmp_path, "--selective", "--gate-facts", "RETAIN",
+                            "--alpha", "4")
+    printed = capsys.readouterr().out
+    assert code == 0 and "built the selective memory of 2 facts (α=4" in printed and "gated at cosine" in printed
+    record = mem.load(out / "memory")
+    assert record.key_positions == "subject" and record.capture_steps == (0, 1) and record.memory.gate is not None
+    assert float(record.memory.alpha) == 4.0 and record.memory.size > 4     # explicit --alpha wins over the preset
