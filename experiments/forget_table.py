@@ -465,6 +465,9 @@ def run(args: argparse.Namespace, command: str) -> dict:
             raise InputError("--limit must be <= --num-forget, so that every evaluated forget pair was edited")
     points = operating_points(args)
     baseline_point = next((p for p in points if p.source.get("key") == args.baseline_point), points[0])
+    if args.baseline_alpha is not None:
+        mem.check_hyperparameters(args.baseline_alpha, baseline_point.lam, None, 1)
+        baseline_point = dataclasses.replace(baseline_point, alpha=float(args.baseline_alpha))
 
     s = _common.setup(args)
     evaluate = Evaluator.for_model(args, args.model, s.tokenizer)
@@ -520,7 +523,8 @@ def run(args: argparse.Namespace, command: str) -> dict:
                                   "num_retain": args.num_retain},
                      "trace": {"facts": args.trace_facts, "steps": args.trace_steps,
                                "noise_samples": args.noise_samples},
-                     "inference_baselines_use": baseline_point.name, "eval_config": base["config"]},
+                     "inference_baselines_use": baseline_point.name, "inference_baselines_alpha": baseline_point.alpha,
+                     "eval_config": base["config"]},
         "facts": {"edited": list(facts.fact_ids), "skipped": list(facts.skipped)},
         "coordinate": None if coordinate is None else coordinate.as_dict(),
         "trace": trace,
@@ -547,6 +551,9 @@ def main() -> None:
     g.add_argument("--min-epochs", type=float, default=None, help="no plateau stop before this many epochs (default 5)")
     p.add_argument("--baseline-point", default="utility_safe", choices=tuple(POINTS),
                    help="with --operating-points: whose α/λ/q the inference baselines use")
+    p.add_argument("--baseline-alpha", type=float, default=None,
+                   help="α of the inference baselines instead of the point's (a gated memory's α is not a "
+                   "steering vector's: docs/RESULTS.md §2)")
     args = p.parse_args()
     resolve(args, QUICK, DEFAULTS)
     command = _common.command_line()

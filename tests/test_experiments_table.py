@@ -33,7 +33,7 @@ def test_forget_table_quick(tiny_model_dir_with_tokenizer, tmp_path):
     # the model as its own forget-quality reference: the no-edit row must get exactly 1
     proc = run_experiment("forget_table", tiny_model_dir_with_tokenizer, out, "--methods", "graddiff,steer,timerome",
                           "--operating-points", str(points), "--reference", str(tiny_model_dir_with_tokenizer),
-                          "--limit", "1")
+                          "--limit", "1", "--baseline-alpha", "0.75")
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
     rows = {r["method"]: r for r in results["rows"]}
@@ -59,7 +59,9 @@ def test_forget_table_quick(tiny_model_dir_with_tokenizer, tmp_path):
     assert train["steps"] == 2 and train["stop_reason"] == "max_steps"
     assert train["seconds"] > 0 and train["host_peak_rss_bytes"] > 0 and train["compile_seconds"] > 0
     steer = rows["steer"]
-    assert steer["settings"]["alpha"] == 0.5 and steer["settings"]["coordinate"] == results["coordinate"]
+    # the inference baselines take --baseline-alpha, the memory keeps its point's α
+    assert steer["settings"]["alpha"] == 0.75 and steer["settings"]["coordinate"] == results["coordinate"]
+    assert results["settings"]["inference_baselines_alpha"] == 0.75
     assert steer["cost"]["compilation_excluded"] and steer["cost"]["seconds"] > 0
     safe, strong = rows["TimeROME (utility-safe)"], rows["TimeROME (max-forget)"]
     assert (safe["settings"]["alpha"], safe["settings"]["lam"], safe["settings"]["q"]) == (0.5, 0.2, 2)
