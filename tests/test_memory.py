@@ -357,3 +357,16 @@ def test_whitening_of_the_wrong_width_is_refused():
     keys, deltas = random_facts(3)
     with pytest.raises(InputError, match=r"the whitening must be \[12, 12\]"):
         mem.build(keys, deltas, layer=0, module="mlp", alpha=1.0, lam=0.1, whitening=np.eye(5))
+
+
+def test_memories_beyond_the_capacity_limit_are_refused_before_any_solve(monkeypatch):
+    """A capacity past MAX_CAPACITY (whose Gram matrices crashed XLA's CPU Cholesky) is one clear
+    error, in a batch build and when insertion would grow the memory past it."""
+    n = mem.MAX_CAPACITY + 1
+    with pytest.raises(InputError, match=f"capacity 32,768 entries .* the limit is {mem.MAX_CAPACITY:,} entries"):
+        mem.build(np.ones((n, 2), np.float32), np.ones((n, 2), np.float32), layer=0, module="mlp", alpha=1.0, lam=0.1)
+    monkeypatch.setattr(mem, "MAX_CAPACITY", 16)
+    rng = np.random.default_rng(0)
+    m, _ = mem.build(rng.normal(size=(16, 4)), rng.normal(size=(16, 4)), layer=0, module="mlp", alpha=1.0, lam=0.1)
+    with pytest.raises(InputError, match="capacity 32 entries"):
+        mem.insert(m, rng.normal(size=(1, 4)), rng.normal(size=(1, 4)))

@@ -166,8 +166,23 @@ def check_hyperparameters(alpha: float, lam: float, q: int | None, n: int) -> No
         raise InputError(f"q must lie in 1..n = 1..{n} (number of memory entries), got {q}")
 
 
+# The dual form holds capacity × capacity float32 matrices (G's Cholesky factor, its solve). At
+# capacity 32,768 (4 GiB each) XLA's CPU Cholesky crashed the process with a segmentation fault
+# (jax 0.10.2, measured 2026-11-24); 16,384 (1 GiB) builds in ~19 s on 2 cores.
+MAX_CAPACITY = 16_384
+
+
 def _capacity_for(n: int) -> int:
     return max(8, 1 << (n - 1).bit_length())
+
+
+def check_capacity(capacity: int) -> None:
+    if capacity > MAX_CAPACITY:
+        raise InputError(
+            f"an edit memory of capacity {capacity:,} entries needs {capacity:,}² float32 matrices "
+            f"({capacity ** 2 * 4 / 2 ** 30:.0f} GiB each); the limit is {MAX_CAPACITY:,} entries. Capture at fewer "
+            f"steps (--capture-steps) or at the last subject token only (--key-positions last), or split the "
+            f"facts over several memories (memory.attach_stack)")
 
 
 # --- build / insert / remove ------------------------------------------------------------------
@@ -228,6 +243,7 @@ def build(keys_nk: Array, deltas_nd: Array, *, layer: int, module: str, alpha: f
     if not key_scale > 0:
         raise InputError("all keys are zero: the memory has nothing to match")
     cap = capacity or _capacity_for(n)
+    check_capacity(cap)
     keys = np.zeros((cap, keys_nk.shape[1]), np.float32); keys[:n] = keys_nk
     deltas = np.zeros((cap, deltas_nd.shape[1]), np.float32); deltas[:n] = deltas_nd
     valid = np.arange(cap) < n
@@ -279,6 +295,7 @@ def insert(memory: EditMemory, keys_nk: Array, deltas_nd: Array) -> EditMemory:
     keys_nk, deltas_nd = jnp.asarray(keys_nk, jnp.float32), jnp.asarray(deltas_nd, jnp.float32)
     if keys_nk.shape[0] != deltas_nd.shape[0] or keys_nk.shape[0] == 0:
         raise InputError("insert needs as many deltas as keys, and at least one fact")
+    check_capacity(_capacity_for(memory.size + keys_nk.shape[0]))
     for key_k, delta_d in zip(keys_nk, deltas_nd):
         if memory.size == memory.capacity:
             memory = _grow(memory, 2 * memory.capacity)
