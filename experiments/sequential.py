@@ -153,7 +153,7 @@ def plot(path, steps: list[dict], alphas: list[float], no_edit: dict, has_real: 
 def describe(m: dict) -> str:
     """The memory variant in words (the paper's: last subject token at k*, no gate)."""
     parts = [f"{m['entries']} entries", f"keys at steps {','.join(map(str, m['capture_steps']))}",
-             f"{m['key_positions']} subject token{'s' if m['key_positions'] == 'subject' else ''}"]
+             "every subject token" if m["key_positions"] == "subject" else "the last subject token"]
     if m["gate_rate"]:
         parts.append(f"gated at rate {m['gate_rate']:g} on {m['gate_facts']} (re-calibrated at each measurement)")
     return ", ".join(parts)

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         tau, info = workflow.retain_gate(backbone, tokenizer, data.load_facts(args.gate_facts), record.memory,
                                          rate=args.gate_rate)
         record = record.with_memory(mem.with_gate(record.memory, tau))
-        gated = f", gated at cosine {tau:.3f} (edits {args.gate_rate:g} of {info['tokens']} {args.gate_facts} tokens)"
+        gated = f", gated at cosine {tau:.5f} (edits {args.gate_rate:g} of {info['tokens']} {args.gate_facts} tokens)"
     memory, n, encoded, skipped = record.memory, forget.num_facts, forget.encoded, list(forget.skipped)
     edited = mem.attach(backbone, memory)
     entries = "" if memory.size == n else (f", keys at steps {','.join(map(str, record.capture_steps))} of "
