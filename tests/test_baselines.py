@@ -438,7 +438,7 @@ def test_random_memory_is_reproducible_and_differs_from_the_traced_one(model, fa
     assert first.coordinate == again.coordinate and first.coordinate.layer != TRACED.layer
     for a, b in zip(jax.tree.leaves(first.memory), jax.tree.leaves(again.memory)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    keys, deltas = inference.capture(model, batch, TRACED, key)
+    keys, deltas, _ = inference.capture(model, batch, TRACED, key)
     traced, _ = mem.build(keys, deltas, layer=TRACED.layer, module=TRACED.module, alpha=1.0, lam=0.1)
     assert first.memory.size == traced.size == N_FORGET  # same rank budget
     assert float(first.memory.alpha) == float(traced.alpha) and float(first.lam) == 0.1
