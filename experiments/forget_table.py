@@ -62,6 +62,7 @@ from timerome_jax import data, metrics, resources, sampler, workflow
 from timerome_jax import memory as mem
 from timerome_jax.baselines import inference, suites, training
 from timerome_jax.commands.eval import load_reference
+from timerome_jax.commands.edit import parse_capture_steps
 from timerome_jax.errors import InputError
 
 import _common
@@ -196,7 +197,7 @@ def operating_points(args: argparse.Namespace, which=tuple(POINTS)) -> list[Poin
                              None if gate_rate is None else float(gate_rate), point.get("gate_facts"),
                              None if steps is None else (steps if isinstance(steps, str)
                                                          else ",".join(str(int(k)) for k in steps)),
-                             workflow.check_key_positions(point.get("key_positions", "last"))))
+                             mem.check_key_positions(point.get("key_positions", "last"))))
         except (TypeError, ValueError) as e:
             raise InputError(f"{path}: operating point {key!r} is malformed: {e}") from None
     return out
@@ -211,10 +212,7 @@ def build_timerome(backbone, tokenizer, facts, coordinate, point: Point, args, *
         if point.covariance:
             whitening, info = workflow.retain_whitening(backbone, tokenizer, data.load_facts(point.covariance),
                                                         coordinate)
-        steps = None
-        if point.capture_steps:
-            steps = (range(coordinate.steps) if point.capture_steps == "all"
-                     else [int(k) for k in point.capture_steps.split(",")])
+        steps = parse_capture_steps(point.capture_steps, coordinate) if point.capture_steps else None
         record = workflow.build_memory(backbone, facts, coordinate, alpha=point.alpha, lam=point.lam, q=point.q,
                                        seed=args.seed, noise_samples=args.noise_samples, whitening=whitening,
                                        capture_steps=steps, key_positions=point.key_positions)

@@ -41,7 +41,7 @@ import numpy as np
 
 from timerome_jax import data, metrics, workflow
 from timerome_jax import memory as mem
-from timerome_jax.commands.edit import parse_coordinate
+from timerome_jax.commands.edit import parse_capture_steps, parse_coordinate
 from timerome_jax.errors import InputError
 
 import _common
@@ -82,8 +82,7 @@ def parse_variants(text: str) -> list[str]:
 
 
 def build_variants(s: _common.Setup, forget, coordinate, args) -> dict[str, tuple[mem.MemoryRecord, dict]]:
-    steps = tuple(range(coordinate.steps)) if args.capture_steps == "all" else tuple(
-        int(k) for k in args.capture_steps.split(","))
+    steps = parse_capture_steps(args.capture_steps, coordinate)
     gate_facts = data.load_facts(args.gate_facts)
     out = {}
     for variant in args.variant_list:

@@ -60,6 +60,7 @@ import numpy as np
 
 from timerome_jax import memory as mem
 from timerome_jax import data, workflow
+from timerome_jax.commands.edit import parse_capture_steps
 from timerome_jax.errors import InputError
 
 import _common
@@ -77,13 +78,6 @@ def parse_alphas(text: str) -> list[float]:
     if not alphas or any(not math.isfinite(a) or a < 0 for a in alphas):
         raise InputError(f"--alphas must be finite numbers >= 0, got {text!r}")
     return alphas
-
-
-def parse_steps(text: str) -> list[int]:
-    try:
-        return [int(k) for k in text.split(",")]
-    except ValueError:
-        raise InputError(f"--capture-steps must be 'all' or comma-separated integers, got {text!r}") from None
 
 
 def measured_steps(n_facts: int, every: int) -> list[int]:
@@ -210,8 +204,7 @@ def main() -> None:
         forget = s.encode(args.forget)
         N = forget.num_facts
         t0 = time.perf_counter()
-        capture_steps = workflow.check_capture_steps(coordinate, None if args.capture_steps is None else (
-            range(coordinate.steps) if args.capture_steps == "all" else parse_steps(args.capture_steps)))
+        capture_steps = parse_capture_steps(args.capture_steps, coordinate)
         keys, deltas, rows = workflow.capture_at_steps(s.backbone, forget.batch, coordinate, capture_steps,
                                                        jax.random.key(args.seed), noise_samples=args.noise_samples,
                                                        facts_per_chunk=8, positions=args.key_positions)
@@ -243,7 +236,7 @@ def main() -> None:
         first = entries_of_fact[0]
         memory, key_scale = mem.build(keys[first], deltas[first], layer=coordinate.layer, module=coordinate.module,
                                       alpha=1.0, lam=args.lam)
-        insert_seconds, gates = [0.0], {}
+        insert_seconds = [0.0]
         steps, want = [], set(measured_steps(N, args.every))
         for n in _common.progress(range(1, N + 1), "inserting", "fact"):
             if n > 1:
@@ -252,12 +245,12 @@ def main() -> None:
                 insert_seconds.append(seconds)
             if n not in want:
                 continue
-            gated = memory
+            gated, gate_info = memory, None
             if gate_facts is not None:
-                tau, info = workflow.retain_gate(s.backbone, s.tokenizer, gate_facts, memory, rate=args.gate_rate)
-                gated, gates[n] = mem.with_gate(memory, tau), info
+                tau, gate_info = workflow.retain_gate(s.backbone, s.tokenizer, gate_facts, memory, rate=args.gate_rate)
+                gated = mem.with_gate(memory, tau)
             row = {"inserted": n, "entries": memory.size, "capacity": memory.capacity, "alphas": {},
-                   "gate": gates.get(n)}
+                   "gate": gate_info}
             for alpha in alphas:
                 view = mem.with_hyperparameters(gated, alpha=alpha,
                                                 q=None if args.q is None else min(args.q, memory.size))

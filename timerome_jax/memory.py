@@ -519,6 +519,12 @@ def _capture_apply(backbone: Backbone, module: str, ids_1T: Array, mask_1T: Arra
 KEY_POSITIONS = ("last", "subject")
 
 
+def check_key_positions(positions: str) -> str:
+    if positions not in KEY_POSITIONS:
+        raise InputError(f"key positions must be one of {', '.join(KEY_POSITIONS)}, got {positions!r}")
+    return positions
+
+
 @functools.partial(jax.jit, static_argnames=("module", "step", "trace_steps", "noise_samples", "noise_scale",
                                              "positions"))
 def capture_keys_and_deltas(backbone: Backbone, batch: tracing.TraceBatch, sigma: Array, key: Array, *,
@@ -540,8 +546,7 @@ def capture_keys_and_deltas(backbone: Backbone, batch: tracing.TraceBatch, sigma
     """
     if not 0 <= step < trace_steps:
         raise InputError(f"step {step} is outside 0..{trace_steps - 1} (a {trace_steps}-step trajectory)")
-    if positions not in KEY_POSITIONS:
-        raise InputError(f"key positions must be one of {', '.join(KEY_POSITIONS)}, got {positions!r}")
+    check_key_positions(positions)
     S = batch.subject_pos_FS.shape[1]
     D = backbone.config.d_model
     noise = tracing.noise_draws(key, batch.fact_index_F, noise_samples, (S, D)) * (noise_scale * sigma)

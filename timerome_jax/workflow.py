@@ -228,7 +228,7 @@ def memory_from_batch(backbone: Backbone, batch: tracing.TraceBatch, fact_ids: S
     instead of the last one only. Entries are fact-major and `fact_ids` of the record repeat per
     entry; `q` counts entries."""
     capture_steps = check_capture_steps(coordinate, capture_steps)
-    check_key_positions(key_positions)
+    mem.check_key_positions(key_positions)
     mem.check_hyperparameters(alpha, lam, None, 1)
     keys, deltas, rows = capture_at_steps(backbone, batch, coordinate, capture_steps, key, noise_samples=noise_samples,
                                           noise_scale=noise_scale, facts_per_chunk=facts_per_chunk,
@@ -246,12 +246,6 @@ def check_capture_steps(coordinate: tracing.Coordinate, capture_steps: Sequence[
     if not steps or len(set(steps)) != len(steps) or not all(0 <= k < coordinate.steps for k in steps):
         raise InputError(f"capture steps must be distinct steps in 0..{coordinate.steps - 1}, got {list(steps)}")
     return steps
-
-
-def check_key_positions(positions: str) -> str:
-    if positions not in mem.KEY_POSITIONS:
-        raise InputError(f"key positions must be one of {', '.join(mem.KEY_POSITIONS)}, got {positions!r}")
-    return positions
 
 
 def capture_at_steps(backbone: Backbone, batch: tracing.TraceBatch, coordinate: tracing.Coordinate,
