@@ -116,7 +116,8 @@ def trained_bytes(backbone, config: training.TrainConfig) -> int:
 def memory_bytes(memory: mem.EditMemory) -> dict:
     """Bytes of the memory's buffers (at capacity) and of the rows its n facts occupy."""
     n = memory.size
-    used = [memory.keys[:n], memory.deltas[:n], memory.readout[:n], memory.cholesky[:n, :n], memory.valid[:n],
+    factor = memory.cholesky[:n, :n] if memory.form == "dual" else memory.inverse
+    used = [memory.keys[:n], memory.deltas[:n], memory.readout[:n], factor, memory.valid[:n],
             memory.layer, memory.alpha, memory.ridge, memory.q]
     if memory.whitening is not None:
         used.append(memory.whitening)

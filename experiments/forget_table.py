@@ -156,12 +156,15 @@ class Point:
     gate_facts: str | None = None
     capture_steps: str | None = None
     key_positions: str = "last"
+    sampler_capture: mem.SamplerCapture | None = None
 
     def describe(self) -> str:
         return (f"α={self.alpha:g}, λ={self.lam:g}, q={self.q if self.q is not None else 'n'}"
                 + (f", covariance {self.covariance}" if self.covariance else "")
                 + (f", keys at steps {self.capture_steps}" if self.capture_steps else "")
                 + (", keys at every subject token" if self.key_positions == "subject" else "")
+                + (f", and at sampler steps {','.join(map(str, self.sampler_capture.capture_steps))}"
+                   if self.sampler_capture else "")
                 + (f", gated at rate {self.gate_rate:g} on {self.gate_facts}" if self.gate_rate else ""))
 
 
@@ -197,7 +200,9 @@ def operating_points(args: argparse.Namespace, which=tuple(POINTS)) -> list[Poin
                              None if gate_rate is None else float(gate_rate), point.get("gate_facts"),
                              None if steps is None else (steps if isinstance(steps, str)
                                                          else ",".join(str(int(k)) for k in steps)),
-                             mem.check_key_positions(point.get("key_positions", "last"))))
+                             mem.check_key_positions(point.get("key_positions", "last")),
+                             None if point.get("sampler_capture") is None
+                             else mem.SamplerCapture(**point["sampler_capture"])))
         except (TypeError, ValueError) as e:
             raise InputError(f"{path}: operating point {key!r} is malformed: {e}") from None
     return out
@@ -215,7 +220,8 @@ def build_timerome(backbone, tokenizer, facts, coordinate, point: Point, args, *
         steps = parse_capture_steps(point.capture_steps, coordinate) if point.capture_steps else None
         record = workflow.build_memory(backbone, facts, coordinate, alpha=point.alpha, lam=point.lam, q=point.q,
                                        seed=args.seed, noise_samples=args.noise_samples, whitening=whitening,
-                                       capture_steps=steps, key_positions=point.key_positions)
+                                       capture_steps=steps, key_positions=point.key_positions,
+                                       sampler_capture=point.sampler_capture)
         gate = None
         if point.gate_rate:
             if not point.gate_facts:
@@ -501,6 +507,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
                         "covariance": point.covariance, "gate_rate": point.gate_rate,
                         "gate_facts": point.gate_facts, "capture_steps": point.capture_steps,
                         "key_positions": point.key_positions, "facts": len(set(record.fact_ids)),
+                        "sampler_capture": None if point.sampler_capture is None else point.sampler_capture.as_dict(),
                         "memory_entries": record.memory.size,
                         "key_scale": record.key_scale, "source": point.source}
         result = evaluate(model, suite, method)

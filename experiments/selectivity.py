@@ -15,6 +15,11 @@ The variants address them one at a time (`workflow.build_memory`, `memory.with_g
   stored key; τ = the (1 − r) quantile over the tokens of --gate-facts (retain facts disjoint from
   the scored --retain set), so a fraction r of retain tokens is still edited (`workflow.retain_gate`).
 * multistep+gated: both.
+* subject+gated, multistep+subject+gated: one entry per subject token instead of the last one.
+* multistep+subject+sampler+gated: also entries in the unedited greedy sampler's states before
+  --sampler-steps steps of the --gen-length/--gen-steps/--block-length schedule (the one the ROUGE
+  generations use) (`memory.SamplerCapture`): the tracer's states alone match a minority of a
+  generation's subject keys.
 * covariance / covariance+gated: the covariance-regularised memory (λ̃ C, C over the --gate-facts
   tokens), alone and gated; its match is measured between whitened keys, which removes the
   direction every residual-stream key shares.
@@ -49,9 +54,10 @@ import _quick
 
 QUICK = {"forget": "forget01_subjects[:3]", "retain": "retain90[:3]", "trace_facts": "forget01_subjects[:3]",
          "gate_facts": "retain90[3:6]", "trace_steps": 2, "noise_samples": 2, "mc_samples": 2, "lp_seeds": 2,
-         "alphas": "1,2", "gen_length": 32, "gen_steps": 16, "block_length": 32, "extra_coordinates": ""}
+         "alphas": "1,2", "gen_length": 32, "gen_steps": 16, "block_length": 32, "extra_coordinates": "",
+         "sampler_steps": 2}
 VARIANTS = ("paper", "multistep", "gated", "multistep+gated", "covariance", "covariance+gated", "subject+gated",
-            "multistep+subject+gated")
+            "multistep+subject+gated", "multistep+subject+sampler+gated")
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -64,13 +70,26 @@ def parse_alphas(text: str) -> list[float]:
     return alphas
 
 
-def rouge(s: _common.Setup, backbone, facts, args) -> float:
+# a greedy answer with ROUGE-L recall ≥ this against the reference "reproduces" it
+REPRODUCED = 0.9
+
+
+def rouge_scores(s: _common.Setup, backbone, facts, args) -> np.ndarray:
+    """ROUGE-L recall of each greedy answer against its reference [len(facts)]."""
     prompts = [p.prompt_ids for p in facts]
     answers = metrics.generate_answers(backbone, s.tokenizer, prompts, gen_length=args.gen_length,
                                        steps=args.gen_steps, block_length=args.block_length, batch_size=64,
                                        pad_id=s.pad_id)
     references = [s.tokenizer.decode(list(p.answer_ids)) for p in facts]
-    return float(np.mean([metrics.rouge_l_recall(a, r) for a, r in zip(answers, references)]))
+    return np.asarray([metrics.rouge_l_recall(a, r) for a, r in zip(answers, references)])
+
+
+def generation(s: _common.Setup, backbone, sets, args) -> dict:
+    """Mean ROUGE-L recall on forget and retain, and the share of answers each set still reproduces."""
+    forget, retain = (rouge_scores(s, backbone, sets[name], args) for name in ("forget", "retain"))
+    return {"rouge_forget": float(forget.mean()), "rouge_retain": float(retain.mean()),
+            "reproduced_forget": float(np.mean(forget >= REPRODUCED)),
+            "reproduced_retain": float(np.mean(retain >= REPRODUCED))}
 
 
 def parse_variants(text: str) -> list[str]:
@@ -94,9 +113,10 @@ def build_variants(s: _common.Setup, forget, coordinate, args) -> dict[str, tupl
         record = workflow.build_memory(s.backbone, forget, coordinate, alpha=1.0, lam=args.lam, seed=args.seed,
                                        noise_samples=args.noise_samples, whitening=whitening,
                                        capture_steps=steps if multi else None,
-                                       key_positions=key_positions(variant))
+                                       key_positions=key_positions(variant), sampler_capture=sampler_capture(variant, args))
         info = {"capture_steps": list(record.capture_steps), "key_positions": record.key_positions,
-                "entries": record.memory.size, "covariance": whitening is not None}
+                "entries": record.memory.size, "covariance": whitening is not None,
+                "sampler_capture": None if record.sampler_capture is None else record.sampler_capture.as_dict()}
         if variant.endswith("gated"):
             gate, gate_info = workflow.retain_gate(s.backbone, s.tokenizer, gate_facts, record.memory,
                                                    rate=args.gate_rate)
@@ -111,11 +131,19 @@ def key_positions(variant: str) -> str:
     return "subject" if "subject" in variant.split("+") else "last"
 
 
+def sampler_capture(variant: str, args) -> mem.SamplerCapture | None:
+    if "sampler" not in variant.split("+"):
+        return None
+    return mem.SamplerCapture.evenly(args.sampler_steps, gen_length=args.gen_length, steps=args.gen_steps,
+                                     block_length=args.block_length)
+
+
 def variant_config(variant: str, args) -> dict:
     """The memory options of a variant, in the operating-point form forget_table.py reads."""
     return {"covariance": args.gate_facts if variant.startswith("covariance") else None,
             "capture_steps": args.capture_steps if variant.startswith("multistep") else None,
             "key_positions": key_positions(variant),
+            "sampler_capture": None if sampler_capture(variant, args) is None else sampler_capture(variant, args).as_dict(),
             "gate_rate": args.gate_rate if variant.endswith("gated") else None,
             "gate_facts": args.gate_facts if variant.endswith("gated") else None}
 
@@ -164,21 +192,24 @@ def markdown(payload: dict) -> str:
              f"at rate {st['gate_rate']:g}; λ = {st['lam']:g}; {st['lp_seeds']} seeds × {st['mc_samples']} MC "
              f"samples; mean [95 % CI] over seeds, nats per answer.", "",
              "No edit: ROUGE-L recall forget "
-             f"{payload['no_edit']['rouge_forget']:.3f}, retain {payload['no_edit']['rouge_retain']:.3f}.", "",
+             f"{payload['no_edit']['rouge_forget']:.3f}, retain {payload['no_edit']['rouge_retain']:.3f}; answers "
+             f"reproduced (recall ≥ {REPRODUCED:g}) forget {payload['no_edit']['reproduced_forget']:.0%}, retain "
+             f"{payload['no_edit']['reproduced_retain']:.0%}.", "",
              "| coordinate | variant | α | forget drop | retain change | retain / forget |", "|---|---|---|---|---|---|"]
     for r in payload["rows"]:
         ratio = -r["retain_change"]["mean"] / r["forget_drop"]["mean"] if r["forget_drop"]["mean"] > 0 else float("nan")
         lines.append(f"| {r['coordinate_label']} | {r['variant']} | {r['alpha']:g} | {_common.fmt(r['forget_drop'])} | "
                      f"{_common.fmt(r['retain_change'])} | {ratio:.2f} |")
     lines += ["", f"Safe points (largest forget drop with |retain change| ≤ {st['retain_tolerance']:g} nats):", "",
-              "| coordinate | variant | α | forget drop | retain change | ROUGE-L forget | ROUGE-L retain |",
-              "|---|---|---|---|---|---|---|"]
+              "| coordinate | variant | α | forget drop | retain change | ROUGE-L forget | ROUGE-L retain | "
+              "reproduced forget | reproduced retain |", "|---|---|---|---|---|---|---|---|---|"]
     for p in payload["safe_points"]:
         if p["alpha"] is None:
-            lines.append(f"| {p['coordinate_label']} | {p['variant']} | none within tolerance | | | | |")
+            lines.append(f"| {p['coordinate_label']} | {p['variant']} | none within tolerance | | | | | | |")
             continue
         lines.append(f"| {p['coordinate_label']} | {p['variant']} | {p['alpha']:g} | {_common.fmt(p['forget_drop'])} | "
-                     f"{_common.fmt(p['retain_change'])} | {p['rouge_forget']:.3f} | {p['rouge_retain']:.3f} |")
+                     f"{_common.fmt(p['retain_change'])} | {p['rouge_forget']:.3f} | {p['rouge_retain']:.3f} | "
+                     f"{p['reproduced_forget']:.0%} | {p['reproduced_retain']:.0%} |")
     lines += ["", "Operating points (all variants): " + "; ".join(
         f"{name}: {p['variant']} α={p['alpha']:g}" for name, p in payload["operating_points"].items())]
     return "\n".join(lines) + "\n"
@@ -199,6 +230,8 @@ def main() -> None:
     p.add_argument("--gen-length", type=int, default=96)
     p.add_argument("--gen-steps", type=int, default=48)
     p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--sampler-steps", type=int, default=8,
+                   help="sampler variant: capture at this many evenly spread steps of the generation schedule")
     p.set_defaults(mc_samples=8, real_authors="")
     args = p.parse_args()
     if args.quick:
@@ -219,8 +252,7 @@ def main() -> None:
         sets = {"forget": workflow.qa_pairs(s.tokenizer, [e.fact for e in forget.encoded], "forget"),
                 "retain": s.pairs(args.retain, "retain")}
         base = {name: s.lp(s.backbone, pairs) for name, pairs in sets.items()}
-        no_edit = {"rouge_forget": rouge(s, s.backbone, sets["forget"], args),
-                   "rouge_retain": rouge(s, s.backbone, sets["retain"], args),
+        no_edit = {**generation(s, s.backbone, sets, args),
                    **{name: _common.summary(v) for name, v in base.items()}}
         rows, safe_points, builds = [], [], []
         for coordinate in coordinates:
@@ -242,9 +274,7 @@ def main() -> None:
                 if best is not None:
                     edited = mem.attach(s.backbone, mem.with_hyperparameters(record.memory, alpha=best["alpha"]))
                     point = {**point, "alpha": best["alpha"], "forget_drop": best["forget_drop"],
-                             "retain_change": best["retain_change"],
-                             "rouge_forget": rouge(s, edited, sets["forget"], args),
-                             "rouge_retain": rouge(s, edited, sets["retain"], args)}
+                             "retain_change": best["retain_change"], **generation(s, edited, sets, args)}
                 safe_points.append(point)
         payload = {
             "experiment": "selectivity (memory variants)", "command": _common.command_line(),
@@ -252,6 +282,7 @@ def main() -> None:
             "num_forget": forget.num_facts, "forget_facts": list(forget.fact_ids), "skipped": list(forget.skipped),
             "settings": {"alphas": alphas, "lam": args.lam, "retain": args.retain, "gate_facts": args.gate_facts,
                          "gate_rate": args.gate_rate, "capture_steps": args.capture_steps, "variants": args.variant_list,
+                         "sampler_steps": args.sampler_steps,
                          "retain_tolerance": args.retain_tolerance, "lp_seeds": args.lp_seeds,
                          "mc_samples": args.mc_samples, "noise_samples": args.noise_samples,
                          "trace_facts": args.trace_facts, "trace_steps": args.trace_steps, "estimator": "mc_elbo",
@@ -268,7 +299,7 @@ def main() -> None:
             if p_["alpha"] is not None:
                 print(f"{p_['coordinate_label']} {p_['variant']}: α={p_['alpha']:g} forget drop "
                       f"{_common.fmt(p_['forget_drop'])}, retain {_common.fmt(p_['retain_change'])}, "
-                      f"ROUGE-L forget {p_['rouge_forget']:.3f}")
+                      f"ROUGE-L forget {p_['rouge_forget']:.3f} (reproduced {p_['reproduced_forget']:.0%})")
 
 
 if __name__ == "__main__":

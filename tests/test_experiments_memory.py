@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from timerome_jax import memory as mem
 from timerome_jax.errors import InputError
 
 ROOT = Path(__file__).parent.parent
@@ -212,8 +213,8 @@ def test_selectivity_quick(tiny_model_dir_with_tokenizer, tmp_path):
     assert proc.returncode == 0, proc.stderr
     r = json.loads((out / "results.json").read_text())
     variants = ("paper", "multistep", "gated", "multistep+gated", "covariance", "covariance+gated", "subject+gated",
-                "multistep+subject+gated")
-    assert len(r["rows"]) == 2 * len(variants) * 2      # 2 coordinates x 8 variants x α in {1, 2}
+                "multistep+subject+gated", "multistep+subject+sampler+gated")
+    assert len(r["rows"]) == 2 * len(variants) * 2      # 2 coordinates x 9 variants x α in {1, 2}
     assert builds_covariance(r) == {"covariance": True, "covariance+gated": True}
     builds = {(b["coordinate"]["layer"], b["variant"]): b for b in r["builds"]}
     assert builds[(1, "paper")]["entries"] == 3 and builds[(1, "multistep")]["entries"] == 6   # K = 2 steps
@@ -221,6 +222,10 @@ def test_selectivity_quick(tiny_model_dir_with_tokenizer, tmp_path):
     subject = builds[(1, "subject+gated")]          # one entry per subject token (≥ 1 per fact)
     assert subject["key_positions"] == "subject" and subject["entries"] > 3
     assert builds[(1, "multistep+subject+gated")]["entries"] == 2 * subject["entries"]
+    sampled = builds[(1, "multistep+subject+sampler+gated")]   # + 2 sampler steps (of G=32, 16 steps)
+    assert sampled["sampler_capture"] == {"gen_length": 32, "steps": 16, "block_length": 32, "capture_steps": [0, 8],
+                                          "mentions": False}
+    assert sampled["entries"] >= 4 * subject["entries"]
     gate = builds[(1, "gated")]["gate"]
     assert gate["rate"] == 0.001 and -1.0 <= gate["gate"] <= 1.0 and gate["tokens"] > 0
     assert len(r["safe_points"]) == 2 * len(variants)
@@ -240,7 +245,7 @@ def test_selectivity_operating_points_feed_the_forget_table():
     sel, table = script("selectivity"), script("forget_table")
     import argparse
     args = argparse.Namespace(lam=0.1, retain_tolerance=1.0, gate_facts="retain90[40:160]", gate_rate=0.01,
-                              capture_steps="all")
+                              capture_steps="all", sampler_steps=4, gen_length=64, gen_steps=32, block_length=32)
     def row(variant, alpha, drop, retain):
         return {"variant": variant, "alpha": alpha, "coordinate": {"layer": 1, "step": 0, "module": "resid", "steps": 8},
                 "forget_drop": {"mean": drop}, "retain_change": {"mean": retain}}
@@ -267,6 +272,12 @@ def test_selectivity_operating_points_feed_the_forget_table():
         path.write_text(json.dumps({"operating_points": subject}))
         safe, _ = table.operating_points(argparse.Namespace(operating_points=str(path), lam=0.1, covariance=None))
         assert safe.key_positions == "subject" and "every subject token" in safe.describe()
+        assert safe.sampler_capture is None
+        sampled = sel.operating_points([row("multistep+subject+sampler+gated", 8.0, 60.0, -0.7)], args)
+        path.write_text(json.dumps({"operating_points": sampled}))
+        safe, _ = table.operating_points(argparse.Namespace(operating_points=str(path), lam=0.1, covariance=None))
+        assert safe.sampler_capture == mem.SamplerCapture(64, 32, 32, (0, 8, 16, 24))
+        assert "sampler steps 0,8,16,24" in safe.describe()
         path.write_text(json.dumps({"operating_points": {k: {**v, "key_positions": "first"} for k, v in subject.items()}}))
         with pytest.raises(InputError, match="key positions must be one of"):
             table.operating_points(argparse.Namespace(operating_points=str(path), lam=0.1, covariance=None))

@@ -55,16 +55,60 @@ def test_q_equal_n_is_no_sparsification_and_q_keeps_top_entries():
         np.testing.assert_array_equal(row2[top], row_full[top])
 
 
-def test_incremental_insertion_equals_batch_build():
-    keys, deltas = random_facts(11)
+@pytest.mark.parametrize("dk, form", [(32, "dual"), (12, "primal"), (4, "primal")])
+def test_incremental_insertion_equals_batch_build(dk, form):
+    """11 facts inserted into a 3-fact memory: capacity 8 -> 16. With d_k = 32 it stays dual
+    (Schur complements); with d_k = 12 the dual memory becomes primal when it grows past d_k;
+    with d_k = 4 it is primal from the start (Sherman–Morrison updates)."""
+    keys, deltas = random_facts(11, dk=dk)
     first, scale = mem.build(keys[:3], deltas[:3], layer=1, module="mlp", alpha=0.5, lam=0.2)
+    assert first.form == ("primal" if dk < 8 else "dual")
     grown = mem.insert(first, keys[3:], deltas[3:])  # crosses the capacity of 8: one doubling
     batch, _ = mem.build(keys, deltas, layer=1, module="mlp", alpha=0.5, lam=0.2, key_scale=scale)
-    assert grown.size == 11 and grown.capacity == batch.capacity == 16
+    assert grown.size == 11 and grown.capacity == batch.capacity == 16 and grown.form == batch.form == form
     np.testing.assert_allclose(grown.readout, batch.readout, atol=1e-4)
-    np.testing.assert_allclose(grown.cholesky, batch.cholesky, atol=1e-4)
-    x = jnp.asarray(np.random.default_rng(3).normal(size=(5, 12)), jnp.float32)
+    factor = "cholesky" if form == "dual" else "inverse"
+    np.testing.assert_allclose(getattr(grown, factor), getattr(batch, factor), rtol=1e-4, atol=1e-4)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(5, dk)), jnp.float32)
     np.testing.assert_allclose(grown.term(x), batch.term(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("n, dk", [(5, 12), (40, 12), (300, 16)])
+def test_primal_and_dual_forms_give_the_same_memory(n, dk):
+    """(K Kᵀ + λ̃ I)⁻¹ K = K (Kᵀ K + λ̃ I)⁻¹: the readout, the term and the primal weight agree;
+    "auto" picks the smaller system (dual while the capacity is ≤ d_k)."""
+    keys, deltas = random_facts(n, dk=dk, d=6, seed=n)
+    dual, _ = mem.build(keys, deltas, layer=0, module="mlp", alpha=0.7, lam=0.1, form="dual")
+    primal, _ = mem.build(keys, deltas, layer=0, module="mlp", alpha=0.7, lam=0.1, form="primal")
+    auto, _ = mem.build(keys, deltas, layer=0, module="mlp", alpha=0.7, lam=0.1)
+    assert (dual.form, primal.form) == ("dual", "primal") and primal.cholesky is None and dual.inverse is None
+    assert auto.form == ("dual" if auto.capacity <= dk else "primal")
+    np.testing.assert_allclose(primal.readout, dual.readout, rtol=1e-3, atol=2e-5)
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(7, dk)), jnp.float32)
+    np.testing.assert_allclose(primal.term(x), dual.term(x), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(primal.primal_weight(), dual.primal_weight(), rtol=1e-3, atol=1e-4)
+    K = keys.astype(np.float64)
+    lam_t = 0.1 * np.mean(np.sum(K ** 2, 1))
+    np.testing.assert_allclose(primal.inverse, np.linalg.inv(K.T @ K + lam_t * np.eye(dk)), rtol=1e-3, atol=1e-6)
+    with pytest.raises(InputError, match="the memory form must be one of auto, dual, primal, got 'qr'"):
+        mem.build(keys, deltas, layer=0, module="mlp", alpha=1.0, lam=0.1, form="qr")
+
+
+def test_primal_memory_removes_and_round_trips(llada, tmp_path):
+    keys, deltas = random_facts(20, dk=llada.config.mlp_hidden, d=llada.config.d_model, seed=3)
+    m, scale = mem.build(keys, deltas, layer=1, module="mlp", alpha=1.0, lam=0.5, form="primal")
+    removed = mem.remove(m, [2, 5])
+    keep = [i for i in range(20) if i not in (2, 5)]
+    expect, _ = mem.build(keys[keep], deltas[keep], layer=1, module="mlp", alpha=1.0, lam=0.5, key_scale=scale)
+    assert removed.form == "primal" and expect.form == "dual"     # capacity 32 ≤ d_k: auto is dual
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(3, keys.shape[1])), jnp.float32)
+    np.testing.assert_allclose(removed.term(x), expect.term(x), rtol=1e-3, atol=1e-4)
+    record = mem.MemoryRecord(m, tr.Coordinate(1, 0, "mlp"), 0.5, scale, tuple(map(str, range(20))), llada.fingerprint())
+    mem.save(record, tmp_path / "p")
+    back = mem.load(tmp_path / "p", llada).memory
+    assert back.form == "primal" and back.cholesky is None
+    for a, b in zip(jax.tree.leaves(m), jax.tree.leaves(back)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_removing_a_fact_equals_building_without_it():
@@ -359,14 +403,19 @@ def test_whitening_of_the_wrong_width_is_refused():
         mem.build(keys, deltas, layer=0, module="mlp", alpha=1.0, lam=0.1, whitening=np.eye(5))
 
 
-def test_memories_beyond_the_capacity_limit_are_refused_before_any_solve(monkeypatch):
-    """A capacity past MAX_CAPACITY (whose Gram matrices crashed XLA's CPU Cholesky) is one clear
-    error, in a batch build and when insertion would grow the memory past it."""
+def test_dual_memories_beyond_the_capacity_limit_are_refused_before_any_solve(monkeypatch):
+    """A dual capacity past MAX_CAPACITY (whose Gram matrices crashed XLA's CPU Cholesky) is one
+    clear error, in a batch build and when insertion would grow the memory past it; the primal
+    form (auto's choice there) builds."""
     n = mem.MAX_CAPACITY + 1
     with pytest.raises(InputError, match=f"capacity 32,768 entries .* the limit is {mem.MAX_CAPACITY:,} entries"):
-        mem.build(np.ones((n, 2), np.float32), np.ones((n, 2), np.float32), layer=0, module="mlp", alpha=1.0, lam=0.1)
-    monkeypatch.setattr(mem, "MAX_CAPACITY", 16)
+        mem.build(np.ones((n, 2), np.float32), np.ones((n, 2), np.float32), layer=0, module="mlp", alpha=1.0, lam=0.1,
+                  form="dual")
     rng = np.random.default_rng(0)
-    m, _ = mem.build(rng.normal(size=(16, 4)), rng.normal(size=(16, 4)), layer=0, module="mlp", alpha=1.0, lam=0.1)
+    big, _ = mem.build(rng.normal(size=(n, 2)), rng.normal(size=(n, 2)), layer=0, module="mlp", alpha=1.0, lam=0.1)
+    assert big.form == "primal" and big.size == n and big.capacity == 32_768
+    monkeypatch.setattr(mem, "MAX_CAPACITY", 16)
+    m, _ = mem.build(rng.normal(size=(16, 40)), rng.normal(size=(16, 4)), layer=0, module="mlp", alpha=1.0, lam=0.1)
+    assert m.form == "dual"
     with pytest.raises(InputError, match="capacity 32 entries"):
-        mem.insert(m, rng.normal(size=(1, 4)), rng.normal(size=(1, 4)))
+        mem.insert(m, rng.normal(size=(1, 40)), rng.normal(size=(1, 4)))

@@ -52,6 +52,12 @@ def test_gated_term_is_the_plain_term_where_the_match_passes_and_zero_elsewhere(
     # the lowest gate passes everything: the paper's memory, bit for bit
     np.testing.assert_array_equal(mem.with_gate(plain, -1.0).term(jnp.asarray(x)), plain.term(jnp.asarray(x)))
     assert mem.with_gate(gated, None).gate is None
+    # a call where no token passes skips the read-out (lax.cond): exact zeros, jitted or not, and
+    # the same gated memory still edits a call that has one passing token
+    term = jax.jit(lambda m, x: m.term(x))
+    none_pass = jnp.asarray(x[2:][~passes[2:]])
+    np.testing.assert_array_equal(term(gated, none_pass), np.zeros((none_pass.shape[0], 6), np.float32))
+    np.testing.assert_allclose(term(gated, jnp.asarray(x)), expected, atol=1e-6)
 
 
 def test_gate_survives_insert_remove_and_save_load(llada, tmp_path):

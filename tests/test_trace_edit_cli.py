@@ -138,6 +138,27 @@ def test_edit_subject_positions_build_and_append_like_a_batch_build(tiny_model_d
     assert not (tmp_path / "q").exists()
 
 
+def test_edit_sampler_capture_builds_and_append_follows_it(tiny_model_dir_with_tokenizer, tmp_path, capsys):
+    facts = write_jsonl(tmp_path / "f.jsonl", FACTS[:2])
+    more = write_jsonl(tmp_path / "g.jsonl", FACTS[2:])
+    everything = write_jsonl(tmp_path / "all.jsonl", FACTS)
+    common = ["--model", tiny_model_dir_with_tokenizer, "--coordinate", "1,resid,0", *FAST, "--sampler-steps", "2",
+              "--gen-length", "8", "--gen-steps", "4", "--block-length", "4"]
+    code, out, err = run(capsys, "edit", "--facts", facts, *common, "--out", tmp_path / "m")
+    assert code == 0 and "and sampler steps 0,2 of G=8" in out, err
+    record = mem.load(tmp_path / "m")
+    assert record.sampler_capture == mem.SamplerCapture(8, 4, 4, (0, 2)) and record.memory.size == 6
+    code, out, err = run(capsys, "edit", "--model", tiny_model_dir_with_tokenizer, "--append", tmp_path / "m",
+                         "--facts", more, *FAST)
+    assert code == 0 and "now holds 3" in out, err
+    assert run(capsys, "edit", "--facts", everything, *common, "--out", tmp_path / "batch")[0] == 0
+    appended, batch = mem.load(tmp_path / "m"), mem.load(tmp_path / "batch")
+    assert appended.memory.size == batch.memory.size == 9
+    # the same entries (keys: the appended fact's noise index differs, so its deltas do)
+    np.testing.assert_allclose(np.asarray(appended.memory.keys)[:9], np.asarray(batch.memory.keys)[:9],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_edit_covariance_regularised_builds_appends_and_differs(tiny_model_dir_with_tokenizer, tmp_path, capsys):
     facts = write_jsonl(tmp_path / "f.jsonl", FACTS[:2])
     more = write_jsonl(tmp_path / "g.jsonl", FACTS[2:])
@@ -190,6 +211,11 @@ def test_trace_bad_inputs_one_line_and_no_output(rows, extra, message, tiny_mode
     (["--gate-rate", "0.1"], "--gate-rate and --gate-facts go together"),
     (["--gate-rate", "1.5", "--gate-facts", "retain90[:2]"], "--gate-rate must be a fraction in (0, 1)"),
     (["--q", "7", "--capture-steps", "all"], "q must lie in 1..n = 1..6"),
+    (["--q", "7", "--sampler-steps", "1", "--gen-length", "8", "--gen-steps", "4", "--block-length", "4"],
+     "q must lie in 1..n = 1..6"),
+    (["--sampler-steps", "5", "--gen-length", "8", "--gen-steps", "4", "--block-length", "4"],
+     "number of sampler steps to capture must lie in 1..4"),
+    (["--sampler-steps", "2", "--gen-length", "10", "--block-length", "4"], "gen length 10 is not divisible by block length 4"),
 ])
 def test_edit_bad_inputs(extra, message, tiny_model_dir_with_tokenizer, tmp_path, capsys):
     facts = write_jsonl(tmp_path / "f.jsonl", FACTS)

@@ -24,12 +24,18 @@ forward is unchanged (c = A x); λ̃ = λ · mean ‖k̃‖² stays scale-free.
 Implementation choices (documented in docs/memory.md):
 * The readout A = G⁻¹ K [n, d_k] is solved once (Cholesky, jitted) so a forward costs n·d_k +
   n·d per token and never solves or inverts anything.
+* Two equal ways to solve it (push-through identity (K Kᵀ + λ̃ I)⁻¹ K = K (Kᵀ K + λ̃ I)⁻¹): the
+  dual form factors the n × n G (O(n² d_k + n³)); the primal form the d_k × d_k Kᵀ K + λ̃ I
+  (O(n d_k² + d_k³): linear in n). `build` picks the smaller system (form "auto"): the dual
+  while the capacity is ≤ d_k, the primal beyond. A dual memory keeps G's Cholesky factor, a
+  primal one P = (Kᵀ K + λ̃ I)⁻¹; each has its own incremental insertion.
 * Buffers have a fixed capacity (a power of two ≥ n) with a validity mask: inserting facts up to
   the capacity changes array values, not shapes, so jitted forwards do not recompile.
 * λ̃ is fixed when a memory is first built (`key_scale` = mean ‖k‖² of the initial keys, or a
   value the caller passes) and reused by insertions; an insertion then equals a batch build with
-  the same `key_scale`, and costs O(n² + n·d_k) (Schur-complement update of A and the Cholesky
-  factor) instead of a fresh O(n³) solve.
+  the same `key_scale`, and costs O(n² + n·d_k) in the dual form (Schur-complement update of A and
+  the Cholesky factor) or O(n·d_k + d_k²) in the primal (Sherman–Morrison update of P and A)
+  instead of a fresh solve.
 * The memory is applied through `flax.linen.intercept_methods` at (ℓ*, m*); the layer is data
   and the term is computed under `lax.cond`, so other layers pay nothing.
 """
@@ -51,7 +57,7 @@ import numpy as np
 from ports import Backbone
 from ports.errors import CheckpointError
 from ports.fileio import atomic_directory
-from timerome_jax import tracing
+from timerome_jax import sampler, tracing
 from timerome_jax.errors import InputError
 
 Array = jax.Array
@@ -64,8 +70,9 @@ class EditMemory:
     """Everything a forward needs, as arrays (a pytree: a new memory of the same capacity and
     module reuses compiled code). `module` is the only static field.
 
-    layer: int32 []; keys [C, d_k]; deltas [C, d]; valid [C] bool; cholesky [C, C] lower factor
-    of G (identity on invalid rows); readout [C, d_k] = G⁻¹ K (zero on invalid rows);
+    layer: int32 []; keys [C, d_k]; deltas [C, d]; valid [C] bool; readout [C, d_k] = G⁻¹ K (zero
+    on invalid rows); the factorisation, by form: dual memories hold `cholesky` [C, C], the lower
+    factor of G (identity on invalid rows), primal ones `inverse` [d_k, d_k] = (Kᵀ K + λ̃ I)⁻¹;
     alpha, ridge (λ̃, absolute) float32 []; q int32 [] (0 = keep every coefficient).
     Covariance-regularised memories also hold `whitening` [d_k, d_k] = M = L⁻¹ (C = L Lᵀ); their
     `keys` are then the whitened keys K̃ = K Mᵀ and `readout` = G̃⁻¹ K̃ M still reads raw keys.
@@ -80,18 +87,24 @@ class EditMemory:
     keys: Array
     deltas: Array
     valid: Array
-    cholesky: Array
+    cholesky: Array | None
     readout: Array
     alpha: Array
     ridge: Array
     q: Array
     whitening: Array | None = None
     gate: Array | None = None
+    inverse: Array | None = None
     module: str = dataclasses.field(metadata=dict(static=True), default="mlp")
 
     @property
     def capacity(self) -> int:
         return self.keys.shape[0]
+
+    @property
+    def form(self) -> str:
+        """"dual" (G's Cholesky factor) or "primal" (P = (Kᵀ K + λ̃ I)⁻¹)."""
+        return "dual" if self.cholesky is not None else "primal"
 
     @property
     def size(self) -> int:
@@ -106,13 +119,14 @@ class EditMemory:
         cosine = jnp.einsum("...k,ck->...c", x, keys) / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
         return jnp.max(jnp.where(self.valid, cosine, -jnp.inf), axis=-1)
 
-    def coefficients(self, x_Nk: Array) -> Array:
+    def coefficients(self, x_Nk: Array, passes: Array | None = None) -> Array:
         """c_q(x) for keys x [..., d_k] -> [..., C] (top-q by magnitude, ties kept; zero where a
-        gated memory's `match` is below its gate)."""
+        gated memory's `match` is below its gate; `passes` [...] = that test, when already known)."""
         c = jnp.einsum("...k,ck->...c", x_Nk.astype(jnp.float32), self.readout)
         c = jnp.where(self.valid, c, 0.0)
         if self.gate is not None:
-            c = jnp.where((self.match(x_Nk) >= self.gate)[..., None], c, 0.0)
+            passes = self.match(x_Nk) >= self.gate if passes is None else passes
+            c = jnp.where(passes[..., None], c, 0.0)
 
         def sparsify(c):
             magnitude = jnp.where(self.valid, jnp.abs(c), -1.0)
@@ -124,12 +138,62 @@ class EditMemory:
         return jax.lax.cond((self.q > 0) & (self.q < jnp.sum(self.valid)), sparsify, lambda c: c, c)
 
     def term(self, x_Nk: Array) -> Array:
-        """α Δᵀ c_q(x): the value added for keys x [..., d_k] -> [..., d]."""
-        return self.alpha * jnp.einsum("...c,cd->...d", self.coefficients(x_Nk), self.deltas)
+        """α Δᵀ c_q(x): the value added for keys x [..., d_k] -> [..., d]. A gated memory computes
+        the match first and skips the read-out when no token of the call passes (the common case
+        away from the edited facts: a third of the work)."""
+        def full(x, passes=None):
+            return self.alpha * jnp.einsum("...c,cd->...d", self.coefficients(x, passes), self.deltas)
+
+        if self.gate is None:
+            return full(x_Nk)
+        passes = self.match(x_Nk) >= self.gate
+        zero = jnp.zeros(x_Nk.shape[:-1] + self.deltas.shape[-1:], jnp.float32)
+        return jax.lax.cond(jnp.any(passes), full, lambda x, passes: zero, x_Nk, passes)
 
     def primal_weight(self) -> Array:
         """W = α Δᵀ G⁻¹ K [d, d_k] (for tests and inspection; never used in the forward)."""
         return self.alpha * self.deltas.T @ self.readout
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerCapture:
+    """Memory entries along the sampler's own trajectory (beyond the paper; docs/memory.md).
+
+    The tracer's trajectory lays a fact out as prompt + its answer's length of masks and reveals
+    the true answer; the sampler lays it out as prompt + `gen_length` masks and reveals its own
+    proposals block by block. With bidirectional attention the subject's keys differ between the
+    two, and a gated memory built from the tracer's states alone fires on a minority of the
+    subject tokens of a generation (docs/RESULTS.md §9). With a SamplerCapture, each fact also
+    gets entries in the unedited greedy sampler's states before `capture_steps` of its
+    (`gen_length`, `steps`, `block_length`) schedule; use the schedule you generate with.
+    `mentions` (with key positions "subject"): the subject's copies in the generated answer are
+    subject tokens too, from the step they are revealed on (`workflow.sampler_states`); off by
+    default: on tofu-tiny it added a third more entries and moved forget ROUGE-L by 0.002."""
+
+    gen_length: int
+    steps: int
+    block_length: int
+    capture_steps: tuple[int, ...]
+    mentions: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "capture_steps", tuple(int(k) for k in self.capture_steps))
+        sampler.check_schedule(self.gen_length, self.steps, self.block_length)
+        steps = self.capture_steps
+        if not steps or len(set(steps)) != len(steps) or not all(0 <= k < self.steps for k in steps):
+            raise InputError(f"sampler capture steps must be distinct steps in 0..{self.steps - 1}, got {list(steps)}")
+
+    @classmethod
+    def evenly(cls, count: int, *, gen_length: int, steps: int, block_length: int,
+               mentions: bool = False) -> "SamplerCapture":
+        """`count` steps spread evenly over the schedule, the first step included."""
+        if not isinstance(count, (int, np.integer)) or not 1 <= count <= steps:
+            raise InputError(f"the number of sampler steps to capture must lie in 1..{steps}, got {count}")
+        return cls(gen_length, steps, block_length, tuple(int(k) for k in np.unique(
+            np.floor(np.arange(count) * steps / count).astype(int))), mentions)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"capture_steps": list(self.capture_steps)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +208,7 @@ class MemoryRecord:
     fingerprint: str
     capture_steps: tuple[int, ...] = ()   # steps its facts were captured at; () = (coordinate.step,)
     key_positions: str = "last"           # "last" subject token (the paper's) or every "subject" token
+    sampler_capture: SamplerCapture | None = None   # also captured along the sampler's trajectory
 
     def __post_init__(self):
         if not self.capture_steps:
@@ -168,7 +233,8 @@ def check_hyperparameters(alpha: float, lam: float, q: int | None, n: int) -> No
 
 # The dual form holds capacity × capacity float32 matrices (G's Cholesky factor, its solve). At
 # capacity 32,768 (4 GiB each) XLA's CPU Cholesky crashed the process with a segmentation fault
-# (jax 0.10.2, measured 2026-11-24); 16,384 (1 GiB) builds in ~19 s on 2 cores.
+# (jax 0.10.2, measured 2026-11-24); 16,384 (1 GiB) builds in ~19 s on 2 cores. The primal form
+# (the default beyond capacity d_k) holds d_k × d_k matrices and has no such limit.
 MAX_CAPACITY = 16_384
 
 
@@ -177,12 +243,12 @@ def _capacity_for(n: int) -> int:
 
 
 def check_capacity(capacity: int) -> None:
+    """Refuse a dual-form memory past MAX_CAPACITY."""
     if capacity > MAX_CAPACITY:
         raise InputError(
-            f"an edit memory of capacity {capacity:,} entries needs {capacity:,}² float32 matrices "
-            f"({capacity ** 2 * 4 / 2 ** 30:.0f} GiB each); the limit is {MAX_CAPACITY:,} entries. Capture at fewer "
-            f"steps (--capture-steps) or at the last subject token only (--key-positions last), or split the "
-            f"facts over several memories (memory.attach_stack)")
+            f"a dual-form edit memory of capacity {capacity:,} entries needs {capacity:,}² float32 matrices "
+            f"({capacity ** 2 * 4 / 2 ** 30:.0f} GiB each); the limit is {MAX_CAPACITY:,} entries. Build it in the "
+            f"primal form (form='primal', or 'auto'), which solves a key-width system instead")
 
 
 # --- build / insert / remove ------------------------------------------------------------------
@@ -197,6 +263,39 @@ def _solve(keys: Array, valid: Array, ridge: Array, whitening: Array | None = No
     chol = jnp.linalg.cholesky(gram)
     readout = jsl.cho_solve((chol, True), k)
     return chol, readout if whitening is None else readout @ whitening
+
+
+@jax.jit
+def _solve_primal(keys: Array, valid: Array, ridge: Array, whitening: Array | None = None) -> tuple[Array, Array]:
+    """P = (Kᵀ K + λ̃ I)⁻¹ [d_k, d_k] and the readout K P (· M for whitened keys) [C, d_k]: the
+    dual readout G⁻¹ K by the push-through identity, in O(C d_k² + d_k³)."""
+    k = jnp.where(valid[:, None], keys, 0.0)
+    eye = jnp.eye(keys.shape[1])
+    chol = jnp.linalg.cholesky(k.T @ k + ridge * eye)
+    inverse = jsl.cho_solve((chol, True), eye)
+    readout = jsl.cho_solve((chol, True), k.T).T
+    return (inverse + inverse.T) / 2, readout if whitening is None else readout @ whitening
+
+
+FORMS = ("auto", "dual", "primal")
+
+
+def _form_for(capacity: int, key_dim: int, form: str = "auto") -> str:
+    """The form a memory of this capacity is solved in: "auto" = the smaller linear system."""
+    if form not in FORMS:
+        raise InputError(f"the memory form must be one of {', '.join(FORMS)}, got {form!r}")
+    if form == "auto":
+        return "primal" if capacity > key_dim else "dual"
+    return form
+
+
+def _factorise(keys: Array, valid: Array, ridge: Array, whitening: Array | None, form: str) -> dict:
+    """The fields a memory of this form holds for these (stored, whitened) keys."""
+    if form == "dual":
+        chol, readout = _solve(keys, valid, ridge, whitening)
+        return {"cholesky": chol, "inverse": None, "readout": readout}
+    inverse, readout = _solve_primal(keys, valid, ridge, whitening)
+    return {"cholesky": None, "inverse": inverse, "readout": readout}
 
 
 def whitening_from_moment(moment_kk: Array, *, shrinkage: float = 1e-2) -> np.ndarray:
@@ -222,11 +321,12 @@ def whitening_from_moment(moment_kk: Array, *, shrinkage: float = 1e-2) -> np.nd
 
 def build(keys_nk: Array, deltas_nd: Array, *, layer: int, module: str, alpha: float, lam: float,
           q: int | None = None, key_scale: float | None = None, capacity: int | None = None,
-          whitening: Array | None = None) -> tuple[EditMemory, float]:
+          whitening: Array | None = None, form: str = "auto") -> tuple[EditMemory, float]:
     """Batch build from raw keys [n, d_k] and deltas [n, d]. Returns (memory, key_scale).
 
     `whitening` M [d_k, d_k] (`whitening_from_moment`) gives the covariance-regularised memory;
-    `key_scale` is then the mean ‖M k‖² of the whitened keys."""
+    `key_scale` is then the mean ‖M k‖² of the whitened keys. `form` "dual", "primal" or "auto"
+    (the smaller system: dual while the capacity is ≤ d_k); both give the same readout."""
     keys_nk, deltas_nd = np.asarray(keys_nk, np.float32), np.asarray(deltas_nd, np.float32)
     n = keys_nk.shape[0]
     check_hyperparameters(alpha, lam, q, n)
@@ -243,17 +343,18 @@ def build(keys_nk: Array, deltas_nd: Array, *, layer: int, module: str, alpha: f
     if not key_scale > 0:
         raise InputError("all keys are zero: the memory has nothing to match")
     cap = capacity or _capacity_for(n)
-    check_capacity(cap)
+    form = _form_for(cap, keys_nk.shape[1], form)
+    if form == "dual":
+        check_capacity(cap)
     keys = np.zeros((cap, keys_nk.shape[1]), np.float32); keys[:n] = keys_nk
     deltas = np.zeros((cap, deltas_nd.shape[1]), np.float32); deltas[:n] = deltas_nd
     valid = np.arange(cap) < n
     ridge = jnp.float32(lam * key_scale)
     whitening = None if whitening is None else jnp.asarray(whitening)
-    chol, readout = _solve(jnp.asarray(keys), jnp.asarray(valid), ridge, whitening)
+    factors = _factorise(jnp.asarray(keys), jnp.asarray(valid), ridge, whitening, form)
     memory = EditMemory(layer=jnp.int32(layer), keys=jnp.asarray(keys), deltas=jnp.asarray(deltas),
-                        valid=jnp.asarray(valid), cholesky=chol, readout=readout,
-                        alpha=jnp.float32(alpha), ridge=ridge, q=jnp.int32(q or 0), whitening=whitening,
-                        module=module)
+                        valid=jnp.asarray(valid), alpha=jnp.float32(alpha), ridge=ridge, q=jnp.int32(q or 0),
+                        whitening=whitening, module=module, **factors)
     return memory, key_scale
 
 
@@ -280,26 +381,53 @@ def _insert_one(memory: EditMemory, key_k: Array, delta_d: Array) -> EditMemory:
                                valid=memory.valid.at[n].set(True), cholesky=chol, readout=readout)
 
 
+@jax.jit
+def _insert_one_primal(memory: EditMemory, key_k: Array, delta_d: Array) -> EditMemory:
+    """Add one fact to a primal memory in O(C·d_k + d_k²) (Sherman–Morrison): with b = P k and
+    s = 1 + kᵀ b, P ← P − b bᵀ / s, old readout rows A ← A − (K b)(bᵀ M) / s, new row bᵀ M / s."""
+    n = jnp.sum(memory.valid)
+    if memory.whitening is not None:
+        key_k = memory.whitening @ key_k
+    b = memory.inverse @ key_k
+    s = 1.0 + key_k @ b
+    kb = jnp.where(memory.valid, jnp.where(memory.valid[:, None], memory.keys, 0.0) @ b, 0.0)
+    read_b = b if memory.whitening is None else b @ memory.whitening
+    readout = (memory.readout - jnp.outer(kb, read_b) / s).at[n].set(read_b / s)
+    return dataclasses.replace(memory, keys=memory.keys.at[n].set(key_k), deltas=memory.deltas.at[n].set(delta_d),
+                               valid=memory.valid.at[n].set(True), inverse=memory.inverse - jnp.outer(b, b) / s,
+                               readout=readout)
+
+
 def _grow(memory: EditMemory, capacity: int) -> EditMemory:
+    """The memory at a larger capacity, in the form `_form_for` picks for it (a dual memory that
+    outgrows d_k is re-solved once in the primal form)."""
     pad = capacity - memory.capacity
-    eye = jnp.eye(capacity)
-    chol = eye.at[: memory.capacity, : memory.capacity].set(memory.cholesky)
-    return dataclasses.replace(
+    grown = dataclasses.replace(
         memory, keys=jnp.pad(memory.keys, ((0, pad), (0, 0))), deltas=jnp.pad(memory.deltas, ((0, pad), (0, 0))),
-        valid=jnp.pad(memory.valid, (0, pad)), cholesky=chol, readout=jnp.pad(memory.readout, ((0, pad), (0, 0))))
+        valid=jnp.pad(memory.valid, (0, pad)), readout=jnp.pad(memory.readout, ((0, pad), (0, 0))))
+    form = _form_for(capacity, memory.keys.shape[1])
+    if memory.form == "dual" and form == "primal":
+        return dataclasses.replace(grown, **_factorise(grown.keys, grown.valid, memory.ridge, memory.whitening, form))
+    if memory.form == "dual":
+        chol = jnp.eye(capacity).at[: memory.capacity, : memory.capacity].set(memory.cholesky)
+        return dataclasses.replace(grown, cholesky=chol)
+    return grown
 
 
 def insert(memory: EditMemory, keys_nk: Array, deltas_nd: Array) -> EditMemory:
-    """Sequential insertion of facts, one Schur-complement update each (capacity doubles when
-    full: one recompilation per doubling, not per fact)."""
+    """Sequential insertion of facts, one incremental update each (Schur complement in the dual
+    form, Sherman–Morrison in the primal). The capacity doubles when full: one recompilation per
+    doubling, not per fact; a dual memory whose capacity passes d_k becomes primal then."""
     keys_nk, deltas_nd = jnp.asarray(keys_nk, jnp.float32), jnp.asarray(deltas_nd, jnp.float32)
     if keys_nk.shape[0] != deltas_nd.shape[0] or keys_nk.shape[0] == 0:
         raise InputError("insert needs as many deltas as keys, and at least one fact")
-    check_capacity(_capacity_for(memory.size + keys_nk.shape[0]))
+    final = _capacity_for(memory.size + keys_nk.shape[0])
+    if memory.form == "dual" and _form_for(final, memory.keys.shape[1]) == "dual":
+        check_capacity(final)
     for key_k, delta_d in zip(keys_nk, deltas_nd):
         if memory.size == memory.capacity:
             memory = _grow(memory, 2 * memory.capacity)
-        memory = _insert_one(memory, key_k, delta_d)
+        memory = (_insert_one if memory.form == "dual" else _insert_one_primal)(memory, key_k, delta_d)
     return memory
 
 
@@ -315,10 +443,10 @@ def remove(memory: EditMemory, indices: Sequence[int]) -> EditMemory:
     keys = np.zeros_like(np.asarray(memory.keys)); keys[: len(keep)] = np.asarray(memory.keys)[keep]
     deltas = np.zeros_like(np.asarray(memory.deltas)); deltas[: len(keep)] = np.asarray(memory.deltas)[keep]
     valid = np.arange(memory.capacity) < len(keep)
-    chol, readout = _solve(jnp.asarray(keys), jnp.asarray(valid), memory.ridge, memory.whitening)
+    factors = _factorise(jnp.asarray(keys), jnp.asarray(valid), memory.ridge, memory.whitening, memory.form)
     q = memory.q if int(memory.q) <= len(keep) else jnp.int32(len(keep))
     return dataclasses.replace(memory, keys=jnp.asarray(keys), deltas=jnp.asarray(deltas), valid=jnp.asarray(valid),
-                               cholesky=chol, readout=readout, q=q)
+                               q=q, **factors)
 
 
 def remove_facts(record: MemoryRecord, fact_ids: Sequence[str]) -> MemoryRecord:
@@ -525,6 +653,25 @@ def check_key_positions(positions: str) -> str:
     return positions
 
 
+def _keys_and_deltas_at_state(backbone: Backbone, module: str, layer: Array, state_T: Array, am_T: Array,
+                              pos_S: Array, valid_S: Array, noise_RSD: Array, positions: str) -> tuple[Array, Array]:
+    """One fact's key(s) and delta(s) in one denoising state (the shared core of both captures)."""
+    S, D = noise_RSD.shape[1:]
+    clean_key, clean_value = _capture_apply(backbone, module, state_T[None], am_T[None], None, 1)
+
+    def corrupted(noise_SD):
+        iv = tracing.Intervention(pos_S, valid_S, noise_SD, jnp.int32(-1), jnp.int32(0),
+                                  jnp.zeros((backbone.config.n_layers, 3, S, D)))
+        return _capture_apply(backbone, module, state_T[None], am_T[None], iv, 1)[1][layer][pos_S]
+
+    delta_SD = jnp.mean(jax.vmap(corrupted)(noise_RSD), axis=0) - clean_value[layer][pos_S]
+    key_SK = clean_key[layer][pos_S]
+    if positions == "subject":
+        return key_SK, delta_SD
+    last = jnp.sum(valid_S) - 1
+    return key_SK[last], delta_SD[last]
+
+
 @functools.partial(jax.jit, static_argnames=("module", "step", "trace_steps", "noise_samples", "noise_scale",
                                              "positions"))
 def capture_keys_and_deltas(backbone: Backbone, batch: tracing.TraceBatch, sigma: Array, key: Array, *,
@@ -553,23 +700,31 @@ def capture_keys_and_deltas(backbone: Backbone, batch: tracing.TraceBatch, sigma
 
     def one_fact(ids, am, ans, pos_S, valid, noise_RSD):
         states, _, _, _ = tracing.clean_run(backbone, ids, am, ans, pos_S, trace_steps, upto=step + 1)
-        state = states[step]
-        clean_key, clean_value = _capture_apply(backbone, module, state[None], am[None], None, 1)
-
-        def corrupted(noise_SD):
-            iv = tracing.Intervention(pos_S, valid, noise_SD, jnp.int32(-1), jnp.int32(0),
-                                      jnp.zeros((backbone.config.n_layers, 3, S, D)))
-            return _capture_apply(backbone, module, state[None], am[None], iv, 1)[1][layer][pos_S]
-
-        delta_SD = jnp.mean(jax.vmap(corrupted)(noise_RSD), axis=0) - clean_value[layer][pos_S]
-        key_SK = clean_key[layer][pos_S]
-        if positions == "subject":
-            return key_SK, delta_SD
-        last = jnp.sum(valid) - 1
-        return key_SK[last], delta_SD[last]
+        return _keys_and_deltas_at_state(backbone, module, layer, states[step], am, pos_S, valid, noise_RSD,
+                                         positions)
 
     return jax.vmap(one_fact)(batch.input_ids_FT, batch.attention_mask_FT, batch.answer_mask_FT,
                               batch.subject_pos_FS, batch.subject_valid_FS, noise)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "noise_samples", "noise_scale", "positions"))
+def capture_at_states(backbone: Backbone, states_FT: Array, attention_mask_FT: Array, subject_pos_FS: Array,
+                      subject_valid_FS: Array, fact_index_F: Array, sigma: Array, key: Array, *, layer: Array,
+                      module: str, noise_samples: int = 10, noise_scale: float = 3.0,
+                      positions: str = "last") -> tuple[Array, Array]:
+    """`capture_keys_and_deltas` in given denoising states instead of the tracer's: row f of
+    `states_FT` is any sequence (e.g. a prompt followed by a sampler's partly denoised answer, see
+    `workflow.capture_along_sampler`) whose subject sits at `subject_pos_FS[f]`. The noise of fact
+    f is the tracer's draw for `fact_index_F[f]`, whatever the state. Same output shapes."""
+    check_key_positions(positions)
+    S = subject_pos_FS.shape[1]
+    noise = tracing.noise_draws(key, fact_index_F, noise_samples, (S, backbone.config.d_model)) * (noise_scale * sigma)
+
+    def one_fact(state_T, am_T, pos_S, valid_S, noise_RSD):
+        return _keys_and_deltas_at_state(backbone, module, layer, state_T, am_T, pos_S, valid_S, noise_RSD,
+                                         positions)
+
+    return jax.vmap(one_fact)(states_FT, attention_mask_FT, subject_pos_FS, subject_valid_FS, noise)
 
 
 def _token_keys(backbone: Backbone, ids_BT: Array, mask_BT: Array, layer: Array, module: str) -> Array:
@@ -602,18 +757,23 @@ def save(record: MemoryRecord, out_dir: str | Path, overwrite: bool = False) -> 
     import orbax.checkpoint as ocp
 
     m = record.memory
-    arrays = {"layer": m.layer, "keys": m.keys, "deltas": m.deltas, "valid": m.valid, "cholesky": m.cholesky,
-              "readout": m.readout, "alpha": m.alpha, "ridge": m.ridge, "q": m.q}
+    arrays = {"layer": m.layer, "keys": m.keys, "deltas": m.deltas, "valid": m.valid, "readout": m.readout,
+              "alpha": m.alpha, "ridge": m.ridge, "q": m.q}
+    if m.form == "dual":
+        arrays["cholesky"] = m.cholesky
+    else:
+        arrays["inverse"] = m.inverse
     if m.whitening is not None:
         arrays["whitening"] = m.whitening
     if m.gate is not None:
         arrays["gate"] = m.gate
-    meta = {"format": MEMORY_FORMAT, "version": 1, "module": m.module, "capacity": m.capacity,
+    meta = {"format": MEMORY_FORMAT, "version": 1, "module": m.module, "capacity": m.capacity, "form": m.form,
             "covariance_regularised": m.whitening is not None, "gated": m.gate is not None,
             "key_dim": int(m.keys.shape[1]), "value_dim": int(m.deltas.shape[1]),
             "coordinate": record.coordinate.as_dict(), "lam": record.lam, "key_scale": record.key_scale,
             "fact_ids": list(record.fact_ids), "fingerprint": record.fingerprint, "size": m.size,
-            "capture_steps": list(record.capture_steps), "key_positions": record.key_positions}
+            "capture_steps": list(record.capture_steps), "key_positions": record.key_positions,
+            "sampler_capture": None if record.sampler_capture is None else record.sampler_capture.as_dict()}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save((tmp / "arrays").absolute(), arrays)
@@ -639,7 +799,12 @@ def load(path: str | Path, backbone: Backbone | None = None) -> MemoryRecord:
         positions = meta.get("key_positions", "last")   # memories saved before it was recorded
         if positions not in KEY_POSITIONS:
             raise ValueError(f"key_positions {positions!r}")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        sampler_capture = meta.get("sampler_capture")
+        sampler_capture = None if sampler_capture is None else SamplerCapture(**sampler_capture)
+        form = meta.get("form", "dual")                 # memories saved before the primal form existed
+        if form not in ("dual", "primal"):
+            raise ValueError(f"form {form!r}")
+    except (OSError, ValueError, KeyError, TypeError, InputError) as e:
         raise CheckpointError(f"{meta_path} is corrupted: {e}") from None
     if backbone is not None and meta["fingerprint"] != backbone.fingerprint():
         raise CheckpointError(
@@ -648,9 +813,13 @@ def load(path: str | Path, backbone: Backbone | None = None) -> MemoryRecord:
     f32, i32 = jnp.float32, jnp.int32
     target = {"layer": jax.ShapeDtypeStruct((), i32), "keys": jax.ShapeDtypeStruct((cap, dk), f32),
               "deltas": jax.ShapeDtypeStruct((cap, dv), f32), "valid": jax.ShapeDtypeStruct((cap,), bool),
-              "cholesky": jax.ShapeDtypeStruct((cap, cap), f32), "readout": jax.ShapeDtypeStruct((cap, dk), f32),
+              "readout": jax.ShapeDtypeStruct((cap, dk), f32),
               "alpha": jax.ShapeDtypeStruct((), f32), "ridge": jax.ShapeDtypeStruct((), f32),
               "q": jax.ShapeDtypeStruct((), i32)}
+    if form == "dual":
+        target["cholesky"] = jax.ShapeDtypeStruct((cap, cap), f32)
+    else:
+        target["inverse"] = jax.ShapeDtypeStruct((dk, dk), f32)
     if meta.get("covariance_regularised", False):
         target["whitening"] = jax.ShapeDtypeStruct((dk, dk), f32)
     if meta.get("gated", False):
@@ -660,10 +829,10 @@ def load(path: str | Path, backbone: Backbone | None = None) -> MemoryRecord:
     except Exception as e:  # orbax raises many types for damaged files
         raise CheckpointError(f"the memory arrays in {path} are corrupted or incomplete "
                               f"({type(e).__name__})") from None
-    memory = EditMemory(module=meta["module"], **arrays)
+    memory = EditMemory(module=meta["module"], **{"cholesky": None, **arrays})
     if memory.size != meta.get("size"):
         raise CheckpointError(f"{path}: memory.json says {meta.get('size')} facts, the arrays hold {memory.size}")
     return MemoryRecord(memory=memory, coordinate=coordinate, lam=float(meta["lam"]),
                         key_scale=float(meta["key_scale"]), fact_ids=tuple(meta["fact_ids"]),
                         fingerprint=meta["fingerprint"], capture_steps=tuple(meta.get("capture_steps", ())),
-                        key_positions=positions)
+                        key_positions=positions, sampler_capture=sampler_capture)

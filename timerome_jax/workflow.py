@@ -19,10 +19,10 @@ import numpy as np
 
 from ports import Backbone
 from timerome_jax import memory as mem
-from timerome_jax import metrics, pipeline, tracing
+from timerome_jax import metrics, pipeline, sampler, tracing
 from timerome_jax.errors import InputError
 from timerome_jax.facts import Fact
-from timerome_jax.tokenization import pad_token_id
+from timerome_jax.tokenization import pad_left, pad_token_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +104,81 @@ def capture(backbone: Backbone, batch: tracing.TraceBatch, coordinate: tracing.C
         keys, deltas, rows = entries_of(chunk, np.asarray(k), np.asarray(d), positions)
         parts.append((keys, deltas, rows + c * size))
     return tuple(np.concatenate(x) for x in zip(*parts))
+
+
+def sampler_states(backbone: Backbone, batch: tracing.TraceBatch, capture: mem.SamplerCapture, *,
+                   prompt_length: int | None = None,
+                   mentions: bool = False) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """The unedited greedy sampler's states of the facts of `batch` before each of `capture.capture_steps`:
+    {step: (ids [F, P + G], attention [F, P + G], subject positions [F, S'], valid [F, S'])}.
+
+    Each fact's prompt (its tokens before the answer) is left-padded to P = `prompt_length` (default
+    the batch's longest prompt) as `sampler.sample_many` lays out a batch, followed by the answer
+    region with the tokens revealed before that step and masks elsewhere; the subject positions
+    move with the padding. With `mentions`, S' = 3 S: after the prompt's subject positions come
+    the positions of the subject's copies in the sampler's answer (TOFU answers restate their
+    subject: 38 of forget01's 40 do), valid from the step they are revealed on (at most 2 S)."""
+    ids_FT, attn_FT = np.asarray(batch.input_ids_FT), np.asarray(batch.attention_mask_FT)
+    pos_FS, valid_FS = np.asarray(batch.subject_pos_FS), np.asarray(batch.subject_valid_FS)
+    prompt_len_F = (attn_FT.astype(bool) & ~np.asarray(batch.answer_mask_FT)).sum(axis=1)
+    P = int(prompt_len_F.max()) if prompt_length is None else prompt_length
+    if P < prompt_len_F.max():
+        raise InputError(f"prompt length {P} is shorter than the longest prompt ({prompt_len_F.max()} tokens)")
+    prompts = [list(ids_FT[f, :n]) for f, n in enumerate(prompt_len_F)]
+    prompt_ids, prompt_mask = pad_left(prompts, pad_id=0)   # pad ids are masked out; any id will do
+    prompt_ids, prompt_mask = (np.pad(x, ((0, 0), (P - x.shape[1], 0))) for x in (prompt_ids, prompt_mask))
+    answer, order = sampler.sample_jit(backbone, prompt_ids, prompt_mask, jax.random.key(0),
+                                       gen_length=capture.gen_length, steps=capture.steps,
+                                       block_length=capture.block_length, temperature=0.0, return_order=True)
+    answer, order = np.asarray(answer), np.asarray(order)
+    attn = np.concatenate([prompt_mask, np.ones_like(answer)], axis=1)
+    pos = pos_FS + (P - prompt_len_F)[:, None]
+    F, S = pos_FS.shape
+    copy_pos = np.zeros((F, 2 * S if mentions else 0), np.int64)
+    copy_step = np.full(copy_pos.shape, np.iinfo(np.int32).max)      # never valid
+    for f in range(F if mentions else 0):
+        subject = ids_FT[f, pos_FS[f][valid_FS[f]]]
+        L, found = len(subject), []
+        for i in range(capture.gen_length - L + 1):
+            if np.array_equal(answer[f, i:i + L], subject) and not (found and i < found[-1] + 1):
+                found.extend(range(i, i + L))
+        found = found[: 2 * S]
+        copy_pos[f, :len(found)] = P + np.asarray(found, np.int64)
+        copy_step[f, :len(found)] = order[f, found]
+    pos = np.concatenate([pos, copy_pos], axis=1).astype(np.int32)
+    return {k: (np.concatenate([prompt_ids, np.where(order < k, answer, backbone.mask_token_id)], axis=1).astype(np.int32),
+                attn, pos, np.concatenate([valid_FS, copy_step < k], axis=1)) for k in capture.capture_steps}
+
+
+def capture_along_sampler(backbone: Backbone, batch: tracing.TraceBatch, coordinate: tracing.Coordinate,
+                          capture: mem.SamplerCapture, key: jax.Array, *, noise_samples: int = 10,
+                          noise_scale: float = 3.0, facts_per_chunk: int = 4,
+                          positions: str = "last") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Memory entries of the facts of `batch` in the greedy sampler's states (`sampler_states`) at
+    the coordinate's layer and module, one set per step of `capture`, merged fact-major like
+    `capture_at_steps`' (keys [E, d_k], deltas [E, d], row of `batch` of each entry [E]).
+
+    With positions "subject" and `capture.mentions`, the subject's revealed copies in the answer
+    are subject tokens too: corrupted with the prompt's (noise drawn for all 3 S positions, so the
+    prompt's draws differ from the tracer's) and each stored as an entry; with "last", only the
+    prompt's last subject token. σ is the tracer's."""
+    sigma = tracing.subject_embedding_std(backbone, batch)
+    attn_FT = np.asarray(batch.attention_mask_FT)
+    longest_prompt = int((attn_FT.astype(bool) & ~np.asarray(batch.answer_mask_FT)).sum(axis=1).max())
+    mentions = capture.mentions and positions == "subject"
+    size = min(facts_per_chunk, batch.num_facts)
+    parts = {k: [] for k in capture.capture_steps}
+    for c, chunk in enumerate(pipeline.chunks(batch, size)):
+        states = sampler_states(backbone, chunk, capture, prompt_length=longest_prompt, mentions=mentions)
+        for k, (ids, attn, pos, valid) in states.items():
+            keys, deltas = mem.capture_at_states(
+                backbone, jnp.asarray(ids), jnp.asarray(attn), jnp.asarray(pos), jnp.asarray(valid),
+                chunk.fact_index_F, sigma, key, layer=jnp.int32(coordinate.layer), module=coordinate.module,
+                noise_samples=noise_samples, noise_scale=noise_scale, positions=positions)
+            at = dataclasses.replace(chunk, subject_valid_FS=valid)
+            k_, d_, rows = entries_of(at, np.asarray(keys), np.asarray(deltas), positions)
+            parts[k].append((k_, d_, rows + c * size))
+    return merge_steps([tuple(np.concatenate(x) for x in zip(*parts[k])) for k in capture.capture_steps])
 
 
 def entries_of(batch: tracing.TraceBatch, keys: np.ndarray, deltas: np.ndarray,
@@ -206,39 +281,46 @@ def retain_gate(backbone: Backbone, tokenizer, retain: Sequence[Fact], memory: m
 def build_memory(backbone: Backbone, facts: EncodedFacts, coordinate: tracing.Coordinate, *, alpha: float = 1.0,
                  lam: float = 0.1, q: int | None = None, seed: int = 0, noise_samples: int = 10,
                  noise_scale: float = 3.0, facts_per_chunk: int = 4, whitening: np.ndarray | None = None,
-                 capture_steps: Sequence[int] | None = None, key_positions: str = "last") -> mem.MemoryRecord:
+                 capture_steps: Sequence[int] | None = None, key_positions: str = "last",
+                 sampler_capture: mem.SamplerCapture | None = None) -> mem.MemoryRecord:
     """Capture the facts at the coordinate and build one memory over all of them (noise keys from
     `jax.random.key(seed)`; see `memory_from_batch`)."""
     return memory_from_batch(backbone, facts.batch, facts.fact_ids, coordinate, jax.random.key(seed), alpha=alpha,
                              lam=lam, q=q, noise_samples=noise_samples, noise_scale=noise_scale,
                              facts_per_chunk=facts_per_chunk, whitening=whitening, capture_steps=capture_steps,
-                             key_positions=key_positions)
+                             key_positions=key_positions, sampler_capture=sampler_capture)
 
 
 def memory_from_batch(backbone: Backbone, batch: tracing.TraceBatch, fact_ids: Sequence[str],
                       coordinate: tracing.Coordinate, key: jax.Array, *, alpha: float = 1.0, lam: float = 0.1,
                       q: int | None = None, noise_samples: int = 10, noise_scale: float = 3.0,
                       facts_per_chunk: int = 4, whitening: np.ndarray | None = None,
-                      capture_steps: Sequence[int] | None = None, key_positions: str = "last") -> mem.MemoryRecord:
+                      capture_steps: Sequence[int] | None = None, key_positions: str = "last",
+                      sampler_capture: mem.SamplerCapture | None = None) -> mem.MemoryRecord:
     """The memory of the facts of `batch` (ids `fact_ids`, one per row) at the coordinate.
 
     `capture_steps` (steps of the coordinate's K-step trajectory, default (k*,)): one key and
     delta per fact and step, so the memory also matches the fact's keys later in denoising, when
     part of the answer is visible. `key_positions` "subject" stores one entry per subject token
-    instead of the last one only. Entries are fact-major and `fact_ids` of the record repeat per
-    entry; `q` counts entries."""
+    instead of the last one only. `sampler_capture` adds each fact's entries in the greedy
+    sampler's states (`capture_along_sampler`), so the memory also matches the fact's keys in a
+    generation. Entries are fact-major and `fact_ids` of the record repeat per entry; `q` counts
+    entries."""
     capture_steps = check_capture_steps(coordinate, capture_steps)
     mem.check_key_positions(key_positions)
     mem.check_hyperparameters(alpha, lam, None, 1)
-    keys, deltas, rows = capture_at_steps(backbone, batch, coordinate, capture_steps, key, noise_samples=noise_samples,
-                                          noise_scale=noise_scale, facts_per_chunk=facts_per_chunk,
-                                          positions=key_positions)
+    options = dict(noise_samples=noise_samples, noise_scale=noise_scale, facts_per_chunk=facts_per_chunk,
+                   positions=key_positions)
+    keys, deltas, rows = capture_at_steps(backbone, batch, coordinate, capture_steps, key, **options)
+    if sampler_capture is not None:
+        keys, deltas, rows = merge_steps([(keys, deltas, rows), capture_along_sampler(
+            backbone, batch, coordinate, sampler_capture, key, **options)])
     mem.check_hyperparameters(alpha, lam, q, len(keys))
     memory, key_scale = mem.build(keys, deltas, layer=coordinate.layer, module=coordinate.module, alpha=alpha,
                                   lam=lam, q=q, whitening=whitening)
     ids = tuple(fact_ids[r] for r in rows)
     return mem.MemoryRecord(memory, coordinate, lam, key_scale, ids, backbone.fingerprint(), capture_steps,
-                            key_positions)
+                            key_positions, sampler_capture)
 
 
 def check_capture_steps(coordinate: tracing.Coordinate, capture_steps: Sequence[int] | None) -> tuple[int, ...]:
@@ -283,5 +365,6 @@ def timed(fn: Callable, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
-__all__ = ["EncodedFacts", "Traced", "answer_lp", "build_memory", "capture", "encode", "entries_of", "merge_steps", "qa_pairs",
+__all__ = ["EncodedFacts", "Traced", "answer_lp", "build_memory", "capture", "capture_along_sampler", "encode", "entries_of",
+           "merge_steps", "qa_pairs", "sampler_states",
            "retain_whitening", "timed", "trace"]

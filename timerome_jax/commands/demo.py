@@ -49,6 +49,10 @@ def register(sub, common) -> None:
                    "these steps (default: the traced step only; docs/memory.md)")
     p.add_argument("--key-positions", choices=mem.KEY_POSITIONS, default=None,
                    help="read each fact's keys at its 'last' subject token (the paper's) or at every 'subject' token")
+    p.add_argument("--sampler-steps", type=int, default=None, metavar="N",
+                   help="also capture each fact in the greedy sampler's states before N evenly spread steps of "
+                   "the demo's generation schedule (G=96, 48 steps, blocks of 32), so a gated memory also fires "
+                   "while generating (default off; 8 with --selective)")
     p.add_argument("--mc-samples", type=int, default=16)
     p.add_argument("--show", type=int, default=3, help="forget questions whose answers are shown")
     p.add_argument("--seed", type=int, default=0)
@@ -58,8 +62,9 @@ def register(sub, common) -> None:
 
 # the selective memory (docs/memory.md, docs/RESULTS.md §9): on tofu-tiny it removes ~78 nats of
 # forget LP for under 1 nat of retain LP; the paper's memory (the other defaults) is not selective
-SELECTIVE = {"alpha": 32.0, "capture_steps": "all", "key_positions": "subject", "gate_rate": 0.001}
-PAPER = {"alpha": 1.0, "capture_steps": None, "key_positions": "last", "gate_rate": None}
+SELECTIVE = {"alpha": 32.0, "capture_steps": "all", "key_positions": "subject", "gate_rate": 0.001, "sampler_steps": 8}
+PAPER = {"alpha": 1.0, "capture_steps": None, "key_positions": "last", "gate_rate": None, "sampler_steps": None}
+GENERATION = dict(gen_length=96, steps=48, block_length=32)   # the greedy answers of step 4
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--gate-rate must be a fraction in (0, 1), got {args.gate_rate}")
     if args.capture_steps is not None:   # refuse a bad value before minutes of tracing
         parse_capture_steps(args.capture_steps, tracing.Coordinate(layer=0, step=0, module="resid", steps=args.steps))
+    sampler_capture = None if args.sampler_steps is None else mem.SamplerCapture.evenly(args.sampler_steps, **GENERATION)
     backbone = ports.load_pretrained(args.model)
     tokenizer = backbone_tokenizer(backbone)
     pad = pad_token_id(tokenizer, backbone)
@@ -94,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     steps = None if args.capture_steps is None else parse_capture_steps(args.capture_steps, coordinate)
     record = workflow.build_memory(backbone, forget, coordinate, alpha=args.alpha, lam=args.lam, q=args.q,
                                    seed=args.seed, noise_samples=args.noise_samples, facts_per_chunk=8,
-                                   capture_steps=steps, key_positions=args.key_positions)
+                                   capture_steps=steps, key_positions=args.key_positions,
+                                   sampler_capture=sampler_capture)
     gated = ""
     if args.gate_rate is not None:
         tau, info = workflow.retain_gate(backbone, tokenizer, data.load_facts(args.gate_facts), record.memory,
@@ -103,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
         gated = f", gated at cosine {tau:.5f} (edits {args.gate_rate:g} of {info['tokens']} {args.gate_facts} tokens)"
     memory, n, encoded, skipped = record.memory, forget.num_facts, forget.encoded, list(forget.skipped)
     edited = mem.attach(backbone, memory)
-    entries = "" if memory.size == n else (f", keys at steps {','.join(map(str, record.capture_steps))} of "
+    along = "" if sampler_capture is None else f" and {len(sampler_capture.capture_steps)} steps of the sampler"
+    entries = "" if memory.size == n else (f", keys at steps {','.join(map(str, record.capture_steps))}{along} of "
                                            f"the {args.key_positions} tokens: {memory.size} entries")
     kind = "the selective memory" if args.selective else "an edit memory"
     say(f"\n2. built {kind} of {n} facts (α={args.alpha:g}, λ={args.lam:g}, q={args.q or memory.size}{entries}{gated}); "
@@ -127,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     # 4. answers before / after
     shown = encoded[: args.show]
     prompts = [p.prompt_ids for p in forget_pairs[: args.show]]
-    gen = dict(gen_length=96, steps=48, block_length=32, batch_size=8, pad_id=pad)
+    gen = dict(**GENERATION, batch_size=8, pad_id=pad)
     before = metrics.generate_answers(backbone, tokenizer, prompts, **gen)
     after = metrics.generate_answers(edited, tokenizer, prompts, **gen)
     say("\n4. greedy answers before -> after the edit")

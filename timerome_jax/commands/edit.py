@@ -57,6 +57,14 @@ def register(sub, common) -> None:
     p.add_argument("--key-positions", choices=mem.KEY_POSITIONS, default="last",
                    help="where each fact's keys are read: its 'last' subject token (the paper's) or every "
                    "'subject' token, one entry each (docs/memory.md)")
+    p.add_argument("--sampler-steps", type=int, default=None, metavar="N",
+                   help="also capture each fact in the states of the unedited greedy sampler before N evenly "
+                   "spread steps of the --gen-length/--gen-steps/--block-length schedule (use the one you "
+                   "generate with), so a gated memory also fires during generation (docs/memory.md)")
+    p.add_argument("--gen-length", type=int, default=96, help="with --sampler-steps: answer tokens G (default 96)")
+    p.add_argument("--gen-steps", type=int, default=48, help="with --sampler-steps: sampler steps (default 48)")
+    p.add_argument("--block-length", type=int, default=32,
+                   help="with --sampler-steps: semi-autoregressive block length (default 32)")
     p.add_argument("--gate-rate", type=float, default=None, metavar="RATE",
                    help="gated memory: edit only tokens whose key is close to a stored key, with the cosine "
                    "threshold set so that this fraction of the --gate-facts tokens is still edited")
@@ -108,13 +116,27 @@ def parse_capture_steps(text: str | None, coordinate: tracing.Coordinate) -> tup
     return workflow.check_capture_steps(coordinate, steps)
 
 
+def sampler_capture_from_args(args: argparse.Namespace) -> mem.SamplerCapture | None:
+    if args.sampler_steps is None:
+        return None
+    return mem.SamplerCapture.evenly(args.sampler_steps, gen_length=args.gen_length, steps=args.gen_steps,
+                                     block_length=args.block_length)
+
+
 def capture(backbone: ports.Backbone, encoded, pad_id: int, coordinate: tracing.Coordinate,
-            args: argparse.Namespace, capture_steps: tuple[int, ...],
-            positions: str = "last") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Memory entries of the encoded facts at the capture steps: keys [E, d_k], deltas [E, d] and
-    the fact (index into `encoded`) of each entry, fact-major (`workflow.merge_steps`)."""
-    return workflow.merge_steps([_capture_one(backbone, encoded, pad_id, dataclasses.replace(coordinate, step=k),
-                                              args, positions) for k in capture_steps])
+            args: argparse.Namespace, capture_steps: tuple[int, ...], positions: str = "last",
+            sampler_capture: mem.SamplerCapture | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Memory entries of the encoded facts at the capture steps (and along the sampler with
+    `sampler_capture`): keys [E, d_k], deltas [E, d] and the fact (index into `encoded`) of each
+    entry, fact-major (`workflow.merge_steps`)."""
+    parts = [_capture_one(backbone, encoded, pad_id, dataclasses.replace(coordinate, step=k), args, positions)
+             for k in capture_steps]
+    if sampler_capture is not None:
+        parts.append(workflow.capture_along_sampler(
+            backbone, pipeline.trace_batch(encoded, pad_id), coordinate, sampler_capture, jax.random.key(args.seed),
+            noise_samples=args.noise_samples, noise_scale=args.noise_scale, facts_per_chunk=args.facts_per_chunk,
+            positions=positions))
+    return workflow.merge_steps(parts)
 
 
 def _capture_one(backbone: ports.Backbone, encoded, pad_id: int, coordinate: tracing.Coordinate,
@@ -164,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         if duplicate:
             raise InputError(f"fact(s) already in the memory: {', '.join(duplicate[:5])}")
         keys, deltas, rows = capture(backbone, encoded, pad_id, record.coordinate, args, record.capture_steps,
-                                     record.key_positions)
+                                     record.key_positions, record.sampler_capture)
         entries = tuple(ids[r] for r in rows)
         record = record.with_memory(mem.insert(record.memory, keys, deltas), fact_ids=record.fact_ids + entries)
         mem.save(record, args.append, overwrite=True)
@@ -179,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
     if args.gate_rate is not None and not (np.isfinite(args.gate_rate) and 0 < args.gate_rate < 1):
         raise InputError(f"--gate-rate must be a fraction in (0, 1), got {args.gate_rate}")
     mem.check_hyperparameters(args.alpha, args.lam, None, 1)
+    sampler_capture = sampler_capture_from_args(args)
     encoded, pad_id = _encode(backbone, args.facts)
     encoded = encoded[: args.num_facts] if args.num_facts else encoded
     if args.coordinate:
@@ -191,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
         coordinate = tracing.Coordinate(c["layer"], c["step"], c["module"], c.get("steps", args.steps))
         print(f"traced: layer {coordinate.layer}, step {coordinate.step}, module {coordinate.module}")
     capture_steps = parse_capture_steps(args.capture_steps, coordinate)
-    n_min = len(encoded) * len(capture_steps)   # the entries: exactly these with "last", at least with "subject"
+    n_min = len(encoded) * (len(capture_steps) + len(sampler_capture.capture_steps if sampler_capture else ()))
+    # the entries: exactly these with "last", at least with "subject"
     mem.check_hyperparameters(args.alpha, args.lam, args.q if args.key_positions == "last" else None, n_min)
     whitening = None
     if args.covariance:
@@ -199,7 +223,8 @@ def run(args: argparse.Namespace) -> int:
                                                     data.load_facts(args.covariance), coordinate,
                                                     shrinkage=args.shrinkage)
         print(f"covariance-regularised: C from {info['tokens']} tokens of {info['retain_facts']} retain facts")
-    keys, deltas, rows = capture(backbone, encoded, pad_id, coordinate, args, capture_steps, args.key_positions)
+    keys, deltas, rows = capture(backbone, encoded, pad_id, coordinate, args, capture_steps, args.key_positions,
+                                 sampler_capture)
     mem.check_hyperparameters(args.alpha, args.lam, args.q, len(keys))
     memory, key_scale = mem.build(keys, deltas, layer=coordinate.layer, module=coordinate.module,
                                   alpha=args.alpha, lam=args.lam, q=args.q, whitening=whitening)
@@ -210,10 +235,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"gated: cosine >= {gate:.4f} (edits {args.gate_rate:g} of {info['tokens']} tokens of "
               f"{info['retain_facts']} retain facts)")
     record = mem.MemoryRecord(memory, coordinate, args.lam, key_scale, tuple(encoded[r].fact.where for r in rows),
-                              backbone.fingerprint(), capture_steps, args.key_positions)
+                              backbone.fingerprint(), capture_steps, args.key_positions, sampler_capture)
     mem.save(record, args.out, overwrite=args.overwrite)
+    along = "" if sampler_capture is None else (
+        f" and sampler steps {','.join(map(str, sampler_capture.capture_steps))} of G={sampler_capture.gen_length}")
     entries = "" if memory.size == len(encoded) else (
-        f" ({memory.size} entries: steps {','.join(map(str, capture_steps))}, {args.key_positions} tokens)")
+        f" ({memory.size} entries: steps {','.join(map(str, capture_steps))}{along}, {args.key_positions} tokens)")
     print(f"wrote an edit memory of {len(encoded)} fact(s){entries} at layer {coordinate.layer}, module "
           f"{coordinate.module}, step {coordinate.step} (α={args.alpha:g}, λ={args.lam:g}, "
           f"q={args.q or memory.size}) to {args.out}")
