@@ -53,7 +53,7 @@ def test_demo_gated_memory_is_saved_with_its_gate(tiny_model_dir_with_tokenizer,
     code, out, _ = run_demo(tiny_model_dir_with_tokenizer, tmp_path, "--gate-rate", "0.2", "--gate-facts", "RETAIN",
                             "--capture-steps", "all")
     printed = capsys.readouterr().out
-    assert code == 0 and "gated at cosine" in printed and "keys at steps 0,1 of the last tokens: 4 entries" in printed
+    assert code == 0 and "gated at cosine" in printed and "keys of the last tokens at steps 0,1 of the trace: 4 entries" in printed
     record = mem.load(out / "memory")
     assert record.memory.gate is not None and record.capture_steps == (0, 1) and record.memory.size == 4
     code = cli.main(["demo", "--model", str(tiny_model_dir_with_tokenizer), "--steps", "2", "--capture-steps", "0,2",
@@ -73,3 +73,10 @@ def test_demo_selective_preset_builds_the_selective_memory(tiny_model_dir_with_t
     record = mem.load(out / "memory")
     assert record.key_positions == "subject" and record.capture_steps == (0, 1) and record.memory.gate is not None
     assert float(record.memory.alpha) == 4.0 and record.memory.size > 4     # explicit --alpha wins over the preset
+    # and the preset's entries along the greedy sampler of the demo's generation schedule
+    assert record.sampler_capture == mem.SamplerCapture.evenly(8, gen_length=96, steps=48, block_length=32)
+    assert "and at 8 steps of the greedy sampler's own trajectory" in printed
+    code = cli.main(["demo", "--model", str(tiny_model_dir_with_tokenizer), "--sampler-steps", "0",
+                     "--out", str(tmp_path / "z")])
+    err = capsys.readouterr().err
+    assert code == 2 and "number of sampler steps to capture must lie in 1..48" in err and not (tmp_path / "z").exists()

@@ -110,9 +110,11 @@ def run(args: argparse.Namespace) -> int:
         gated = f", gated at cosine {tau:.5f} (edits {args.gate_rate:g} of {info['tokens']} {args.gate_facts} tokens)"
     memory, n, encoded, skipped = record.memory, forget.num_facts, forget.encoded, list(forget.skipped)
     edited = mem.attach(backbone, memory)
-    along = "" if sampler_capture is None else f" and {len(sampler_capture.capture_steps)} steps of the sampler"
-    entries = "" if memory.size == n else (f", keys at steps {','.join(map(str, record.capture_steps))}{along} of "
-                                           f"the {args.key_positions} tokens: {memory.size} entries")
+    along = "" if sampler_capture is None else (f" and at {len(sampler_capture.capture_steps)} steps of the "
+                                                 f"greedy sampler's own trajectory")
+    entries = "" if memory.size == n else (f", keys of the {args.key_positions} tokens at steps "
+                                           f"{','.join(map(str, record.capture_steps))} of the trace{along}: "
+                                           f"{memory.size} entries")
     kind = "the selective memory" if args.selective else "an edit memory"
     say(f"\n2. built {kind} of {n} facts (α={args.alpha:g}, λ={args.lam:g}, q={args.q or memory.size}{entries}{gated}); "
         f"{sum(x.nbytes for x in jax.tree.leaves(memory)):,} bytes, backbone weights untouched")
