@@ -155,6 +155,14 @@ class EditMemory:
         return self.alpha * self.deltas.T @ self.readout
 
 
+def check_steps(steps: Sequence[int], count: int, what: str) -> tuple[int, ...]:
+    """`steps` as distinct ints in 0..count − 1 (at least one), or one error naming `what`."""
+    steps = tuple(int(k) for k in steps)
+    if not steps or len(set(steps)) != len(steps) or not all(0 <= k < count for k in steps):
+        raise InputError(f"{what} must be distinct steps in 0..{count - 1}, got {list(steps)}")
+    return steps
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerCapture:
     """Memory entries along the sampler's own trajectory (beyond the paper; docs/memory.md).
@@ -177,11 +185,8 @@ class SamplerCapture:
     mentions: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "capture_steps", tuple(int(k) for k in self.capture_steps))
         sampler.check_schedule(self.gen_length, self.steps, self.block_length)
-        steps = self.capture_steps
-        if not steps or len(set(steps)) != len(steps) or not all(0 <= k < self.steps for k in steps):
-            raise InputError(f"sampler capture steps must be distinct steps in 0..{self.steps - 1}, got {list(steps)}")
+        object.__setattr__(self, "capture_steps", check_steps(self.capture_steps, self.steps, "sampler capture steps"))
 
     @classmethod
     def evenly(cls, count: int, *, gen_length: int, steps: int, block_length: int,

@@ -87,23 +87,34 @@ def trace(backbone: Backbone, facts: EncodedFacts, config: tracing.TraceConfig, 
 
 def capture(backbone: Backbone, batch: tracing.TraceBatch, coordinate: tracing.Coordinate, key: jax.Array, *,
             noise_samples: int = 10, noise_scale: float = 3.0, facts_per_chunk: int = 4,
-            positions: str = "last") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            positions: str = "last", mesh=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Memory entries of the facts of `batch` at the coordinate, chunk by chunk (one compilation):
     keys [E, d_k], deltas [E, d] and the fact (row of `batch`) of each entry [E], fact-major.
     positions "last": one entry per fact (the paper's); "subject": one per subject token
-    (`memory.capture_keys_and_deltas`). The noise follows the tracer's for the same key."""
+    (`memory.capture_keys_and_deltas`). The noise follows the tracer's for the same key. With a
+    `mesh`, the facts are split over its 'data' axis, `facts_per_chunk` per shard
+    (`distributed.capture_keys_and_deltas`)."""
     sigma = tracing.subject_embedding_std(backbone, batch)
+    options = dict(module=coordinate.module, step=coordinate.step, trace_steps=coordinate.steps,
+                   noise_samples=noise_samples, noise_scale=noise_scale, positions=positions)
+    if mesh is not None:
+        from timerome_jax import distributed
+
+        k, d = distributed.capture_keys_and_deltas(backbone, batch, sigma, key, mesh, layer=coordinate.layer,
+                                                   facts_per_device=facts_per_chunk, **options)
+        return entries_of(batch, np.asarray(k), np.asarray(d), positions)
     size = min(facts_per_chunk, batch.num_facts)
     parts = []
     for c, chunk in enumerate(pipeline.chunks(batch, size)):
-        k, d = mem.capture_keys_and_deltas(backbone, chunk, sigma, key,
-                                           layer=jnp.int32(coordinate.layer), module=coordinate.module,
-                                           step=coordinate.step, trace_steps=coordinate.steps,
-                                           noise_samples=noise_samples,
-                                           noise_scale=noise_scale, positions=positions)
+        k, d = mem.capture_keys_and_deltas(backbone, chunk, sigma, key, layer=jnp.int32(coordinate.layer), **options)
         keys, deltas, rows = entries_of(chunk, np.asarray(k), np.asarray(d), positions)
         parts.append((keys, deltas, rows + c * size))
     return tuple(np.concatenate(x) for x in zip(*parts))
+
+
+def _prompt_lengths(batch: tracing.TraceBatch) -> np.ndarray:
+    """Tokens before the answer of each fact of `batch` [F]."""
+    return (np.asarray(batch.attention_mask_FT).astype(bool) & ~np.asarray(batch.answer_mask_FT)).sum(axis=1)
 
 
 def sampler_states(backbone: Backbone, batch: tracing.TraceBatch, capture: mem.SamplerCapture, *,
@@ -118,9 +129,9 @@ def sampler_states(backbone: Backbone, batch: tracing.TraceBatch, capture: mem.S
     move with the padding. With `mentions`, S' = 3 S: after the prompt's subject positions come
     the positions of the subject's copies in the sampler's answer (TOFU answers restate their
     subject: 38 of forget01's 40 do), valid from the step they are revealed on (at most 2 S)."""
-    ids_FT, attn_FT = np.asarray(batch.input_ids_FT), np.asarray(batch.attention_mask_FT)
+    ids_FT = np.asarray(batch.input_ids_FT)
     pos_FS, valid_FS = np.asarray(batch.subject_pos_FS), np.asarray(batch.subject_valid_FS)
-    prompt_len_F = (attn_FT.astype(bool) & ~np.asarray(batch.answer_mask_FT)).sum(axis=1)
+    prompt_len_F = _prompt_lengths(batch)
     P = int(prompt_len_F.max()) if prompt_length is None else prompt_length
     if P < prompt_len_F.max():
         raise InputError(f"prompt length {P} is shorter than the longest prompt ({prompt_len_F.max()} tokens)")
@@ -140,7 +151,7 @@ def sampler_states(backbone: Backbone, batch: tracing.TraceBatch, capture: mem.S
         subject = ids_FT[f, pos_FS[f][valid_FS[f]]]
         L, found = len(subject), []
         for i in range(capture.gen_length - L + 1):
-            if np.array_equal(answer[f, i:i + L], subject) and not (found and i < found[-1] + 1):
+            if (not found or i > found[-1]) and np.array_equal(answer[f, i:i + L], subject):   # no overlaps
                 found.extend(range(i, i + L))
         found = found[: 2 * S]
         copy_pos[f, :len(found)] = P + np.asarray(found, np.int64)
@@ -163,8 +174,7 @@ def capture_along_sampler(backbone: Backbone, batch: tracing.TraceBatch, coordin
     prompt's draws differ from the tracer's) and each stored as an entry; with "last", only the
     prompt's last subject token. σ is the tracer's."""
     sigma = tracing.subject_embedding_std(backbone, batch)
-    attn_FT = np.asarray(batch.attention_mask_FT)
-    longest_prompt = int((attn_FT.astype(bool) & ~np.asarray(batch.answer_mask_FT)).sum(axis=1).max())
+    longest_prompt = int(_prompt_lengths(batch).max())
     mentions = capture.mentions and positions == "subject"
     size = min(facts_per_chunk, batch.num_facts)
     parts = {k: [] for k in capture.capture_steps}
@@ -309,12 +319,10 @@ def memory_from_batch(backbone: Backbone, batch: tracing.TraceBatch, fact_ids: S
     capture_steps = check_capture_steps(coordinate, capture_steps)
     mem.check_key_positions(key_positions)
     mem.check_hyperparameters(alpha, lam, None, 1)
-    options = dict(noise_samples=noise_samples, noise_scale=noise_scale, facts_per_chunk=facts_per_chunk,
-                   positions=key_positions)
-    keys, deltas, rows = capture_at_steps(backbone, batch, coordinate, capture_steps, key, **options)
-    if sampler_capture is not None:
-        keys, deltas, rows = merge_steps([(keys, deltas, rows), capture_along_sampler(
-            backbone, batch, coordinate, sampler_capture, key, **options)])
+    keys, deltas, rows = capture_at_steps(backbone, batch, coordinate, capture_steps, key,
+                                          sampler_capture=sampler_capture, noise_samples=noise_samples,
+                                          noise_scale=noise_scale, facts_per_chunk=facts_per_chunk,
+                                          positions=key_positions)
     mem.check_hyperparameters(alpha, lam, q, len(keys))
     memory, key_scale = mem.build(keys, deltas, layer=coordinate.layer, module=coordinate.module, alpha=alpha,
                                   lam=lam, q=q, whitening=whitening)
@@ -324,18 +332,22 @@ def memory_from_batch(backbone: Backbone, batch: tracing.TraceBatch, fact_ids: S
 
 
 def check_capture_steps(coordinate: tracing.Coordinate, capture_steps: Sequence[int] | None) -> tuple[int, ...]:
-    steps = (coordinate.step,) if capture_steps is None else tuple(int(k) for k in capture_steps)
-    if not steps or len(set(steps)) != len(steps) or not all(0 <= k < coordinate.steps for k in steps):
-        raise InputError(f"capture steps must be distinct steps in 0..{coordinate.steps - 1}, got {list(steps)}")
-    return steps
+    steps = (coordinate.step,) if capture_steps is None else capture_steps
+    return mem.check_steps(steps, coordinate.steps, "capture steps")
 
 
 def capture_at_steps(backbone: Backbone, batch: tracing.TraceBatch, coordinate: tracing.Coordinate,
-                     capture_steps: Sequence[int], key: jax.Array, **kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`capture` at each step, merged fact-major (`merge_steps`): keys [E, d_k], deltas [E, d],
-    fact (row of `batch`) of each entry [E]."""
-    return merge_steps([capture(backbone, batch, dataclasses.replace(coordinate, step=k), key, **kwargs)
-                        for k in capture_steps])
+                     capture_steps: Sequence[int], key: jax.Array, *,
+                     sampler_capture: mem.SamplerCapture | None = None, mesh=None,
+                     **kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`capture` at each step (on `mesh` when given), and `capture_along_sampler` with a
+    `sampler_capture`, merged fact-major (`merge_steps`): keys [E, d_k], deltas [E, d], fact (row
+    of `batch`) of each entry [E]. `kwargs`: the capture options (noise, chunk size, positions)."""
+    parts = [capture(backbone, batch, dataclasses.replace(coordinate, step=k), key, mesh=mesh, **kwargs)
+             for k in capture_steps]
+    if sampler_capture is not None:
+        parts.append(capture_along_sampler(backbone, batch, coordinate, sampler_capture, key, **kwargs))
+    return merge_steps(parts)
 
 
 def qa_pairs(tokenizer, facts: Sequence[Fact], tag: str) -> list[metrics.Pair]:

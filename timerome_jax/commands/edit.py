@@ -10,7 +10,6 @@ Without --trace or --coordinate the facts are traced first (the trace options ap
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -126,35 +125,12 @@ def sampler_capture_from_args(args: argparse.Namespace) -> mem.SamplerCapture | 
 def capture(backbone: ports.Backbone, encoded, pad_id: int, coordinate: tracing.Coordinate,
             args: argparse.Namespace, capture_steps: tuple[int, ...], positions: str = "last",
             sampler_capture: mem.SamplerCapture | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Memory entries of the encoded facts at the capture steps (and along the sampler with
-    `sampler_capture`): keys [E, d_k], deltas [E, d] and the fact (index into `encoded`) of each
-    entry, fact-major (`workflow.merge_steps`)."""
-    parts = [_capture_one(backbone, encoded, pad_id, dataclasses.replace(coordinate, step=k), args, positions)
-             for k in capture_steps]
-    if sampler_capture is not None:
-        parts.append(workflow.capture_along_sampler(
-            backbone, pipeline.trace_batch(encoded, pad_id), coordinate, sampler_capture, jax.random.key(args.seed),
-            noise_samples=args.noise_samples, noise_scale=args.noise_scale, facts_per_chunk=args.facts_per_chunk,
-            positions=positions))
-    return workflow.merge_steps(parts)
-
-
-def _capture_one(backbone: ports.Backbone, encoded, pad_id: int, coordinate: tracing.Coordinate,
-                 args: argparse.Namespace, positions: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    batch = pipeline.trace_batch(encoded, pad_id)
-    mesh = _mesh.mesh_from_args(args)
-    if mesh is not None:  # facts split over the mesh's 'data' axis, --facts-per-chunk per shard
-        from timerome_jax import distributed
-
-        sigma = tracing.subject_embedding_std(backbone, batch)
-        keys, deltas = distributed.capture_keys_and_deltas(
-            backbone, batch, sigma, jax.random.key(args.seed), mesh, layer=coordinate.layer,
-            module=coordinate.module, step=coordinate.step, trace_steps=coordinate.steps, noise_samples=args.noise_samples,
-            noise_scale=args.noise_scale, facts_per_device=args.facts_per_chunk, positions=positions)
-        return workflow.entries_of(batch, keys, deltas, positions)
-    return workflow.capture(backbone, batch, coordinate, jax.random.key(args.seed),
-                            noise_samples=args.noise_samples, noise_scale=args.noise_scale,
-                            facts_per_chunk=args.facts_per_chunk, positions=positions)
+    """Memory entries of the encoded facts (`workflow.capture_at_steps`, on the --mesh when one is
+    given): keys [E, d_k], deltas [E, d] and the fact (index into `encoded`) of each entry."""
+    return workflow.capture_at_steps(
+        backbone, pipeline.trace_batch(encoded, pad_id), coordinate, capture_steps, jax.random.key(args.seed),
+        sampler_capture=sampler_capture, mesh=_mesh.mesh_from_args(args), noise_samples=args.noise_samples,
+        noise_scale=args.noise_scale, facts_per_chunk=args.facts_per_chunk, positions=positions)
 
 
 def _encode(backbone, path):
