@@ -140,10 +140,11 @@ def sampler_capture(variant: str, args) -> mem.SamplerCapture | None:
 
 def variant_config(variant: str, args) -> dict:
     """The memory options of a variant, in the operating-point form forget_table.py reads."""
+    along = sampler_capture(variant, args)
     return {"covariance": args.gate_facts if variant.startswith("covariance") else None,
             "capture_steps": args.capture_steps if variant.startswith("multistep") else None,
             "key_positions": key_positions(variant),
-            "sampler_capture": None if sampler_capture(variant, args) is None else sampler_capture(variant, args).as_dict(),
+            "sampler_capture": None if along is None else along.as_dict(),
             "gate_rate": args.gate_rate if variant.endswith("gated") else None,
             "gate_facts": args.gate_facts if variant.endswith("gated") else None}
 
@@ -240,8 +241,7 @@ def main() -> None:
         start = time.perf_counter()
         alphas = parse_alphas(args.alphas)
         args.variant_list = parse_variants(args.variants)
-        if not (np.isfinite(args.gate_rate) and 0 < args.gate_rate < 1):
-            raise InputError(f"--gate-rate must be a fraction in (0, 1), got {args.gate_rate}")
+        mem.check_gate_rate(args.gate_rate, "--gate-rate")
         if not np.isfinite(args.retain_tolerance) or args.retain_tolerance < 0:
             raise InputError(f"--retain-tolerance must be >= 0, got {args.retain_tolerance}")
         s = _common.setup(args)

@@ -195,8 +195,8 @@ def main() -> None:
             raise InputError(f"--every must be >= 1, got {args.every}")
         if args.q is not None and args.q < 1:
             raise InputError(f"--q must be >= 1, got {args.q}")
-        if args.gate_rate is not None and not (math.isfinite(args.gate_rate) and 0 < args.gate_rate < 1):
-            raise InputError(f"--gate-rate must be a fraction in (0, 1), got {args.gate_rate}")
+        if args.gate_rate is not None:
+            mem.check_gate_rate(args.gate_rate, "--gate-rate")
         s = _common.setup(args)
         t0 = time.perf_counter()
         coordinate, coordinate_info = _common.coordinate(s)

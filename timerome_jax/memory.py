@@ -488,12 +488,18 @@ def with_gate(memory: EditMemory, gate: float | None) -> EditMemory:
     return dataclasses.replace(memory, gate=jnp.float32(gate))
 
 
+def check_gate_rate(rate: float, what: str = "the gate rate") -> float:
+    """A gate rate is a fraction in (0, 1); `what` names it in the error (e.g. a CLI flag)."""
+    if not np.isfinite(rate) or not 0.0 < rate < 1.0:
+        raise InputError(f"{what} must be a fraction in (0, 1), got {rate}")
+    return rate
+
+
 def gate_for_rate(match_scores: np.ndarray, rate: float) -> float:
     """τ such that a fraction `rate` of the given keys' match scores reach it (the (1 − rate)
     quantile): with retain keys, the share of retain tokens the gated memory still edits."""
     scores = np.asarray(match_scores, np.float64).ravel()
-    if not np.isfinite(rate) or not 0.0 < rate < 1.0:
-        raise InputError(f"the gate rate is a fraction in (0, 1), got {rate}")
+    check_gate_rate(rate)
     if scores.size == 0:
         raise InputError("no retain keys to calibrate the gate on")
     return float(np.clip(np.quantile(scores, 1.0 - rate), -1.0, 1.0))

@@ -14,7 +14,6 @@ import argparse
 import json
 
 import jax
-import numpy as np
 
 import ports
 from ports.fileio import atomic_directory
@@ -22,7 +21,6 @@ from timerome_jax import data, metrics, tracing, workflow
 from timerome_jax import memory as mem
 from timerome_jax.commands.edit import parse_capture_steps
 from timerome_jax.commands.trace import write_trace
-from timerome_jax.errors import InputError
 from timerome_jax.tokenization import backbone_tokenizer, pad_token_id
 
 
@@ -72,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
     for name, value in (SELECTIVE if args.selective else PAPER).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.gate_rate is not None and not (np.isfinite(args.gate_rate) and 0 < args.gate_rate < 1):
-        raise InputError(f"--gate-rate must be a fraction in (0, 1), got {args.gate_rate}")
+    if args.gate_rate is not None:
+        mem.check_gate_rate(args.gate_rate, "--gate-rate")
     if args.capture_steps is not None:   # refuse a bad value before minutes of tracing
         parse_capture_steps(args.capture_steps, tracing.Coordinate(layer=0, step=0, module="resid", steps=args.steps))
     sampler_capture = None if args.sampler_steps is None else mem.SamplerCapture.evenly(args.sampler_steps, **GENERATION)

@@ -174,8 +174,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--shrinkage must be a finite number > 0, got {args.shrinkage}")
     if (args.gate_rate is None) != (args.gate_facts is None):
         raise InputError("--gate-rate and --gate-facts go together (the rate is measured on those facts)")
-    if args.gate_rate is not None and not (np.isfinite(args.gate_rate) and 0 < args.gate_rate < 1):
-        raise InputError(f"--gate-rate must be a fraction in (0, 1), got {args.gate_rate}")
+    if args.gate_rate is not None:
+        mem.check_gate_rate(args.gate_rate, "--gate-rate")
     mem.check_hyperparameters(args.alpha, args.lam, None, 1)
     sampler_capture = sampler_capture_from_args(args)
     encoded, pad_id = _encode(backbone, args.facts)
