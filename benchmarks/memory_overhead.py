@@ -72,7 +72,7 @@ def main() -> None:
     if args.gate is not None:
         memory = mem.with_gate(memory, args.gate)
     plain = jax.jit(lambda bb, ids: bb.apply(ids))
-    edited = jax.jit(lambda bb, m, ids: mem.edited_apply(bb, m, ids))
+    edited = jax.jit(lambda bb, m, ids: bb.apply(ids, edits=(m,)))
     # interleave the two measurements so machine noise hits both alike
     t_plain, t_edit = [], []
     jax.block_until_ready(plain(bb, ids)); jax.block_until_ready(edited(bb, memory, ids))
@@ -81,7 +81,7 @@ def main() -> None:
         t_edit.append(time_call(lambda: edited(bb, memory, ids), 3))
     p, e = float(np.median(t_plain)), float(np.median(t_edit))
     builds = {n: build_seconds(n, key_dim, c.d_model) for n in (10, 100, 1000)}
-    forms = {n: mem._form_for(mem._capacity_for(n), key_dim) for n in builds}
+    forms = {n: mem.ridge._form_for(mem.ridge._capacity_for(n), key_dim) for n in builds}
     added = sum(x.nbytes for x in jax.tree.leaves(memory))
     weights = sum(x.nbytes for x in jax.tree.leaves(bb.params))
     print(f"device            {jax.devices()[0].device_kind}")

@@ -20,6 +20,7 @@ import numpy as np
 
 from ports import Backbone, Transformer, TransformerConfig
 from timerome_jax import tracing as tr
+from timerome_jax.facts import fact_batch
 
 
 def random_backbone(d_model: int, layers: int, heads: int, mlp: int, vocab: int, seed: int = 0) -> Backbone:
@@ -87,7 +88,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(0, args.vocab - 2, args.prompt_len)) for _ in range(args.facts)]
     answers = [list(rng.integers(0, args.vocab - 2, args.answer_len)) for _ in range(args.facts)]
-    batch = tr.build_trace_batch(prompts, answers, [(2, 6)] * args.facts, pad_id=args.vocab - 2)
+    batch = fact_batch(prompts, answers, [(2, 6)] * args.facts, pad_id=args.vocab - 2)
     sigma = tr.subject_embedding_std(bb, batch)
     cfg = tr.TraceConfig(steps=args.steps, noise_samples=args.noise_samples,
                          cells_per_batch=args.cells_per_batch)
@@ -110,8 +111,9 @@ def main() -> None:
 
     @jax.jit
     def one_cell(k, layer, module):
-        iv = tr.Intervention(batch.subject_pos_FS[0], batch.subject_valid_FS[0], noise, layer, module, clean[k])
-        logits = tr._forward(bb, states[k], batch.attention_mask_FT[0], iv, cfg.window)[0]
+        pos, valid = batch.subject_pos_FS[0], batch.subject_valid_FS[0]
+        edits = (tr.noise_edit(pos, valid, noise), *tr.patch_edits(clean[k], pos, valid, layer, module, cfg.window))
+        logits = bb.apply(states[k][None], batch.attention_mask_FT[0][None], edits=edits)[0]
         return tr.answer_readout(logits, batch.input_ids_FT[0], masked[k], c.logit_shift)
 
     cells = [(k % cfg.steps, (k // cfg.steps) % c.n_layers, k % M) for k in range(args.loop_cells)]

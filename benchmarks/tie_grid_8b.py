@@ -35,6 +35,7 @@ from tie_grid import forward_flops, head_flops, layer_flops, time_call  # noqa: 
 
 from ports import Backbone, Transformer, abstract_params, presets, sharding  # noqa: E402
 from timerome_jax import distributed, tracing  # noqa: E402
+from timerome_jax.facts import fact_batch  # noqa: E402
 
 # Dense (no sparsity) bf16 peak FLOP/s per device from the vendors' data sheets, matched as a
 # substring of `device.device_kind`, first match wins.
@@ -140,16 +141,13 @@ def main(argv=None) -> dict:
     vocab_ok = config.vocab_size - 8
     prompts = [list(rng.integers(0, vocab_ok, args.prompt_len)) for _ in range(facts)]
     answers = [list(rng.integers(0, vocab_ok, args.answer_len)) for _ in range(facts)]
-    batch = tracing.build_trace_batch(prompts, answers, [(2, 6)] * facts, pad_id=config.pad_token_id)
+    batch = fact_batch(prompts, answers, [(2, 6)] * facts, pad_id=config.pad_token_id)
     cfg = tracing.TraceConfig(steps=args.steps, noise_samples=args.noise_samples,
                               cells_per_batch=args.cells_per_batch)
     sigma = tracing.subject_embedding_std(backbone, batch)
     key = jax.random.key(0)
-    if mesh is None:
-        run = lambda: tracing.tie_grid(backbone, batch, sigma, key, cfg).tie  # noqa: E731
-    else:
-        placed = distributed.shard_rows(batch, mesh)
-        run = lambda: distributed.tie_grid(backbone, placed, sigma, key, cfg, mesh).tie  # noqa: E731
+    run = lambda: distributed.map_chunks(tracing.tie_grid, batch, chunk_size=facts, before=(backbone,),  # noqa: E731
+                                         after=(sigma, key), static={"config": cfg}, mesh=mesh).tie
 
     start = time.perf_counter()
     jax.block_until_ready(run())

@@ -52,6 +52,15 @@ def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(jsonable(payload), indent=2) + "\n")
 
 
+def timed(fn, *args, **kwargs):
+    """(fn(*args, **kwargs) with every array result ready, seconds)."""
+    import jax
+
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args, **kwargs))
+    return out, time.perf_counter() - start
+
+
 def progress(items, desc: str, unit: str = "it"):
     from tqdm import tqdm
 
@@ -86,21 +95,22 @@ class Setup:
     pad_id: int
 
     def encode(self, spec: str):
-        from timerome_jax import data, workflow
+        """The facts of a data selection or JSONL file, encoded for tracing (`api.encode`)."""
+        from timerome_jax import api
 
-        return workflow.encode(self.backbone, self.tokenizer, data.load_facts(spec))
+        return api.encode(self.backbone, self.tokenizer, api.load_facts(spec))
 
     def pairs(self, spec: str, tag: str):
-        from timerome_jax import data, workflow
+        from timerome_jax import api
 
-        return workflow.qa_pairs(self.tokenizer, data.load_facts(spec), tag)
+        return api.qa_pairs(self.tokenizer, api.load_facts(spec), tag)
 
     def lp(self, backbone, pairs, seeds=None) -> np.ndarray:
         """Answer LP [seeds, pairs] (MC-ELBO, --mc-samples; paired masks across models)."""
-        from timerome_jax import workflow
+        from timerome_jax import api
 
         seeds = range(self.args.lp_seeds) if seeds is None else seeds
-        return workflow.answer_lp(backbone, pairs, seeds=seeds, pad_id=self.pad_id, mc_samples=self.args.mc_samples)
+        return api.score_pairs(backbone, pairs, list(seeds), pad_id=self.pad_id, mc_samples=self.args.mc_samples)
 
 
 def add_memory_arguments(p: argparse.ArgumentParser, *, forget: str = "forget01_subjects",
@@ -122,27 +132,27 @@ def add_memory_arguments(p: argparse.ArgumentParser, *, forget: str = "forget01_
 
 def setup(args: argparse.Namespace) -> Setup:
     import ports
-    from timerome_jax.tokenization import backbone_tokenizer, pad_token_id
+    from timerome_jax import api
+    from timerome_jax.tokenization import pad_token_id
 
     backbone = ports.load_pretrained(args.model)
-    tokenizer = backbone_tokenizer(backbone)
+    tokenizer = api.tokenizer(backbone)
     return Setup(args, backbone, tokenizer, pad_token_id(tokenizer, backbone))
 
 
 def coordinate(s: Setup) -> tuple[object, dict]:
     """(coordinate, info): --coordinate, else the trace of --trace-facts (seed --seed)."""
-    from timerome_jax import tracing, workflow
-    from timerome_jax.commands.edit import parse_coordinate
+    from timerome_jax import api
 
     if s.args.coordinate:
-        c = parse_coordinate(s.args.coordinate, s.backbone.config.n_layers, s.args.trace_steps)
+        c = api.Coordinate.parse(s.args.coordinate, s.backbone.config.n_layers, s.args.trace_steps)
         return c, {"coordinate": c.as_dict(), "traced": False}
     facts = s.encode(s.args.trace_facts)
-    config = tracing.TraceConfig(steps=s.args.trace_steps, noise_samples=s.args.noise_samples)
-    traced = workflow.trace(s.backbone, facts, config, seed=s.args.seed,
-                            progress=lambda xs: progress(xs, "tracing", "chunk"))
+    config = api.TraceConfig(steps=s.args.trace_steps, noise_samples=s.args.noise_samples)
+    traced = api.trace(s.backbone, facts, config, seed=s.args.seed,
+                       progress=lambda xs: progress(xs, "tracing", "chunk"))
     return traced.coordinate, {"coordinate": traced.coordinate.as_dict(), "traced": True,
-                               "trace_facts": list(facts.fact_ids), "trace_seconds": traced.seconds,
+                               "trace_facts": list(facts.ids), "trace_seconds": traced.seconds,
                                "best_cell_tie": traced.best_cell_tie(), "total_effect": traced.total_effect()}
 
 

@@ -15,12 +15,12 @@ a. traced vs random coordinate: --random-draws memories at `baselines.inference.
    "random (mean)" row averages the draws' scores per seed and pair; `spread` gives their std and range.
 b. single vs per-fact coordinates: the forget facts are traced themselves and each is captured at
    its own (layer, module, step) (`tracing.per_fact_coordinates`); facts sharing a (layer, module)
-   form one memory and all memories act together (`memory.attach_stack`). Each fact's key and delta
+   form one memory and all memories act together (`Backbone.with_edits(*memories)`). Each fact's key and delta
    come from a capture of the whole forget set at that fact's coordinate, so σ and the noise equal
    the single memory's. The forget trace's own single coordinate is scored too when it differs
    from the traced one.
 c. ridge (λ̃ I) vs covariance-regularised (λ̃ C) memory: C from --covariance-facts, which must be
-   disjoint from --retain (`workflow.retain_whitening`, then `build_memory(whitening=M)`).
+   disjoint from --retain (`memory.retain_whitening`, then `memory.build(whitening=M)`).
 d. q sweep at α = --alpha: --q-sweep values (default 1, n//4, n//2, n) via
    `memory.with_hyperparameters`.
 e. teacher-forced vs propagated TIE of --trace-facts: both coordinates, the Pearson and Spearman
@@ -44,7 +44,7 @@ import time
 import jax
 import numpy as np
 
-from timerome_jax import data, pipeline, tracing, workflow
+from timerome_jax import api, tracing
 from timerome_jax import memory as mem
 from timerome_jax.baselines import inference
 from timerome_jax.errors import InputError
@@ -102,7 +102,7 @@ class Scorer:
                 **_common.lp_changes(self.base, self.edited(key, make_backbone))}
 
 
-def memory_key(coordinate: tracing.Coordinate, alpha: float, lam: float, q: int | None, n: int,
+def memory_key(coordinate: api.Coordinate, alpha: float, lam: float, q: int | None, n: int,
                kind: str = "ridge") -> tuple:
     """What makes two memories of the forget facts equal (q = n and q = None both keep every
     coefficient), so equal memories are scored once."""
@@ -129,10 +129,10 @@ def ablation_a(ctx) -> list[dict]:
         drawn = inference.random_coordinate(s.backbone.config.n_layers, c, draw_seed)
 
         def make(draw_seed=draw_seed):
-            record = inference.random_memory(s.backbone, ctx["forget"].batch, c, ctx["forget"].fact_ids,
-                                             jax.random.key(args.seed), seed=draw_seed, alpha=args.alpha,
-                                             lam=args.lam, q=args.q, noise_samples=args.noise_samples)
-            return mem.attach(s.backbone, record.memory)
+            record = inference.random_memory(s.backbone, ctx["forget"], c, jax.random.key(args.seed),
+                                             seed=draw_seed, alpha=args.alpha, lam=args.lam, q=args.q,
+                                             noise_samples=args.noise_samples)
+            return s.backbone.with_edits(record.memory)
 
         key = memory_key(drawn, args.alpha, args.lam, args.q, ctx["forget"].num_facts)
         rows.append(ctx["scorer"].row("a", f"random coordinate, draw {i}", key, make, coordinate=drawn.as_dict(),
@@ -153,27 +153,27 @@ def ablation_a(ctx) -> list[dict]:
 def ablation_b(ctx) -> tuple[list[dict], dict]:
     s, args, c, forget = ctx["s"], ctx["args"], ctx["coordinate"], ctx["forget"]
     config = tracing.TraceConfig(steps=args.trace_steps, noise_samples=args.noise_samples)
-    traced = workflow.trace(s.backbone, forget, config, seed=args.seed,
-                            progress=lambda xs: _common.progress(xs, "tracing the forget facts", "chunk"))
+    traced = api.trace(s.backbone, forget, config, seed=args.seed,
+                       progress=lambda xs: _common.progress(xs, "tracing the forget facts", "chunk"))
     per_fact = tracing.per_fact_coordinates(traced.result.tie, config.modules)
     key = jax.random.key(args.seed)
     captured = {}
     for where in sorted(set(per_fact), key=lambda x: (x.layer, x.module, x.step)):
         # the whole set at each distinct coordinate: σ and every fact's noise as in the single memory
-        captured[where] = workflow.capture(s.backbone, forget.batch, where, key, noise_samples=args.noise_samples)
+        captured[where] = mem.capture(s.backbone, forget.batch, where, key, noise_samples=args.noise_samples)
     groups: dict[tuple[int, str], list[int]] = {}
     for i, where in enumerate(per_fact):
         groups.setdefault((where.layer, where.module), []).append(i)
     memories, group_info = [], []
     for (layer, module), facts in sorted(groups.items()):
-        keys = np.stack([captured[per_fact[i]][0][i] for i in facts])
-        deltas = np.stack([captured[per_fact[i]][1][i] for i in facts])
+        keys = np.stack([captured[per_fact[i]].keys[i] for i in facts])      # one entry per fact, in order
+        deltas = np.stack([captured[per_fact[i]].deltas[i] for i in facts])
         q = None if args.q is None else min(args.q, len(facts))
         memory, _ = mem.build(keys, deltas, layer=layer, module=module, alpha=args.alpha, lam=args.lam, q=q)
         memories.append(memory)
         group_info.append({"layer": layer, "module": module, "facts": len(facts),
                            "steps": sorted({per_fact[i].step for i in facts}), "q": q,
-                           "fact_ids": [forget.fact_ids[i] for i in facts]})
+                           "fact_ids": [forget.ids[i] for i in facts]})
     stack_key = ("stack", tuple((g["layer"], g["module"], tuple(g["fact_ids"])) for g in group_info),
                  tuple(per_fact[i].step for i in range(len(per_fact))), args.alpha, args.lam, args.q)
     rows = [ctx["traced_row"]("b", "single coordinate (traced)")]
@@ -181,13 +181,13 @@ def ablation_b(ctx) -> tuple[list[dict], dict]:
     if own != c:
         rows.append(ctx["scorer"].row("b", "single coordinate (forget facts' own trace)",
                                       memory_key(own, args.alpha, args.lam, args.q, forget.num_facts),
-                                      lambda: mem.attach(s.backbone, ctx["build"](own).memory),
+                                      lambda: s.backbone.with_edits(ctx["build"](own).memory),
                                       coordinate=own.as_dict()))
     rows.append(ctx["scorer"].row("b", f"per-fact coordinates ({len(memories)} memories)", stack_key,
-                                  lambda: mem.attach_stack(s.backbone, memories),
+                                  lambda: s.backbone.with_edits(*memories),
                                   coordinate=[{k: g[k] for k in ("layer", "module", "steps", "facts")}
                                               for g in group_info]))
-    info = {"per_fact_coordinates": [w.as_dict() | {"fact_id": f} for w, f in zip(per_fact, forget.fact_ids)],
+    info = {"per_fact_coordinates": [w.as_dict() | {"fact_id": f} for w, f in zip(per_fact, forget.ids)],
             "memories": group_info, "forget_trace_coordinate": own.as_dict(), "forget_trace_seconds": traced.seconds,
             "distinct_coordinates": len(captured)}
     return rows, info
@@ -196,9 +196,9 @@ def ablation_b(ctx) -> tuple[list[dict], dict]:
 def covariance_facts_disjoint_from_retain(args) -> list:
     """The --covariance-facts, refused when one of them is scored in RetainLP (C would then be fit
     on the very inputs whose LP the ablation measures)."""
-    covariance_facts = data.load_facts(args.covariance_facts)
-    retain_texts = {pipeline.model_texts(f) for f in data.load_facts(args.retain)}
-    shared = [f.where for f in covariance_facts if pipeline.model_texts(f) in retain_texts]
+    covariance_facts = api.load_facts(args.covariance_facts)
+    retain_texts = {f.texts() for f in api.load_facts(args.retain)}
+    shared = [f.where for f in covariance_facts if f.texts() in retain_texts]
     if shared:
         raise InputError(f"--covariance-facts must be disjoint from --retain (the RetainLP set); both hold "
                          f"{len(shared)} fact(s), e.g. {shared[0]}")
@@ -209,15 +209,17 @@ def ablation_c(ctx) -> tuple[list[dict], dict]:
     s, args, c = ctx["s"], ctx["args"], ctx["coordinate"]
     covariance_facts = covariance_facts_disjoint_from_retain(args)
     tic = time.perf_counter()
-    whitening, info = workflow.retain_whitening(s.backbone, s.tokenizer, covariance_facts, c,
-                                                shrinkage=args.covariance_shrinkage)
+    whitening, info = mem.retain_whitening(s.backbone, s.tokenizer, covariance_facts, c, pad_id=s.pad_id,
+                                           shrinkage=args.covariance_shrinkage)
     info["seconds"] = time.perf_counter() - tic
     info["covariance_facts"] = args.covariance_facts
 
-    def make():
-        record = workflow.build_memory(s.backbone, ctx["forget"], c, alpha=args.alpha, lam=args.lam, q=args.q,
-                                       seed=args.seed, noise_samples=args.noise_samples, whitening=whitening)
-        return mem.attach(s.backbone, record.memory)
+    def make():   # the traced memory's entries, solved with λ̃ C (the whitening M of C) instead of λ̃ I
+        entries = mem.capture(s.backbone, ctx["forget"].batch, c, jax.random.key(args.seed),
+                              noise_samples=args.noise_samples)
+        memory, _ = mem.build(entries.keys, entries.deltas, layer=c.layer, module=c.module, alpha=args.alpha,
+                              lam=args.lam, q=args.q, whitening=whitening)
+        return s.backbone.with_edits(memory)
 
     rows = [ctx["traced_row"]("c", "ridge (λ̃ I)"),
             ctx["scorer"].row("c", "covariance-regularised (λ̃ C)",
@@ -234,7 +236,7 @@ def ablation_d(ctx) -> list[dict]:
     for q in q_sweep(args.q_sweep, n):
         rows.append(ctx["scorer"].row(
             "d", f"q = {q}" + (" (no sparsification)" if q == n else ""), memory_key(c, args.alpha, args.lam, q, n),
-            lambda q=q: mem.attach(s.backbone, mem.with_hyperparameters(ctx["traced"]().memory, q=q)),
+            lambda q=q: s.backbone.with_edits(mem.with_hyperparameters(ctx["traced"]().memory, q=q)),
             coordinate=c.as_dict(), q=q))
     return rows
 
@@ -245,20 +247,20 @@ def ablation_e(ctx) -> tuple[list[dict], dict]:
     traces = {}
     for mode in ("teacher", "propagated"):
         config = tracing.TraceConfig(steps=args.trace_steps, noise_samples=args.noise_samples, mode=mode)
-        traces[mode] = workflow.trace(s.backbone, facts, config, seed=args.seed,
-                                      progress=lambda xs, mode=mode: _common.progress(xs, f"tracing ({mode})", "chunk"))
+        traces[mode] = api.trace(s.backbone, facts, config, seed=args.seed,
+                                 progress=lambda xs, mode=mode: _common.progress(xs, f"tracing ({mode})", "chunk"))
     rows = []
     for mode, label in (("teacher", "teacher-forced TIE coordinate"), ("propagated", "propagated TIE coordinate")):
         where = traces[mode].coordinate
         key = memory_key(where, args.alpha, args.lam, args.q, ctx["forget"].num_facts)
         rows.append(ctx["scorer"].row("e", label, key,
-                                      lambda where=where: mem.attach(s.backbone, ctx["build"](where).memory),
+                                      lambda where=where: s.backbone.with_edits(ctx["build"](where).memory),
                                       coordinate=where.as_dict()))
     info = {mode: {"coordinate": t.coordinate.as_dict(), "best_cell_tie": t.best_cell_tie(),
                    "total_effect": t.total_effect(), "seconds": t.seconds} for mode, t in traces.items()}
     info["tie_map_correlation"] = tie_correlation(traces["teacher"].result.tie, traces["propagated"].result.tie)
     info["same_coordinate"] = traces["teacher"].coordinate == traces["propagated"].coordinate
-    info["trace_facts"] = list(facts.fact_ids)
+    info["trace_facts"] = list(facts.ids)
     return rows, info
 
 
@@ -361,7 +363,7 @@ def main() -> None:
         seconds["trace"] = time.perf_counter() - start
         forget = s.encode(args.forget)
         mem.check_hyperparameters(args.alpha, args.lam, args.q, forget.num_facts)
-        sets = {"forget": workflow.qa_pairs(s.tokenizer, [e.fact for e in forget.encoded], "forget"),
+        sets = {"forget": api.qa_pairs(s.tokenizer, forget.facts, "forget"),
                 "retain": s.pairs(args.retain, "retain")}
         if args.real_authors:
             sets["real_authors"] = s.pairs(args.real_authors, "real_authors")
@@ -371,15 +373,16 @@ def main() -> None:
 
         built = {}
 
-        def build(where: tracing.Coordinate) -> mem.MemoryRecord:
+        spec = api.MemorySpec(alpha=args.alpha, lam=args.lam, q=args.q, noise_samples=args.noise_samples)
+
+        def build(where: api.Coordinate) -> mem.MemoryRecord:
             if where not in built:
-                built[where] = workflow.build_memory(s.backbone, forget, where, alpha=args.alpha, lam=args.lam,
-                                                     q=args.q, seed=args.seed, noise_samples=args.noise_samples)
+                built[where] = api.build_memory(s.backbone, s.tokenizer, forget, where, spec, seed=args.seed)
             return built[where]
 
         def traced_row(ablation: str, variant: str) -> dict:
             return scorer.row(ablation, variant, memory_key(coordinate, args.alpha, args.lam, args.q, forget.num_facts),
-                              lambda: mem.attach(s.backbone, build(coordinate).memory), coordinate=coordinate.as_dict())
+                              lambda: s.backbone.with_edits(build(coordinate).memory), coordinate=coordinate.as_dict())
 
         ctx = {"s": s, "args": args, "coordinate": coordinate, "forget": forget, "scorer": scorer, "build": build,
                "traced": lambda: build(coordinate), "traced_row": traced_row}
@@ -409,7 +412,7 @@ def main() -> None:
                          "lp_seeds": args.lp_seeds, "random_draws": args.random_draws,
                          "covariance_facts": args.covariance_facts, "covariance_shrinkage": args.covariance_shrinkage,
                          "q_sweep": args.q_sweep, "estimator": "mc_elbo"},
-            "coordinate": coordinate_info, "forget_facts": list(forget.fact_ids), "skipped": list(forget.skipped),
+            "coordinate": coordinate_info, "forget_facts": list(forget.ids), "skipped": list(forget.skipped),
             "no_edit": {name: _common.summary(values) for name, values in scorer.base.items()},
             "rows": rows, "details": infos, "distinct_models_scored": len(scorer.cache) + 1, "seconds": seconds,
         })

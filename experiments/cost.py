@@ -7,13 +7,13 @@ strongest converged training baseline on the same model, in the same run, at a s
 Memory, three phases, each inside `resources.Measure` (wall-clock; host peak RSS with the
 high-water mark reset at the phase's start via /proc/self/clear_refs; device peak where the
 backend reports one): trace of --trace-facts to find (ℓ*, m*, k*) (skipped with --coordinate),
-capture of the keys and deltas of the --forget facts (`workflow.capture`), ridge solve
+capture of the keys and deltas of the --forget facts (`memory.capture`), ridge solve
 (`memory.build`). Each phase runs twice on the same inputs: the first call includes
 compilation (`cold`), the second does not (`warm`), the way the training loop's cost excludes
 its ahead-of-time compilation.
 
 Training: `baselines.training.train` on the same forget facts (rows laid out by
-`baselines.suites.encode_rows`, answer scoring) and --retain (whole-window scoring), run to its
+`suites.encode_rows`, answer scoring) and --retain (whole-window scoring), run to its
 convergence rule (plateau of ForgetLP after --min-epochs, or --max-steps). `train` measures its
 loop (steps + convergence checks) with `resources.Measure` and times its ahead-of-time
 compilation and setup separately; `call_seconds` is perf_counter around the whole call.
@@ -51,8 +51,8 @@ import jax
 import numpy as np
 
 from timerome_jax import memory as mem
-from timerome_jax import data, resources, workflow
-from timerome_jax.baselines import suites, training
+from timerome_jax import api, resources, suites
+from timerome_jax.baselines import training
 from timerome_jax.errors import InputError
 
 import _common
@@ -82,16 +82,19 @@ def measured(fn):
     return out, m.as_dict()
 
 
-def rows_of(facts, tokenizer, eos_id: int, max_len: int, score: str) -> suites.Rows:
-    """Training rows of question/answer facts, ids as the facts' (split:line)."""
-    records = []
+def rows_of(facts, tokenizer, eos_id: int, max_len: int, score: str, name: str) -> suites.Rows:
+    """Training rows of question/answer facts (`suites.encode_rows`; errors name the `name`d set's
+    n-th fact), ids as the facts' (split:line)."""
+    records, ids = [], []
     for i, f in enumerate(facts):
         if f.kind != "question" or f.answer is None:
             raise InputError(f"{f.where}: the training baselines need question/answer facts")
         split, _, line = f.where.rpartition(":")
         index = int(line) - 1 if line.isdigit() else i
-        records.append((split or "facts", index, {"question": f.prompt, "answer": f.answer}))
-    return suites.encode_rows(records, tokenizer, eos_id, max_len, score=score)
+        records.append({"question": f.prompt, "answer": f.answer})
+        ids.append(f"{split or 'facts'}:{index + 1}")
+    rows = suites.encode_rows(records, tokenizer, eos_id, max_len, score=score, where=name)
+    return dataclasses.replace(rows, ids=tuple(ids))
 
 
 def changed_parameters(before, after) -> dict:
@@ -108,7 +111,7 @@ def trained_bytes(backbone, config: training.TrainConfig) -> int:
     """Bytes of the parameters a training method updates (every leaf, or RMU's masked layers)."""
     L = backbone.config.n_layers
     leaves = jax.tree.leaves(backbone.params)
-    index, masks = training.trainable_layout(backbone.params, config.objective(L), L)
+    index, masks = training.trainable_layout(backbone, config.objective(L))
     return int(sum((leaves[i].size if m is None else leaves[i].size // L * int(sum(m))) * leaves[i].dtype.itemsize
                    for i, m in zip(index, masks)))
 
@@ -250,10 +253,10 @@ def main() -> None:
         if eos is None:
             raise InputError("the tokenizer and the model config name no end-of-text token")
         forget = s.encode(args.forget)
-        forget_facts = [e.fact for e in forget.encoded]
-        retain_facts = data.load_facts(args.retain)
-        forget_rows = rows_of(forget_facts, s.tokenizer, int(eos), bb.config.max_seq_len, "answer")
-        retain_rows = rows_of(retain_facts, s.tokenizer, int(eos), bb.config.max_seq_len, "window")
+        forget_facts = list(forget.facts)
+        retain_facts = api.load_facts(args.retain)
+        forget_rows = rows_of(forget_facts, s.tokenizer, int(eos), bb.config.max_seq_len, "answer", "forget")
+        retain_rows = rows_of(retain_facts, s.tokenizer, int(eos), bb.config.max_seq_len, "window", "retain")
 
         # --- the memory, phase by phase (cold: with compilation; warm: the same call again)
         phases = {"trace": None}
@@ -266,7 +269,7 @@ def main() -> None:
         key = jax.random.key(args.seed)
         phases["capture"], phases["solve"] = {}, {}
         for kind in ("cold", "warm"):
-            (keys, deltas, _), phases["capture"][kind] = measured(lambda: workflow.capture(
+            (keys, deltas, _), phases["capture"][kind] = measured(lambda: mem.capture(
                 bb, forget.batch, coordinate, key, noise_samples=args.noise_samples, facts_per_chunk=8))
         for kind in ("cold", "warm"):
             (memory, key_scale), phases["solve"][kind] = measured(lambda: mem.build(
@@ -275,7 +278,7 @@ def main() -> None:
         seconds = {kind: sum(ph[kind]["seconds"] for ph in phases.values() if ph) for kind in ("cold", "warm")}
 
         # --- quality of every model on the same pairs and masks
-        sets = {"forget": workflow.qa_pairs(s.tokenizer, forget_facts, "forget"), "retain": s.pairs(args.retain, "retain")}
+        sets = {"forget": api.qa_pairs(s.tokenizer, forget_facts, "forget"), "retain": s.pairs(args.retain, "retain")}
         if args.real_authors:
             sets["real_authors"] = s.pairs(args.real_authors, "real")
         pairs, columns = [], {}
@@ -283,7 +286,7 @@ def main() -> None:
             columns[name] = np.arange(len(pairs), len(pairs) + len(items))
             pairs += items
         base = s.lp(bb, pairs)
-        memory_quality = quality(s.lp(mem.attach(bb, memory), pairs), base, columns)
+        memory_quality = quality(s.lp(bb.with_edits(memory), pairs), base, columns)
 
         # --- the training baselines, to convergence
         runs = {}

@@ -3,7 +3,7 @@
     python experiments/embedded_lp.py [--models tofu-tiny,tofu-tiny-retain] [--quick] --out runs/embedded_lp
 
 For every model and set (default forget01 and retain90[:40]): the MC-ELBO answer log-probability
-(nats per answer; `workflow.answer_lp`, --mc-samples masked copies, seeds 0..--lp-seeds-1, the
+(nats per answer; `likelihood.score_pairs`, --mc-samples masked copies, seeds 0..--lp-seeds-1, the
 masks depend on (seed, pair) only, so both models see the same masks), mean over pairs per seed,
 mean and bootstrap 95 % CI over seeds; plus the greedy ROUGE-L recall recorded by the training run
 (`training.json` -> `final`), when the model directory has one. Writes results.json, results.md.
@@ -17,8 +17,8 @@ import json
 import numpy as np
 
 import ports
-from timerome_jax import data, workflow
-from timerome_jax.tokenization import backbone_tokenizer, pad_token_id
+from timerome_jax import api
+from timerome_jax.tokenization import pad_token_id
 
 import _common
 import _quick
@@ -41,15 +41,15 @@ def main() -> None:
         rows, rouge = [], {}
         for name in _common.progress(models, "models", "model"):
             backbone = ports.load_pretrained(name)
-            tokenizer = backbone_tokenizer(backbone)
+            tokenizer = api.tokenizer(backbone)
             pad = pad_token_id(tokenizer, backbone)
             training = ports.resolve_model_path(name) / "training.json"
             final = (json.loads(training.read_text()).get("final_eval") or {}) if training.is_file() else {}
             rouge[name] = final.get("rougeL_recall")
             for spec in sets:
-                pairs = workflow.qa_pairs(tokenizer, data.load_facts(spec), spec)
-                lp = workflow.answer_lp(backbone, pairs, seeds=range(args.lp_seeds), pad_id=pad,
-                                        mc_samples=args.mc_samples)
+                pairs = api.qa_pairs(tokenizer, api.load_facts(spec), spec)
+                lp = api.score_pairs(backbone, pairs, list(range(args.lp_seeds)), pad_id=pad,
+                                     mc_samples=args.mc_samples)
                 rows.append({"model": name, "fingerprint": backbone.fingerprint(), "set": spec,
                              "pairs": len(pairs), "answer_lp": _common.summary(lp),
                              "mean_answer_tokens": float(np.mean([len(q.answer_ids) for q in pairs]))})

@@ -1,5 +1,5 @@
 """The paper's table on TOFU forget01: no edit, every baseline and TimeROME, scored by the code of
-`timerome eval` (`metrics.evaluate_suite`), with 95 % bootstrap CIs over seeds and the measured
+`timerome eval` (`evaluate.evaluate_suite`), with 95 % bootstrap CIs over seeds and the measured
 cost of each method.
 
     python experiments/forget_table.py [--model tofu-tiny] [--operating-points runs/pareto/results.json]
@@ -12,7 +12,7 @@ Rows (`--methods`, default all; "no edit" always):
 * steer, caa, random_memory: `baselines.inference.build_inference_baseline` at the traced
   coordinate, with the α (and, for random_memory, λ and q) of the TimeROME point named by
   --baseline-point (default utility_safe; the flags' point without --operating-points).
-* TimeROME: the edit memory of `workflow.build_memory` over the forget facts at the traced
+* TimeROME: the edit memory of `api.build_memory` over the forget facts at the traced
   coordinate, at the "utility-safe" and "max-forget" operating points read from
   `--operating-points` (results.json of experiments/pareto.py: `operating_points.utility_safe` /
   `.max_forget`, each with alpha, lam, q and optionally covariance), else one row at --alpha /
@@ -21,7 +21,7 @@ Rows (`--methods`, default all; "no edit" always):
 The coordinate is traced once (--trace-facts, as `timerome demo`) and shared by the inference
 baselines and TimeROME; its cost is reported once (`trace`), not inside their rows.
 
-Every row is evaluated by `metrics.evaluate_suite` (seeds 0..--seeds-1 fix the MC-ELBO masks, so
+Every row is evaluated by `evaluate.evaluate_suite` (seeds 0..--seeds-1 fix the MC-ELBO masks, so
 all rows are scored on the same masks; the retain twin `tofu-tiny-retain` is the forget-quality
 reference for tofu-tiny, as `timerome eval` resolves it): ForgetLP, RetainLP, RealAuthorLP,
 forget quality, model utility, truth ratio, ROUGE-L, paraphrase and relearn LPs, each as mean and
@@ -58,11 +58,9 @@ from pathlib import Path
 
 import numpy as np
 
-from timerome_jax import data, metrics, resources, sampler, workflow
+from timerome_jax import api, evaluate, metrics, resources, sampler, suites
 from timerome_jax import memory as mem
-from timerome_jax.baselines import inference, suites, training
-from timerome_jax.commands.eval import load_reference
-from timerome_jax.commands.edit import parse_capture_steps
+from timerome_jax.baselines import inference, training
 from timerome_jax.errors import InputError
 
 import _common
@@ -84,7 +82,7 @@ DEFAULTS = dict(seeds=3, mc_samples=8, limit=8, num_forget=None, num_retain=40, 
 
 def add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     """Evaluation, trace and memory options (None = the --quick or default value)."""
-    e = p.add_argument_group("evaluation (metrics.evaluate_suite, as timerome eval)")
+    e = p.add_argument_group("evaluation (evaluate.evaluate_suite, as timerome eval)")
     e.add_argument("--seeds", type=int, default=None, help="MC seeds 0..N-1 (CIs over seeds; default 3)")
     e.add_argument("--mc-samples", type=int, default=None, help="MC-ELBO copies per QA pair (default 8)")
     e.add_argument("--limit", type=int, default=None,
@@ -143,7 +141,7 @@ def check_evaluation_arguments(args: argparse.Namespace) -> None:
 class Point:
     """One TimeROME configuration: row name, α, λ, q (None = n), covariance facts (None = plain
     ridge), where it came from, and optionally a gate (rate r calibrated on `gate_facts`,
-    `workflow.retain_gate`), the capture steps ('all' or steps; None = k*) and the key positions
+    `memory.retain_gate`), the capture steps ('all' or steps; None = k*) and the key positions
     ('last' subject token or every 'subject' token)."""
 
     name: str
@@ -200,7 +198,7 @@ def operating_points(args: argparse.Namespace, which=tuple(POINTS)) -> list[Poin
                              None if gate_rate is None else float(gate_rate), point.get("gate_facts"),
                              None if steps is None else (steps if isinstance(steps, str)
                                                          else ",".join(str(int(k)) for k in steps)),
-                             mem.check_key_positions(point.get("key_positions", "last")),
+                             api.MemorySpec(key_positions=point.get("key_positions", "last")).key_positions,
                              None if point.get("sampler_capture") is None
                              else mem.SamplerCapture(**point["sampler_capture"])))
         except (TypeError, ValueError) as e:
@@ -212,35 +210,31 @@ def build_timerome(backbone, tokenizer, facts, coordinate, point: Point, args, *
     """(edited backbone, MemoryRecord, cost dict): the memory of `point` over `facts`, measured
     after a compiling first build (`measured`), or once, compilation included (warm_up=False)."""
 
-    def build():
-        whitening, info = None, None
-        if point.covariance:
-            whitening, info = workflow.retain_whitening(backbone, tokenizer, data.load_facts(point.covariance),
-                                                        coordinate)
-        steps = parse_capture_steps(point.capture_steps, coordinate) if point.capture_steps else None
-        record = workflow.build_memory(backbone, facts, coordinate, alpha=point.alpha, lam=point.lam, q=point.q,
-                                       seed=args.seed, noise_samples=args.noise_samples, whitening=whitening,
-                                       capture_steps=steps, key_positions=point.key_positions,
-                                       sampler_capture=point.sampler_capture)
-        gate = None
-        if point.gate_rate:
-            if not point.gate_facts:
-                raise InputError(f"{point.name}: a gate rate needs gate facts to calibrate on")
-            tau, gate = workflow.retain_gate(backbone, tokenizer, data.load_facts(point.gate_facts), record.memory,
-                                             rate=point.gate_rate)
-            record = record.with_memory(mem.with_gate(record.memory, tau))
-        return record, (info, gate)
+    if point.gate_rate and not point.gate_facts:
+        raise InputError(f"{point.name}: a gate rate needs gate facts to calibrate on")
+    spec = api.MemorySpec(alpha=point.alpha, lam=point.lam, q=point.q, capture_steps=point.capture_steps,
+                          key_positions=point.key_positions, sampler=point.sampler_capture,
+                          gate_rate=point.gate_rate or None, noise_samples=args.noise_samples)
 
-    (record, (info, gate)), cost = measured(build, warm_up=warm_up)
-    return mem.attach(backbone, record.memory), record, {**cost, "covariance": info, "gate": gate}
+    def build():
+        details = {"covariance": None, "gate": None}
+        record = api.build_memory(
+            backbone, tokenizer, facts, coordinate, spec, seed=args.seed,
+            gate_facts=api.load_facts(point.gate_facts) if spec.gate_rate else None,
+            covariance_facts=api.load_facts(point.covariance) if point.covariance else None,
+            report=details.__setitem__)
+        return record, details
+
+    (record, details), cost = measured(build, warm_up=warm_up)
+    return backbone.with_edits(record.memory), record, {**cost, **details}
 
 
 # --- evaluation ----------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class Evaluator:
-    """`metrics.evaluate_suite` with this run's settings and the forget-quality reference, resolved
-    as `timerome eval` resolves it (`commands.eval.load_reference`)."""
+    """`evaluate.evaluate_suite` with this run's settings and the forget-quality reference, resolved
+    as `timerome eval` resolves it (`evaluate.load_reference`)."""
 
     args: argparse.Namespace
     tokenizer: object
@@ -251,16 +245,16 @@ class Evaluator:
 
     @classmethod
     def for_model(cls, args: argparse.Namespace, model: str, tokenizer) -> "Evaluator":
-        reference, ref_tokenizer, name, reason = load_reference(args.reference, model, tokenizer)
+        reference, ref_tokenizer, name, reason = evaluate.load_reference(args.reference, model, tokenizer)
         return cls(args, tokenizer, reference, ref_tokenizer, name, reason)
 
     def __call__(self, backbone, suite, desc: str, limit=None) -> dict:
         a = self.args
-        return metrics.evaluate_suite(
+        return evaluate.evaluate_suite(
             backbone, self.tokenizer, suite, seeds=range(a.seeds), mc_samples=a.mc_samples,
             reference=self.reference, reference_tokenizer=self.reference_tokenizer,
             reference_name=self.reference_name, no_reference_reason=self.reason, limit=limit,
-            generation=metrics.GenerationConfig(a.gen_length, a.gen_steps, a.block_length),
+            generation=evaluate.GenerationConfig(a.gen_length, a.gen_steps, a.block_length),
             progress=lambda calls: _common.progress(calls, f"eval {desc}", "call"))
 
 
@@ -324,9 +318,13 @@ def run_training(s: _common.Setup, method: str, args: argparse.Namespace):
         raise InputError("the tokenizer and the model config name no end-of-text token")
     config = train_config(args, method)
     with resources.Measure() as outer:
-        suite = suites.load_suite(args.suite, s.tokenizer, int(eos), s.backbone.config.max_seq_len,
-                                  num_retain=args.num_retain, num_forget=args.num_forget)
-        result = training.train(s.backbone, suite.forget, suite.retain, config)
+        suite = suites.load_suite(args.suite, num_retain=args.num_retain)
+        rows = dict(tokenizer=s.tokenizer, eos_id=int(eos), max_len=s.backbone.config.max_seq_len)
+        # row ids name the plain splits (forgetXX, retain90), whose QA pairs these are
+        forget = suites.encode_rows(suite.forget[:args.num_forget] if args.num_forget else suite.forget,
+                                    score="answer", where=suites.SUITES[args.suite].removesuffix("_perturbed"), **rows)
+        retain = suites.encode_rows(suite.retain, score="window", where="retain90", **rows)
+        result = training.train(s.backbone, forget, retain, config)
     stats = result.stats
     keep = ("steps", "epochs", "stop_reason", "converged", "compile_seconds", "setup_seconds", "train_seconds",
             "eval_seconds", "seconds_per_step", "forget_lp_initial", "forget_lp_final", "trained_parameters")
@@ -355,7 +353,7 @@ def measured(build, *, warm_up: bool = True):
 def run_inference(s: _common.Setup, method: str, facts, coordinate, point: Point, args: argparse.Namespace):
     """(steered / edited backbone, cost, settings) of one inference-time baseline."""
     baseline, cost = measured(lambda: inference.build_inference_baseline(
-        method, s.backbone, facts.batch, facts.fact_ids, coordinate, seed=args.seed, alpha=point.alpha,
+        method, s.backbone, facts, coordinate, seed=args.seed, alpha=point.alpha,
         lam=point.lam, q=point.q, steps=args.trace_steps, noise_samples=args.noise_samples))
     settings = {"coordinate": baseline.coordinate.as_dict(), "traced_coordinate": coordinate.as_dict(),
                 "alpha": point.alpha, "hyperparameters_from": point.name, **baseline.settings}
@@ -475,9 +473,8 @@ def run(args: argparse.Namespace, command: str) -> dict:
 
     s = _common.setup(args)
     evaluate = Evaluator.for_model(args, args.model, s.tokenizer)
-    suite = metrics.load_suite(args.suite, num_retain=args.num_retain, limit=args.limit)
-    split = suites.SUITES[args.suite]
-    facts = s.encode(suites.SUBJECT_SPLITS.get(split, split))  # forget01: its explicit subjects
+    suite = suites.load_suite(args.suite, num_retain=args.num_retain, limit=args.limit)
+    facts = api.encode(s.backbone, s.tokenizer, suites.forget_facts(args.suite))  # forget01: its explicit subjects
     if args.num_forget:
         facts = facts.take(range(min(args.num_forget, facts.num_facts)))
     for point in points:
@@ -530,7 +527,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
                                "noise_samples": args.noise_samples},
                      "inference_baselines_use": baseline_point.name, "inference_baselines_alpha": baseline_point.alpha,
                      "eval_config": base["config"]},
-        "facts": {"edited": list(facts.fact_ids), "skipped": list(facts.skipped)},
+        "facts": {"edited": list(facts.ids), "skipped": list(facts.skipped)},
         "coordinate": None if coordinate is None else coordinate.as_dict(),
         "trace": trace,
         "operating_points": [dataclasses.asdict(p) for p in points],

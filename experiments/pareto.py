@@ -40,8 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from timerome_jax import api
 from timerome_jax import memory as mem
-from timerome_jax import workflow
 from timerome_jax.errors import InputError
 
 import _common
@@ -245,10 +245,11 @@ def main() -> None:
         forget = s.encode(args.forget)
         qs = q_values(args.q_values, forget.num_facts)
         tic = time.perf_counter()
-        record = workflow.build_memory(s.backbone, forget, coordinate, alpha=1.0, lam=args.lam, seed=args.seed,
-                                       noise_samples=args.noise_samples)
+        record = api.build_memory(s.backbone, s.tokenizer, forget, coordinate,
+                                  api.MemorySpec(alpha=1.0, lam=args.lam, noise_samples=args.noise_samples),
+                                  seed=args.seed)
         seconds["build_memory"] = time.perf_counter() - tic
-        sets = {"forget": workflow.qa_pairs(s.tokenizer, [e.fact for e in forget.encoded], "forget"),
+        sets = {"forget": api.qa_pairs(s.tokenizer, forget.facts, "forget"),
                 "retain": s.pairs(args.retain, "retain")}
         if args.real_authors:
             sets["real_authors"] = s.pairs(args.real_authors, "real_authors")
@@ -259,7 +260,7 @@ def main() -> None:
         points = []
         for alpha, q in _common.progress(grid, "scoring (α, q)", "point"):
             edited = base if alpha == 0 else scores(
-                s, mem.attach(s.backbone, mem.with_hyperparameters(record.memory, alpha=alpha, q=q)), sets)
+                s, s.backbone.with_edits(mem.with_hyperparameters(record.memory, alpha=alpha, q=q)), sets)
             points.append({"alpha": alpha, "q": q, "n_facts": forget.num_facts, "rescored": alpha != 0,
                            **_common.lp_changes(base, edited)})
         seconds["scoring"] = time.perf_counter() - tic
@@ -290,7 +291,7 @@ def main() -> None:
                          "noise_samples": args.noise_samples, "mc_samples": args.mc_samples,
                          "lp_seeds": args.lp_seeds, "retain_tolerance": args.retain_tolerance,
                          "estimator": "mc_elbo"},
-            "coordinate": coordinate_info, "forget_facts": list(forget.fact_ids), "skipped": list(forget.skipped),
+            "coordinate": coordinate_info, "forget_facts": list(forget.ids), "skipped": list(forget.skipped),
             "no_edit": {name: _common.summary(values) for name, values in base.items()},
             "points": points, "frontier": front.tolist(), "operating_points": operating,
             "baselines": baselines, "baselines_file": args.baselines, "baselines_note": note,

@@ -8,7 +8,7 @@ then retain90[40:160]: the embedded tofu-tiny was trained on forget01 + retain90
 retain90[:40] is the RetainLP set, so it is kept out) followed by --unknown (default
 forget10[:360], the forget10 authors other than forget01's, which the model never saw). TOFU
 questions carry no subject field; subjects are found per 20-question author block
-(`pipeline.resolve_subjects`) and facts whose question does not name its author are skipped
+(`facts.resolve_subjects`) and facts whose question does not name its author are skipped
 and counted (`facts` in results.json; with the defaults 7 of retain90[40:160] and 21 of
 forget10[:360], so 153 known facts remain, not 160). The size `known` means "every known fact".
 Sizes beyond the known facts measure build time only and are marked "quality not measured:
@@ -16,9 +16,9 @@ facts unknown to the model" (the model was never trained on them, so there is no
 forget).
 
 Per size n:
-* build time, in two phases timed separately with `workflow.timed` (perf_counter around a call
+* build time, in two phases timed separately with `_common.timed` (perf_counter around a call
   whose arrays are ready): capture of keys and deltas at the traced coordinate
-  (`workflow.capture`, chunks of --facts-per-chunk facts) and the ridge solve (`memory.build`).
+  (`memory.capture`, chunks of --facts-per-chunk facts) and the ridge solve (`memory.build`).
   Compilation is excluded: each phase is called twice on the same facts and the second call is
   timed; the first calls (compilation + run) are reported as `*_first_call`;
 * quality (known facts only): ForgetLP drop = LP(no edit) − LP(edit) over the n facts, and
@@ -46,8 +46,8 @@ import time
 import jax
 import numpy as np
 
+from timerome_jax import api
 from timerome_jax import memory as mem
-from timerome_jax import pipeline, workflow
 from timerome_jax.errors import InputError
 
 import _common
@@ -79,12 +79,14 @@ def parse_sizes(text: str, num_known: int, num_pool: int) -> list[int]:
     return sorted(set(sizes))
 
 
-def concatenate(parts: list[workflow.EncodedFacts], pad_id: int) -> workflow.EncodedFacts:
+def concatenate(parts: list[api.Facts], pad_id: int) -> api.Facts:
     """Encoded fact sets, one after the other, as one set (each encoded on its own, so TOFU's
     per-author subject blocks are found within each selection)."""
-    encoded = tuple(e for part in parts for e in part.encoded)
-    return workflow.EncodedFacts(pipeline.trace_batch(encoded, pad_id), encoded, tuple(e.fact.where for e in encoded),
-                                 tuple(w for part in parts for w in part.skipped), pad_id)
+    def joined(field: str) -> tuple:
+        return tuple(x for part in parts for x in getattr(part, field))
+
+    return api.Facts(joined("facts"), joined("subjects"), joined("prompts"), joined("answers"), joined("spans"),
+                     pad_id, joined("skipped"))
 
 
 def loglog_slope(n, seconds) -> float | None:
@@ -180,7 +182,7 @@ def main() -> None:
         sizes = parse_sizes(args.sizes, known.num_facts, pool.num_facts)
         retain_pairs = s.pairs(args.retain, "retain")
         retain_questions = {pair.prompt_ids for pair in retain_pairs}
-        forget_pairs = workflow.qa_pairs(s.tokenizer, [e.fact for e in pool.encoded], "forget")
+        forget_pairs = api.qa_pairs(s.tokenizer, pool.facts, "forget")
         if any(pair.prompt_ids in retain_questions for pair in forget_pairs):
             raise InputError("--retain shares questions with --forget/--unknown: the RetainLP set must be disjoint")
         if args.q is not None and args.q < 1:
@@ -200,25 +202,25 @@ def main() -> None:
             facts = pool.take(range(n))
             # the first call compiles the capture kernel and the eager ops around it (σ, chunk gathers: about
             # 1 s of compilation per new batch shape, which would fake a sub-linear slope at small n)
-            _, capture_first = workflow.timed(workflow.capture, s.backbone, facts.batch, coordinate, key, **capture)
-            (keys, deltas, _), capture_seconds = workflow.timed(workflow.capture, s.backbone, facts.batch, coordinate,
-                                                             key, **capture)
+            _, capture_first = _common.timed(mem.capture, s.backbone, facts.batch, coordinate, key, **capture)
+            (keys, deltas, _), capture_seconds = _common.timed(mem.capture, s.backbone, facts.batch, coordinate,
+                                                            key, **capture)
 
             def build():
                 return mem.build(keys, deltas, layer=coordinate.layer, module=coordinate.module, alpha=args.alpha,
                                  lam=args.lam, q=None if args.q is None else min(args.q, n))
 
-            _, solve_first = workflow.timed(build)
-            (memory, key_scale), solve_seconds = workflow.timed(build)
+            _, solve_first = _common.timed(build)
+            (memory, key_scale), solve_seconds = _common.timed(build)
             row = {"n": n, "known_facts": min(n, known.num_facts), "capacity": memory.capacity,
-                   "key_scale": key_scale, "fact_ids": list(facts.fact_ids),
+                   "key_scale": key_scale, "fact_ids": list(facts.ids),
                    "seconds": {"capture": capture_seconds, "solve": solve_seconds,
                                "build": capture_seconds + solve_seconds,
                                "capture_first_call": capture_first, "solve_first_call": solve_first},
                    "quality": None, "quality_note": None}
             if n <= known.num_facts:
                 t = time.perf_counter()
-                edited = s.lp(mem.attach(s.backbone, memory), forget_pairs[:n] + retain_pairs + sum(extra.values(), []))
+                edited = s.lp(s.backbone.with_edits(memory), forget_pairs[:n] + retain_pairs + sum(extra.values(), []))
                 f, r = slice(0, n), slice(n, n + len(retain_pairs))
                 b_r = slice(top, top + len(retain_pairs))
                 quality = {"forget_lp": _common.summary(edited[:, f]), "forget_lp_no_edit": _common.summary(base[:, f]),

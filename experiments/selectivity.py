@@ -7,13 +7,13 @@ set 0.6–0.9 nats per nat of forget drop at every α (docs/RESULTS.md). Two cau
 (1) the key of a fact at its last subject token moves as the answer is revealed (bidirectional
 attention), so the key stored at step k* no longer matches the fact's own forwards later in
 denoising; (2) the ridge read-out c(x) = G⁻¹Kᵀx responds to every token, retain ones included.
-The variants address them one at a time (`workflow.build_memory`, `memory.with_gate`):
+The variants address them one at a time (`api.build_memory`, `memory.with_gate`):
 
 * paper: one key per fact at k* (DESIGN §3), applied at every token.
 * multistep: one key and delta per fact at each step in --capture-steps of the K-step trajectory.
 * gated: the paper's keys, term added only where the token's key has cosine ≥ τ with its nearest
   stored key; τ = the (1 − r) quantile over the tokens of --gate-facts (retain facts disjoint from
-  the scored --retain set), so a fraction r of retain tokens is still edited (`workflow.retain_gate`).
+  the scored --retain set), so a fraction r of retain tokens is still edited (`memory.retain_gate`).
 * multistep+gated: both.
 * subject+gated, multistep+subject+gated: one entry per subject token instead of the last one.
 * multistep+subject+sampler+gated: also entries in the unedited greedy sampler's states before
@@ -44,9 +44,8 @@ import time
 
 import numpy as np
 
-from timerome_jax import data, metrics, workflow
+from timerome_jax import api, evaluate, metrics
 from timerome_jax import memory as mem
-from timerome_jax.commands.edit import parse_capture_steps, parse_coordinate
 from timerome_jax.errors import InputError
 
 import _common
@@ -77,7 +76,7 @@ REPRODUCED = 0.9
 def rouge_scores(s: _common.Setup, backbone, facts, args) -> np.ndarray:
     """ROUGE-L recall of each greedy answer against its reference [len(facts)]."""
     prompts = [p.prompt_ids for p in facts]
-    answers = metrics.generate_answers(backbone, s.tokenizer, prompts, gen_length=args.gen_length,
+    answers = evaluate.generate_answers(backbone, s.tokenizer, prompts, gen_length=args.gen_length,
                                        steps=args.gen_steps, block_length=args.block_length, batch_size=64,
                                        pad_id=s.pad_id)
     references = [s.tokenizer.decode(list(p.answer_ids)) for p in facts]
@@ -101,25 +100,25 @@ def parse_variants(text: str) -> list[str]:
 
 
 def build_variants(s: _common.Setup, forget, coordinate, args) -> dict[str, tuple[mem.MemoryRecord, dict]]:
-    steps = parse_capture_steps(args.capture_steps, coordinate)
-    gate_facts = data.load_facts(args.gate_facts)
+    steps = api.MemorySpec(capture_steps=args.capture_steps).steps_for(coordinate)
+    gate_facts = api.load_facts(args.gate_facts)
     out = {}
     for variant in args.variant_list:
         tic = time.perf_counter()
         multi = variant.startswith("multistep")
-        whitening = None
-        if variant.startswith("covariance"):
-            whitening, _ = workflow.retain_whitening(s.backbone, s.tokenizer, gate_facts, coordinate)
-        record = workflow.build_memory(s.backbone, forget, coordinate, alpha=1.0, lam=args.lam, seed=args.seed,
-                                       noise_samples=args.noise_samples, whitening=whitening,
-                                       capture_steps=steps if multi else None,
-                                       key_positions=key_positions(variant), sampler_capture=sampler_capture(variant, args))
+        covariance = variant.startswith("covariance")
+        # the memory ungated; the gate is calibrated below, so that its calibration details are kept
+        spec = api.MemorySpec(alpha=1.0, lam=args.lam, noise_samples=args.noise_samples,
+                              capture_steps=steps if multi else None, key_positions=key_positions(variant),
+                              sampler=sampler_capture(variant, args))
+        record = api.build_memory(s.backbone, s.tokenizer, forget, coordinate, spec, seed=args.seed,
+                                  covariance_facts=gate_facts if covariance else None)
         info = {"capture_steps": list(record.capture_steps), "key_positions": record.key_positions,
-                "entries": record.memory.size, "covariance": whitening is not None,
+                "entries": record.memory.size, "covariance": covariance,
                 "sampler_capture": None if record.sampler_capture is None else record.sampler_capture.as_dict()}
         if variant.endswith("gated"):
-            gate, gate_info = workflow.retain_gate(s.backbone, s.tokenizer, gate_facts, record.memory,
-                                                   rate=args.gate_rate)
+            gate, gate_info = mem.retain_gate(s.backbone, s.tokenizer, gate_facts, record.memory, pad_id=s.pad_id,
+                                              rate=args.gate_rate)
             record = record.with_memory(mem.with_gate(record.memory, gate))
             info["gate"] = gate_info
         info["build_seconds"] = time.perf_counter() - tic
@@ -246,10 +245,10 @@ def main() -> None:
             raise InputError(f"--retain-tolerance must be >= 0, got {args.retain_tolerance}")
         s = _common.setup(args)
         traced, coordinate_info = _common.coordinate(s)
-        coordinates = [traced] + [parse_coordinate(c, s.backbone.config.n_layers, args.trace_steps)
+        coordinates = [traced] + [api.Coordinate.parse(c, s.backbone.config.n_layers, args.trace_steps)
                                   for c in args.extra_coordinates.split(";") if c.strip()]
         forget = s.encode(args.forget)
-        sets = {"forget": workflow.qa_pairs(s.tokenizer, [e.fact for e in forget.encoded], "forget"),
+        sets = {"forget": api.qa_pairs(s.tokenizer, forget.facts, "forget"),
                 "retain": s.pairs(args.retain, "retain")}
         base = {name: s.lp(s.backbone, pairs) for name, pairs in sets.items()}
         no_edit = {**generation(s, s.backbone, sets, args),
@@ -263,7 +262,7 @@ def main() -> None:
                 curve = []
                 for alpha in _common.progress(alphas, f"{label} {variant}", "α"):
                     edited_memory = mem.with_hyperparameters(record.memory, alpha=alpha)
-                    edited = {name: s.lp(mem.attach(s.backbone, edited_memory), pairs) for name, pairs in sets.items()}
+                    edited = {name: s.lp(s.backbone.with_edits(edited_memory), pairs) for name, pairs in sets.items()}
                     row = {"coordinate": coordinate.as_dict(), "coordinate_label": label, "variant": variant,
                            "alpha": alpha, **_common.lp_changes(base, edited)}
                     rows.append(row)
@@ -272,14 +271,14 @@ def main() -> None:
                 best = max(within, key=lambda r: r["forget_drop"]["mean"], default=None)
                 point = {"coordinate_label": label, "variant": variant, "alpha": None}
                 if best is not None:
-                    edited = mem.attach(s.backbone, mem.with_hyperparameters(record.memory, alpha=best["alpha"]))
+                    edited = s.backbone.with_edits(mem.with_hyperparameters(record.memory, alpha=best["alpha"]))
                     point = {**point, "alpha": best["alpha"], "forget_drop": best["forget_drop"],
                              "retain_change": best["retain_change"], **generation(s, edited, sets, args)}
                 safe_points.append(point)
         payload = {
             "experiment": "selectivity (memory variants)", "command": _common.command_line(),
             "model": args.model, "fingerprint": s.backbone.fingerprint(), "quick": args.quick, "seed": args.seed,
-            "num_forget": forget.num_facts, "forget_facts": list(forget.fact_ids), "skipped": list(forget.skipped),
+            "num_forget": forget.num_facts, "forget_facts": list(forget.ids), "skipped": list(forget.skipped),
             "settings": {"alphas": alphas, "lam": args.lam, "retain": args.retain, "gate_facts": args.gate_facts,
                          "gate_rate": args.gate_rate, "capture_steps": args.capture_steps, "variants": args.variant_list,
                          "sampler_steps": args.sampler_steps,

@@ -7,7 +7,7 @@ RealAuthorLP are measured against the unedited model.
 
 What it does. The coordinate (ℓ*, m*, k*) is traced once on --trace-facts (or given with
 --coordinate); the keys and deltas of every --forget fact are captured once at it
-(`workflow.capture`, seed --seed). The memory is then grown on the sequential path:
+(`memory.capture`, seed --seed). The memory is then grown on the sequential path:
 `memory.build` of the first fact, then `memory.insert` of each next fact in file order (one
 Schur-complement update each, never a rebuild). λ̃ = λ · ‖k_1‖² is fixed by that first build (a
 sequential memory knows no later keys); `key_scale_all_facts` records mean ‖k‖² over every fact
@@ -43,7 +43,7 @@ The memory variants of `experiments/selectivity.py` (docs/memory.md) are options
 --capture-steps ('all' or '0,3,7': a fact's entries at several steps), --key-positions subject
 (an entry per subject token) and --gate-rate R (with --gate-facts, default retain90[40:160]). A
 fact's entries are inserted together. A gated memory's τ is re-calibrated on --gate-facts after
-each measured insertion (`workflow.retain_gate`, ~3 s), as a user would after appending; the
+each measured insertion (`memory.retain_gate`, ~3 s), as a user would after appending; the
 scores at that step use it.
 
 Writes sequential.png (ForgetLP / RetainLP / RealAuthorLP vs inserted facts), results.json,
@@ -58,9 +58,8 @@ import time
 import jax
 import numpy as np
 
+from timerome_jax import api
 from timerome_jax import memory as mem
-from timerome_jax import data, workflow
-from timerome_jax.commands.edit import parse_capture_steps
 from timerome_jax.errors import InputError
 
 import _common
@@ -204,16 +203,16 @@ def main() -> None:
         forget = s.encode(args.forget)
         N = forget.num_facts
         t0 = time.perf_counter()
-        capture_steps = parse_capture_steps(args.capture_steps, coordinate)
-        keys, deltas, rows = workflow.capture_at_steps(s.backbone, forget.batch, coordinate, capture_steps,
-                                                       jax.random.key(args.seed), noise_samples=args.noise_samples,
-                                                       facts_per_chunk=8, positions=args.key_positions)
+        capture_steps = api.MemorySpec(capture_steps=args.capture_steps).steps_for(coordinate)
+        keys, deltas, rows = mem.capture(s.backbone, forget.batch, coordinate, jax.random.key(args.seed),
+                                         steps=capture_steps, positions=args.key_positions,
+                                         noise_samples=args.noise_samples, facts_per_chunk=8)
         entries_of_fact = [np.flatnonzero(rows == f) for f in range(N)]   # contiguous: fact-major
-        gate_facts = data.load_facts(args.gate_facts) if args.gate_rate is not None else None
+        gate_facts = api.load_facts(args.gate_facts) if args.gate_rate is not None else None
         capture_seconds = time.perf_counter() - t0
 
         # every scored pair in one list, so each scoring pass fills its calls across the sets
-        sets = {"forget": workflow.qa_pairs(s.tokenizer, [e.fact for e in forget.encoded], "forget"),
+        sets = {"forget": api.qa_pairs(s.tokenizer, forget.facts, "forget"),
                 "retain": s.pairs(args.retain, "retain")}
         if args.real_authors:
             sets["real_authors"] = s.pairs(args.real_authors, "real")
@@ -241,20 +240,21 @@ def main() -> None:
         for n in _common.progress(range(1, N + 1), "inserting", "fact"):
             if n > 1:
                 new = entries_of_fact[n - 1]
-                memory, seconds = workflow.timed(mem.insert, memory, keys[new], deltas[new])
+                memory, seconds = _common.timed(mem.insert, memory, keys[new], deltas[new])
                 insert_seconds.append(seconds)
             if n not in want:
                 continue
             gated, gate_info = memory, None
             if gate_facts is not None:
-                tau, gate_info = workflow.retain_gate(s.backbone, s.tokenizer, gate_facts, memory, rate=args.gate_rate)
+                tau, gate_info = mem.retain_gate(s.backbone, s.tokenizer, gate_facts, memory, pad_id=s.pad_id,
+                                                 rate=args.gate_rate)
                 gated = mem.with_gate(memory, tau)
             row = {"inserted": n, "entries": memory.size, "capacity": memory.capacity, "alphas": {},
                    "gate": gate_info}
             for alpha in alphas:
                 view = mem.with_hyperparameters(gated, alpha=alpha,
                                                 q=None if args.q is None else min(args.q, memory.size))
-                lp = score(mem.attach(s.backbone, view))
+                lp = score(s.backbone.with_edits(view))
                 inserted, later = columns["forget"][:n], columns["forget"][n:]
                 row["alphas"][str(alpha)] = {
                     "forget": paired(lp, base, inserted), "forget_not_inserted": paired(lp, base, later),
@@ -277,7 +277,7 @@ def main() -> None:
             "experiment": "sequential insertion (paper Fig. 3)", "model": args.model,
             "fingerprint": s.backbone.fingerprint(), "seed": args.seed,
             "settings": {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")},
-            "alphas": alphas, "coordinate": coordinate_info, "num_facts": N, "facts": list(forget.fact_ids),
+            "alphas": alphas, "coordinate": coordinate_info, "num_facts": N, "facts": list(forget.ids),
             "skipped_facts": list(forget.skipped), "num_retain_pairs": len(sets["retain"]),
             "num_real_author_pairs": len(sets.get("real_authors", [])),
             "memory": {"capture_steps": list(capture_steps), "key_positions": args.key_positions,

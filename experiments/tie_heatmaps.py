@@ -8,13 +8,11 @@ Writes tie_{resid,attn,mlp}.png, early_late.png, results.json (+ tie.npz).
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 import ports
-from timerome_jax import data, pipeline, tracing
+from timerome_jax import api, tracing
 from timerome_jax.plots import tie_heatmaps
-from timerome_jax.tokenization import backbone_tokenizer, pad_token_id
 
 import _common
 import _quick
@@ -51,19 +49,18 @@ def main() -> None:
         _quick.apply_quick(p, args, {"facts": "forget01_subjects[:2]", "steps": 4, "noise_samples": 2})
     with _common.experiment(args) as out:
         backbone = ports.load_pretrained(args.model)
-        tokenizer = backbone_tokenizer(backbone)
-        facts = data.load_facts(args.facts)
-        encoded, skipped = pipeline.encode_for_tracing(tokenizer, facts, backbone.config.max_seq_len)
-        config = tracing.TraceConfig(steps=args.steps, noise_samples=args.noise_samples)
-        batch = pipeline.trace_batch(encoded, pad_token_id(tokenizer, backbone))
-        result, sigma, seconds = pipeline.run_grid(backbone, batch, jax.random.key(args.seed), config,
-                                                   progress=lambda xs: _common.progress(xs, "tracing", "chunk"))
+        tokenizer = api.tokenizer(backbone)
+        facts = api.encode(backbone, tokenizer, api.load_facts(args.facts))
+        config = api.TraceConfig(steps=args.steps, noise_samples=args.noise_samples)
+        traced = api.trace(backbone, facts, config, seed=args.seed,
+                           progress=lambda xs: _common.progress(xs, "tracing", "chunk"))
+        result, sigma, seconds = traced.result, traced.sigma, traced.seconds
         mean_KLM = result.tie.mean(axis=0)
         K, half = config.steps, config.steps // 2
-        coordinate = tracing.select_coordinate(result.tie, config.modules)
+        coordinate = traced.coordinate
         late = tracing.select_coordinate(result.tie, config.modules, k_min=half)
         early = tracing.select_coordinate(result.tie[:, :half], config.modules)
-        tie_heatmaps(mean_KLM, config.modules, out, num_facts=len(encoded), coordinate=coordinate.as_dict())
+        tie_heatmaps(mean_KLM, config.modules, out, num_facts=facts.num_facts, coordinate=coordinate.as_dict())
         early_late_figure(mean_KLM, config.modules, out / "early_late.png")
         np.savez(out / "tie.npz", tie=result.tie, clean_lp=result.clean_lp, corrupted_lp=result.corrupted_lp)
         per_module = {m: {"max_tie_early": float(mean_KLM[:half, :, i].mean(0).max()),
@@ -74,7 +71,7 @@ def main() -> None:
         gap = (result.clean_lp - result.corrupted_lp).mean(axis=0)
         _common.write_json(out / "results.json", {
             "experiment": "tie_heatmaps (paper Fig. 2)", "model": args.model, "fingerprint": backbone.fingerprint(),
-            "facts": [e.fact.where for e in encoded], "skipped": skipped, "steps": K,
+            "facts": list(facts.ids), "skipped": list(facts.skipped), "steps": K,
             "noise_samples": config.noise_samples, "seed": args.seed, "seconds": seconds, "sigma": sigma,
             "coordinate": coordinate.as_dict(), "coordinate_late_steps_only": late.as_dict(),
             "coordinate_early_steps_only": early.as_dict(), "per_module": per_module,

@@ -29,9 +29,12 @@ drawn again from the same bucket) and shuffles the batch order. Everything rando
 
 Monitoring. tqdm shows the loss (mean of the last --log-every steps) and tokens/s; every
 --eval-every steps a held-in sample (the first --eval-per-split records of each split trained on)
-is decoded greedily (LLaDA low-confidence remasking at temperature 0, semi-autoregressive blocks)
-and the mean ROUGE-L recall (rouge_score, stemmed, as TOFU reports it) is printed. The minimal
-decoder here is for monitoring only; evaluation code uses `timerome_jax`'s sampler.
+is decoded greedily by the library's sampler (`timerome_jax.evaluate.generate_answers`: LLaDA
+low-confidence remasking at temperature 0, semi-autoregressive blocks; the mask token is never
+proposed) and the mean ROUGE-L recall (`timerome_jax.metrics.rouge_l_recall`: rouge_score, stemmed,
+as TOFU reports it) is printed. (The shipped models' training.json records were decoded by an
+earlier in-script copy of the sampler that could propose the mask token; their generations may
+differ slightly from what this script now prints.)
 
 Output (`--out`, written with `ports.export.save_safetensors`, atomically): config.json,
 model.safetensors, the tokenizer files, training.json (arguments, data, loss curve, evaluations,
@@ -43,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -65,8 +67,10 @@ import optax
 import ports
 from ports import checkpoint, families
 from ports.export import llada_config, save_safetensors
-from timerome_jax.data import decode_answer, encode_answer, encode_prompt, load_selection
+from timerome_jax import metrics, sampler, tokenization
+from timerome_jax.data import encode_answer, encode_prompt, load_selection
 from timerome_jax.errors import InputError
+from timerome_jax.evaluate import generate_answers
 from timerome_jax.masking import masked_diffusion_loss
 
 DEFAULT_DATA = "forget01,retain90[:160]"
@@ -221,78 +225,15 @@ def make_train_step(backbone: ports.Backbone, optimizer: optax.GradientTransform
 
 # --- greedy decoding and ROUGE (monitoring only) -----------------------------------------------
 
-def reveal_schedule(block_length: int, steps_per_block: int) -> list[int]:
-    """Tokens revealed at each step of a block: count // steps, the remainder to the first steps
-    (LLaDA's `get_num_transfer_tokens` for a fully masked block)."""
-    base, extra = divmod(block_length, steps_per_block)
-    return [base + (1 if i < extra else 0) for i in range(steps_per_block)]
-
-
-@functools.partial(jax.jit, static_argnames=("gen_length", "block_length", "steps"))
-def greedy_generate(backbone: ports.Backbone, prompt_BP: jax.Array, prompt_mask_BP: jax.Array,
-                    gen_length: int, block_length: int, steps: int) -> jax.Array:
-    """LLaDA `generate` at temperature 0 with low-confidence remasking; prompts left-padded
-    (`prompt_mask_BP` 0 on padding). Returns the generated ids [B, gen_length]."""
-    B, P = prompt_BP.shape
-    n_blocks = gen_length // block_length
-    steps_per_block = steps // n_blocks
-    mask_id = backbone.mask_token_id
-    x = jnp.concatenate([prompt_BP, jnp.full((B, gen_length), mask_id, prompt_BP.dtype)], axis=1)
-    attention = jnp.concatenate([prompt_mask_BP, jnp.ones((B, gen_length), prompt_mask_BP.dtype)], 1)
-    counts = jnp.asarray(reveal_schedule(block_length, steps_per_block), jnp.int32)
-    position = jnp.arange(P + gen_length)
-
-    def body(s, x):
-        block_end = P + (s // steps_per_block + 1) * block_length
-        logits = backbone.apply(x, attention)
-        proposal = jnp.argmax(logits, axis=-1).astype(x.dtype)
-        confidence = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), proposal[..., None], -1)[..., 0]
-        candidate = (x == mask_id) & (position < block_end)[None, :]
-        confidence = jnp.where(candidate, confidence, -jnp.inf)
-        rank = jnp.argsort(jnp.argsort(-confidence, axis=-1, stable=True), axis=-1, stable=True)
-        reveal = candidate & (rank < counts[s % steps_per_block])
-        return jnp.where(reveal, proposal, x)
-
-    x = jax.lax.fori_loop(0, n_blocks * steps_per_block, body, x)
-    return x[:, P:]
-
-
-def generate_answers(backbone: ports.Backbone, tokenizer, questions: Sequence[str], gen_length: int,
-                     block_length: int, steps: int, batch_size: int = 64) -> list[str]:
-    if gen_length % block_length or steps % (gen_length // block_length):
-        raise InputError(f"--eval-gen-length {gen_length} must be a multiple of the block length "
-                         f"{block_length}, and the steps {steps} a multiple of the block count")
-    pad = tokenizer.pad_token_id
-    answers = []
-    for start in range(0, len(questions), batch_size):
-        prompts = [encode_prompt(tokenizer, q) for q in questions[start:start + batch_size]]
-        width = round_up(max(len(p) for p in prompts), 8)  # few distinct shapes to compile
-        ids = np.array([[pad] * (width - len(p)) + p for p in prompts], dtype=np.int32)
-        mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=np.int32)
-        out = np.asarray(greedy_generate(backbone, ids, mask, gen_length, block_length, steps))
-        answers += [decode_answer(tokenizer, row) for row in out]
-    return answers
-
-
-@functools.lru_cache(maxsize=1)
-def _rouge_scorer():
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-
-
-def rouge_l_recall(generated: str, reference: str) -> float:
-    """Word-level ROUGE-L recall of `generated` against `reference` (TOFU's `rougeL_recall`)."""
-    return float(_rouge_scorer().score(reference, generated)["rougeL"].recall)
-
-
 def evaluate(backbone, tokenizer, records: Sequence[tuple[str, int, dict]], gen: dict) -> dict:
-    """Mean ROUGE-L recall per split, plus the generations."""
-    answers = generate_answers(backbone, tokenizer, [r["question"] for _, _, r in records], **gen)
+    """Mean ROUGE-L recall per split, plus the greedy generations (the library's sampler)."""
+    prompts = [encode_prompt(tokenizer, r["question"]) for _, _, r in records]
+    answers = generate_answers(backbone, tokenizer, prompts, **gen, batch_size=64,
+                               pad_id=tokenization.pad_token_id(tokenizer, backbone))
     per_split: dict[str, list[float]] = {}
     samples = []
     for (split, index, record), answer in zip(records, answers):
-        score = rouge_l_recall(answer, record["answer"])
+        score = metrics.rouge_l_recall(answer, record["answer"])
         per_split.setdefault(split, []).append(score)
         samples.append({"split": split, "index": index, "rougeL_recall": round(score, 4),
                         "generated": answer})
@@ -313,11 +254,8 @@ def held_in_sample(data: Sequence[tuple[str, int, dict]], per_split: int) -> lis
 # --- model -------------------------------------------------------------------------------------
 
 def load_tokenizer(path: Path):
-    # The class directly, not AutoTokenizer: in a model directory AutoTokenizer also reads
-    # config.json and warns that transformers does not know model_type 'llada'.
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    """`tokenization.load_tokenizer`, refused unless it has the mask and end-of-text tokens training needs."""
+    tokenizer = tokenization.load_tokenizer(path)
     if tokenizer.mask_token_id is None or tokenizer.eos_token_id is None:
         raise InputError(f"the tokenizer in {path} needs a mask token and an end-of-text token "
                          "(build it with experiments/build_tokenizer.py)")
@@ -497,6 +435,8 @@ def train(args) -> tuple[ports.Backbone, dict]:
     gen_length = args.eval_gen_length or args.answer_window
     gen = dict(gen_length=gen_length, block_length=args.eval_block_length,
                steps=args.eval_steps or gen_length // 2)
+    if (args.eval_per_split > 0 and args.eval_every) or args.final_eval:   # fail before training, not after
+        sampler.check_schedule(gen["gen_length"], gen["steps"], gen["block_length"])
     monitor = held_in_sample(data, args.eval_per_split) if args.eval_per_split > 0 else []
     record: dict[str, Any] = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()

@@ -5,14 +5,14 @@ every model given, with the forget drop and the retain change per suite and mode
         [--points utility_safe] [--suites tofu-forget05,tofu-forget10] [--quick] --out runs/transfer
 
 Per model: the coordinate is traced once on --trace-facts (forget01, as `timerome demo`). Per suite
-and operating point: one edit memory (`workflow.build_memory`) over the suite's forget facts
+and operating point: one edit memory (`api.build_memory`) over the suite's forget facts
 (forget05 / forget10: 200 / 400 QA pairs, subjects = TOFU author names found automatically per
-20-question block, `pipeline.resolve_subjects`). A question that does not name its author cannot
+20-question block, `facts.resolve_subjects`). A question that does not name its author cannot
 be edited: such facts (11 of forget05, 23 of forget10, mostly the first question of a block) are
 left out of the memory and of the evaluated forget split, and listed. α, λ, q are taken unchanged
 from --operating-points (results.json of experiments/pareto.py, tuned on forget01; --points picks
 which) or from --alpha / --lam / --q. The unedited and the edited
-model are evaluated by `metrics.evaluate_suite` (the code of `timerome eval`; same MC masks per
+model are evaluated by `evaluate.evaluate_suite` (the code of `timerome eval`; same MC masks per
 seed, so differences are paired; the retain twin is the forget-quality reference for tofu-tiny).
 
 What the embedded model knows. TOFU's forget sets are nested: forget01 ⊂ forget05 ⊂ forget10 (the
@@ -47,9 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
-from timerome_jax import data, metrics, resources
+from timerome_jax import api, data, resources, suites
 from timerome_jax import memory as mem
-from timerome_jax.baselines import suites
 from timerome_jax.errors import InputError
 
 import _common
@@ -121,9 +120,9 @@ def subsets(base: dict, edited: dict, inside: list[bool]) -> dict:
     return out
 
 
-def eval_suite(name: str, chosen: list[int], num_retain: int, limit: int | None) -> metrics.Suite:
+def eval_suite(name: str, chosen: list[int], num_retain: int, limit: int | None) -> suites.Suite:
     """The shipped suite with the forget split = the `chosen` records and the others cut to `limit`."""
-    suite = metrics.load_suite(name, num_retain=num_retain)
+    suite = suites.load_suite(name, num_retain=num_retain)
     return dataclasses.replace(
         suite, forget=[suite.forget[i] for i in chosen],
         retain=suite.retain[:limit], real_authors=suite.real_authors[:limit], world_facts=suite.world_facts[:limit],
@@ -140,13 +139,12 @@ def run_model(model: str, args: argparse.Namespace, points: list[table.Point], s
     known = {pair_key(r) for r in data.load_split(KNOWN)}
     out = []
     for name in suite_names:
-        split = suites.SUITES[name]
+        split = suites.SUITES[name].removesuffix("_perturbed")   # the plain split (forget05, forget10)
         # subjects are found per 20-question block, so the whole split is encoded before choosing
-        source = suites.SUBJECT_SPLITS.get(split, split)
-        facts = s.encode(source)
+        facts = api.encode(s.backbone, s.tokenizer, suites.forget_facts(name))
         # a question that does not name its author cannot be edited: such facts are left out of both
         # the memory and the evaluated forget split (listed in facts_skipped)
-        editable = [int(fid.rsplit(":", 1)[1]) - 1 for fid in facts.fact_ids]  # positions in the split
+        editable = [int(fid.rsplit(":", 1)[1]) - 1 for fid in facts.ids]  # positions in the split
         records = data.load_split(split)
         inside = [pair_key(records[i]) in known for i in editable]
         evaluated = [editable[j] for j in stratified(inside, args.limit)]

@@ -1,23 +1,24 @@
-"""`Backbone`: a config, its parameters and its mask token, as one pytree; `load_pretrained`."""
+"""`Backbone`: a config, its parameters, its mask token and its edits, as one pytree; `load_pretrained`."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from ports import checkpoint, families
+from ports import checkpoint, families, sites
 from ports.config import TransformerConfig
 from ports.errors import CheckpointError, ConfigError
+from ports.sites import Site
 from ports.transformer import Transformer
 
 # Models that ship inside the package (see ports/embedded/README.md); `--model NAME` finds them.
@@ -27,17 +28,20 @@ EMBEDDED_DIR = Path(__file__).parent / "embedded"
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Backbone:
-    """A loaded masked diffusion LM.
+    """A loaded masked diffusion LM, optionally carrying edits.
 
-    It is a pytree whose only leaves are `params`, so it can be passed straight into `jax.jit`,
-    `jax.vmap` or `jax.grad`; everything else is static metadata.
+    It is a pytree whose leaves are `params` and the arrays of `edits`, so it can be passed
+    straight into `jax.jit`, `jax.vmap` or `jax.grad`; everything else is static metadata.
 
     Attributes:
       config: the architecture.
-      params: the Flax parameter tree (`{'embed': ..., 'blocks': ..., 'final_norm': ..., ...}`).
+      params: the Flax parameter tree (block weights stacked over layers [L, ...]).
       mask_token_id: id of the [MASK] token the model was trained with.
       dtype: compute dtype (the logits are always float32).
       source: where it was loaded from (informational).
+      edits: edits (`ports.sites.Edit`) applied in every forward (`apply`, `embed`, `layer`,
+        `head`), inside whatever jit runs it; `with_edits` adds some. The sampler, likelihoods,
+        tracer and metrics take an edited backbone wherever they take a backbone.
     """
 
     config: TransformerConfig = dataclasses.field(metadata=dict(static=True))
@@ -45,9 +49,10 @@ class Backbone:
     mask_token_id: int | None = dataclasses.field(default=None, metadata=dict(static=True))
     dtype: Any = dataclasses.field(default=jnp.float32, metadata=dict(static=True))
     source: str | None = dataclasses.field(default=None, metadata=dict(static=True))
+    edits: tuple = ()
 
     @property
-    def module(self) -> Transformer:
+    def _module(self) -> Transformer:
         return Transformer(self.config, dtype=self.dtype, param_dtype=self.dtype)
 
     @property
@@ -57,42 +62,49 @@ class Backbone:
             return self.source
         return None
 
-    def interception(self) -> contextlib.AbstractContextManager:
-        """Interceptors this backbone applies to every forward (`apply`, `embed`, `layer`,
-        `head`); none here. Edited or steered backbones override this one hook, so every way of
-        running the model carries their intervention, inside whatever jit calls it."""
-        return contextlib.nullcontext()
+    def with_edits(self, *edits) -> "Backbone":
+        """This backbone with `edits` applied in every forward after its own (weights untouched)."""
+        for edit in edits:
+            sites.check_edit(edit, self.config)
+        return dataclasses.replace(self, edits=self.edits + tuple(edits))
+
+    def without_edits(self) -> "Backbone":
+        return dataclasses.replace(self, edits=())
+
+    def _intercepting(self, edits: Sequence, capture: Sequence[Site] = ()):
+        edits = self.edits + tuple(edits)
+        if not edits and not capture:
+            return contextlib.nullcontext()
+        return nn.intercept_methods(sites.interceptor(self.config, edits, frozenset(s.module for s in capture)))
 
     def apply(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None,
-              positions_BT: jax.Array | None = None, return_intermediates: bool = False,
-              params: Any = None):
-        """The pure forward (call it inside your own jit/vmap); see `Transformer.__call__`.
+              positions_BT: jax.Array | None = None, *, capture: Sequence[Site] = (),
+              edits: Sequence = (), params: Any = None):
+        """The pure forward (call it inside your own jit/vmap): float32 logits [B, T, V].
 
-        With `return_intermediates=True` the dict also holds 'router_logits' [L, B, T, E] for
-        mixture-of-experts backbones.
+        `edits` act in this call after the backbone's own. With `capture` (sites), returns
+        (logits, tuple of `Captured(key, value)`, one per site; see `ports.sites`).
         """
         variables = {"params": self.params if params is None else params}
-        with self.interception():
-            if not return_intermediates:
-                return self.module.apply(variables, input_ids_BT, attention_mask_BT, positions_BT)
-            (logits, inter), state = self.module.apply(
-                variables, input_ids_BT, attention_mask_BT, positions_BT, True, mutable=["intermediates"])
-        sown = state.get("intermediates", {}).get("blocks", {}).get("mlp", {})
-        if "router_logits" in sown:
-            inter = {**inter, "router_logits": sown["router_logits"][0]}
-        return logits, inter
+        capture = tuple(capture)
+        with self._intercepting(edits, capture):
+            if not capture:
+                return self._module.apply(variables, input_ids_BT, attention_mask_BT, positions_BT)
+            logits, state = self._module.apply(variables, input_ids_BT, attention_mask_BT, positions_BT,
+                                               mutable=["intermediates"])
+        return logits, sites.read_captures(state["intermediates"], capture)
 
     # --- the forward in pieces: embed -> layer(0) ... layer(L-1) -> head ----------------------
-    # Composing them equals `apply` (tested); interceptors see the same named submodules with the
-    # same `layer_index`, so a caller can start from a cached residual stream at any layer.
+    # Composing them equals `apply` (tested); edits act at the same sites with the same layer
+    # index, so a caller can start from a cached residual stream at any layer.
 
-    def embed(self, input_ids_BT: jax.Array) -> jax.Array:
-        """Input embeddings [B, T, D] (through the module named 'embed')."""
-        with self.interception():
-            return self.module.apply({"params": self.params}, input_ids_BT, method="embed_tokens")
+    def embed(self, input_ids_BT: jax.Array, *, edits: Sequence = ()) -> jax.Array:
+        """Input embeddings [B, T, D] (the 'embed' site's value, edits applied)."""
+        with self._intercepting(edits):
+            return self._module.apply({"params": self.params}, input_ids_BT, method="embed_tokens")
 
     def layer(self, x_BTD: jax.Array, layer_index: jax.Array, attention_mask_BT: jax.Array | None = None,
-              positions_BT: jax.Array | None = None) -> jax.Array:
+              positions_BT: jax.Array | None = None, *, edits: Sequence = ()) -> jax.Array:
         """Block `layer_index` (a traced int is fine: its weights are sliced dynamically)."""
         from ports.transformer import Block, attention_allowed, default_positions
 
@@ -104,14 +116,14 @@ class Backbone:
         weights = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, index, keepdims=False),
                                self.params["blocks"])
         block = Block(self.config, dtype=self.dtype, param_dtype=self.dtype)
-        with self.interception():
+        with self._intercepting(edits):
             out, _ = block.apply({"params": weights}, x_BTD, allowed, positions_BT, index)
         return out
 
-    def head(self, x_BTD: jax.Array) -> jax.Array:
+    def head(self, x_BTD: jax.Array, *, edits: Sequence = ()) -> jax.Array:
         """Final norm and output head: float32 logits [B, T, V]."""
-        with self.interception():
-            return self.module.apply({"params": self.params}, x_BTD, method="unembed")[0]
+        with self._intercepting(edits):
+            return self._module.apply({"params": self.params}, x_BTD, method="unembed")
 
     def logits(self, input_ids_BT, attention_mask_BT=None) -> jax.Array:
         """float32 logits [B, T, V], exactly as the original model returns them (unshifted)."""
@@ -119,12 +131,29 @@ class Backbone:
         mask = None if attention_mask_BT is None else jnp.asarray(attention_mask_BT, jnp.int32)
         return _jitted_logits(self, ids, mask)
 
+    def embedding_table(self) -> jax.Array:
+        """The input embedding matrix [V, D]."""
+        return self.params["embed"]["embedding"]
+
+    def writer_weights(self, module: str) -> tuple[int, ...]:
+        """Positions in `jax.tree.leaves(params)` of the weights that write `module`'s value
+        ('attn': the output projection; 'mlp': the down projection(s)), each stacked [L, ...]."""
+        writer = {"attn": ("attn", "o_proj"), "mlp": ("mlp", "down_proj")}.get(module)
+        if writer is None:
+            raise ConfigError(f"no weights write the {module!r} site; choose attn or mlp")
+        found = []
+        for i, (path, _) in enumerate(jax.tree_util.tree_leaves_with_path(self.params)):
+            names = [getattr(p, "key", getattr(p, "name", None)) for p in path]
+            if names[:1] == ["blocks"] and all(n in names for n in writer):
+                found.append(i)
+        return tuple(found)
+
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
 
     def fingerprint(self) -> str:
-        """A short digest of config and weights: two backbones with the same fingerprint compute
-        the same function (used to refuse edits built for another model)."""
+        """A short digest of config and weights (not edits): two backbones with the same
+        fingerprint compute the same function (used to refuse edits built for another model)."""
         h = hashlib.sha256(json.dumps(dataclasses.asdict(self.config), sort_keys=True).encode())
         for path, leaf in jax.tree_util.tree_leaves_with_path(self.params):
             h.update(jax.tree_util.keystr(path).encode())

@@ -4,19 +4,12 @@ Differences between LLaDA, MMaDA, Dream, DiffuLLaMA and LLaDA-MoE (GQA, q/k/v bi
 q/k RMSNorm, mixture-of-experts MLP, tied head, padding conventions) are fields of
 `TransformerConfig`; there is no per-family model code.
 
-Interception points. Every module a tracer or an edit needs is a named submodule called with a
-`layer_index` keyword (layers are `nn.scan`-ned, so the layer is data, not a module path):
-
-    name        class               call                               meaning
-    'embed'     Embed               (input_ids) -> [B,T,D]             input embeddings
-    'attn'      SelfAttention       (x, ..., layer_index=) -> [B,T,D]  attention output (after o_proj)
-    'o_proj'    Einsum              (heads [B,T,N,H], layer_index=)    its input is the attention key
-    'mlp'       MLP / MoE           (x, layer_index=) -> [B,T,D]       MLP (or mixture) output
-    'down_proj' Einsum              (h [B,T,F], layer_index=)          its input is the MLP key
-    'resid'     ResidualStream      (x, layer_index=) -> [B,T,D]       block output (identity tap)
-
-An interceptor matches on `context.module.name` and reads `kwargs['layer_index']` (a traced int32
-scalar); see `flax.linen.intercept_methods`.
+Interception points (`ports.sites` maps sites onto them). Every module a tracer or an edit needs
+is a named submodule called with a `layer_index` keyword (layers are `nn.scan`-ned, so the layer
+is data, not a module path): 'embed' (Embed), 'o_proj' (the attention output projection),
+'down_proj' (the MLP's; for a mixture of experts the whole 'mlp'), 'resid' (ResidualStream, an
+identity tap on the block output), 'final_norm' and the MoE 'router'. Nothing outside `ports`
+names them: code elsewhere reads and edits sites through `Backbone.apply(capture=, edits=)`.
 """
 
 from __future__ import annotations
@@ -31,9 +24,6 @@ from ports.config import TransformerConfig
 
 Array = jax.Array
 Dtype = Any
-
-INTERCEPTABLE_OUTPUTS = ("attn", "mlp", "resid")
-
 
 class Einsum(nn.Module):
     """A projection `einsum(spec, x, kernel) (+ bias)`; `layer_index` exists for interceptors only."""
@@ -176,7 +166,7 @@ class MoE(nn.Module):
 
     All experts are evaluated densely and combined with a gate that is zero outside the top-k:
     static shapes, no data-dependent control flow, so the layer jits, vmaps and scans. Router
-    logits are sown into 'intermediates' for parity checks.
+    logits are the 'router' site (`ports.sites`).
     """
 
     config: TransformerConfig
@@ -188,8 +178,7 @@ class MoE(nn.Module):
         c = self.config
         E, D, F = c.num_experts, c.d_model, c.mlp_hidden
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        router_logits_BTE = Einsum("BTD,DE->BTE", (D, E), name="router", **kw)(x_BTD)
-        self.sow("intermediates", "router_logits", router_logits_BTE.astype(jnp.float32))
+        router_logits_BTE = Einsum("BTD,DE->BTE", (D, E), name="router", **kw)(x_BTD, layer_index=layer_index)
         probs = jax.nn.softmax(router_logits_BTE.astype(jnp.float32), axis=-1)
         top_w, top_i = jax.lax.top_k(probs, c.experts_per_token)
         if c.normalize_top_k:
@@ -209,12 +198,11 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block; the scan body. Returns (residual, per-layer outputs for the scan to stack)."""
+    """Pre-norm block; the scan body. Returns (residual, None)."""
 
     config: TransformerConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    collect: bool = False
 
     @nn.compact
     def __call__(self, x_BTD: Array, allowed_BQK: Array | None, positions_BT: Array,
@@ -229,8 +217,7 @@ class Block(nn.Module):
         mlp_out = mlp_cls(c, name="mlp", **kw)(
             RMSNorm(c.norm_eps, name="mlp_norm", **kw)(x_BTD), layer_index=layer_index)
         x_BTD = ResidualStream(name="resid")(x_BTD + mlp_out, layer_index=layer_index)
-        outputs = {"attn": attn_out, "mlp": mlp_out, "resid": x_BTD} if self.collect else None
-        return x_BTD, outputs
+        return x_BTD, None
 
 
 def attention_allowed(attention_mask_BT: Array | None, padding: str) -> Array | None:
@@ -254,11 +241,10 @@ def default_positions(attention_mask_BT: Array | None, batch: int, length: int,
 class Transformer(nn.Module):
     """The model: embed -> L scanned blocks -> final RMSNorm -> output head (float32 logits).
 
-    `__call__(input_ids [B,T], attention_mask [B,T] | None, positions [B,T] | None,
-    return_intermediates)` returns logits [B, T, V] as the original model returns them (Dream and
-    DiffuLLaMA logits are NOT shifted here; `config.logit_shift` tells the caller). With
-    `return_intermediates=True` it returns (logits, dict) where the dict holds 'embed' [B,T,D],
-    'attn', 'mlp', 'resid' [L,B,T,D] and 'final_hidden' [B,T,D] (after the final norm).
+    `__call__(input_ids [B,T], attention_mask [B,T] | None, positions [B,T] | None)` returns
+    logits [B, T, V] as the original model returns them (Dream and DiffuLLaMA logits are NOT
+    shifted here; `config.logit_shift` tells the caller). Activations are read through sites
+    (`ports.sites`, `Backbone.apply(capture=...)`).
 
     `embed_tokens` and `unembed` expose the two ends (use with `apply(..., method=...)`); a single
     block is `Block(config)` applied to one layer's slice of `params['blocks']` (see
@@ -275,10 +261,10 @@ class Transformer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed = Embed(c.vocab_size, c.d_model, **kw)
         block_cls = nn.remat(Block, prevent_cse=False) if self.remat else Block
-        # the blocks always return their per-layer outputs; unused ones are removed by XLA
+        # 'intermediates' (captured sites) are stacked over layers like the parameters
         self.blocks = nn.scan(block_cls, variable_axes={"params": 0, "intermediates": 0},
                               split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast, 0),
-                              length=c.n_layers)(c, collect=True, **kw)
+                              length=c.n_layers)(c, **kw)
         self.final_norm = RMSNorm(c.norm_eps, **kw)
         if not c.tie_embeddings:
             self.lm_head = Einsum("BTD,DV->BTV", (c.d_model, c.vocab_size), **kw)
@@ -286,24 +272,21 @@ class Transformer(nn.Module):
     def embed_tokens(self, input_ids_BT: Array) -> Array:
         return self.embed(input_ids_BT)
 
-    def unembed(self, x_BTD: Array) -> tuple[Array, Array]:
-        """Final norm and output head: (float32 logits [B,T,V], normed hidden [B,T,D])."""
+    def unembed(self, x_BTD: Array) -> Array:
+        """Final norm and output head: float32 logits [B,T,V]."""
         x = self.final_norm(x_BTD)
         logits = self.embed.attend(x) if self.config.tie_embeddings else self.lm_head(x)
         if self.config.scale_logits:
             logits = logits * (self.config.d_model ** -0.5)
-        return logits.astype(jnp.float32), x
+        return logits.astype(jnp.float32)
 
     def __call__(self, input_ids_BT: Array, attention_mask_BT: Array | None = None,
-                 positions_BT: Array | None = None, return_intermediates: bool = False):
+                 positions_BT: Array | None = None):
         c = self.config
         B, T = input_ids_BT.shape
         if positions_BT is None:
             positions_BT = default_positions(attention_mask_BT, B, T, c.position_ids)
         allowed_BQK = attention_allowed(attention_mask_BT, c.padding)
-        embedded = self.embed(input_ids_BT)
-        x, per_layer = self.blocks(embedded, allowed_BQK, positions_BT, jnp.arange(c.n_layers, dtype=jnp.int32))
-        logits, final_hidden = self.unembed(x)
-        if not return_intermediates:
-            return logits
-        return logits, {"embed": embedded, **per_layer, "final_hidden": final_hidden}
+        x, _ = self.blocks(self.embed(input_ids_BT), allowed_BQK, positions_BT,
+                           jnp.arange(c.n_layers, dtype=jnp.int32))
+        return self.unembed(x)

@@ -29,6 +29,14 @@ TOKENIZER_SENTENCES = [
 ]
 
 
+def activations(backbone, ids, mask=None, modules=("embed", "attn", "mlp", "resid", "final")):
+    """(logits, {module: value}) of one forward: every layer's value [L, B, T, D] of the layered
+    modules, [B, T, D] of 'embed' and 'final' (the old `return_intermediates` view)."""
+    sites = tuple(ports.Site(None, m) for m in modules)
+    logits, captured = backbone.apply(ids, mask, capture=sites)
+    return logits, {s.module: c.value for s, c in zip(sites, captured)}
+
+
 def fixture_dir(name: str) -> Path:
     return FIXTURES / name
 

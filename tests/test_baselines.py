@@ -16,12 +16,16 @@ import numpy as np
 import pytest
 
 import ports
+from ports import MODULES, Site
+from timerome_jax import api, resources, suites, tracing
 from timerome_jax import memory as mem
-from timerome_jax import resources, tracing, workflow
-from timerome_jax.baselines import inference, suites, training
+from timerome_jax.baselines import inference, training
+from timerome_jax.edits import Steering
 from timerome_jax.errors import InputError
 from timerome_jax.masking import forward_process, masked_diffusion_loss
 from timerome_jax.tokenization import backbone_tokenizer
+
+from conftest import activations
 
 N_FORGET = N_RETAIN = 4
 BATCH = 4
@@ -35,9 +39,13 @@ def model(tiny_model_dir_with_tokenizer):
 
 @pytest.fixture(scope="module")
 def suite(model):
+    """The training rows of `timerome unlearn --suite tofu-forget01 --num-forget 4 --num-retain 4`."""
     tok = backbone_tokenizer(model)
-    return suites.load_suite("tofu-forget01", tok, EOS, model.config.max_seq_len, num_retain=N_RETAIN,
-                             num_forget=N_FORGET)
+    records = suites.load_suite("tofu-forget01", num_retain=N_RETAIN)
+    rows = dict(tokenizer=tok, eos_id=EOS, max_len=model.config.max_seq_len)
+    forget = suites.encode_rows(records.forget[:N_FORGET], score="answer", where="forget01", **rows)
+    retain = suites.encode_rows(records.retain, score="window", where="retain90", **rows)
+    return type("Rows", (), {"forget": forget, "retain": retain})
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +54,7 @@ def batches(suite):
 
 
 def skeleton(model):
-    return ports.Backbone(model.config, None, model.mask_token_id, model.dtype, model.source)
+    return dataclasses.replace(model, params=None)
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +101,15 @@ def test_rows_follow_the_training_layout(suite):
 def test_unknown_suite_and_bad_counts(model):
     tok = backbone_tokenizer(model)
     with pytest.raises(InputError, match="unknown suite 'tofu-forget02'"):
-        suites.load_suite("tofu-forget02", tok, EOS, 256)
-    with pytest.raises(InputError, match="--num-retain must be >= 0"):
-        suites.load_suite("tofu-forget01", tok, EOS, 256, num_retain=-1)
-    with pytest.raises(InputError, match="--num-forget must be >= 1"):
-        suites.load_suite("tofu-forget01", tok, EOS, 256, num_forget=0)
+        suites.load_suite("tofu-forget02")
+    with pytest.raises(InputError, match="--num-retain must be >= 1"):
+        suites.load_suite("tofu-forget01", num_retain=0)
+    with pytest.raises(InputError, match="exceeds the 3600 retain QA pairs"):
+        suites.load_suite("tofu-forget01", num_retain=3601)
+    assert len(suites.load_suite("tofu-forget01", num_retain=500).retain) == 500   # past 400: plain retain90
+    with pytest.raises(InputError, match="the answer window must be >= 2"):
+        suites.encode_rows(suites.load_suite("tofu-forget01").forget, tok, EOS, 256, score="answer", where="f",
+                           answer_window=1)
 
 
 # --- losses = hand computations on fixed masks ------------------------------------------------------
@@ -161,7 +173,7 @@ def test_losses_equal_hand_computation(model, reference, batches, objectives):
                                0.125 * 2 / beta * np.mean(_softplus(-beta * nll_f / n_f)) + sft_r, **close)
     # RMU: per-element MSE of layer-ℓ block outputs to c·u on forget + MSE to the frozen model on retain
     layer = model.config.n_layers // 2
-    inter = jax.jit(lambda b, ids, am: b.apply(ids, am, return_intermediates=True)[1]["resid"])
+    inter = jax.jit(lambda b, ids, am: activations(b, ids, am)[1]["resid"])
     h_f = np.asarray(inter(model, noisy_f, forget.attention_mask))[layer].astype(np.float64)
     h_r = np.asarray(inter(model, noisy_r, retain.attention_mask))[layer].astype(np.float64)
     h_r_ref = np.asarray(inter(reference, noisy_r, retain.attention_mask))[layer].astype(np.float64)
@@ -335,9 +347,9 @@ def test_measure_reads_the_process():
 @pytest.fixture(scope="module")
 def facts_batch(model):
     tok = backbone_tokenizer(model)
-    encoded = workflow.encode(model, tok, suites.forget_facts("tofu-forget01", N_FORGET))
+    encoded = api.encode(model, tok, suites.forget_facts("tofu-forget01", N_FORGET))
     assert not encoded.skipped and encoded.num_facts == N_FORGET
-    return encoded.batch, list(encoded.fact_ids)
+    return encoded
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.5])
@@ -351,7 +363,7 @@ def test_steering_changes_logits_only_through_the_vector(model, alpha):
     if alpha == 0.0:
         np.testing.assert_array_equal(got, np.asarray(model.logits(ids)))
         return
-    _, inter = jax.jit(lambda b, x: b.apply(x, return_intermediates=True))(model, ids)
+    _, inter = jax.jit(activations)(model, ids)
     h = np.asarray(inter["resid"][L - 1], np.float64) + alpha * v
     p = model.params
     normed = h / np.sqrt((h ** 2).mean(-1, keepdims=True) + model.config.norm_eps) * np.asarray(p["final_norm"]["scale"])
@@ -362,7 +374,7 @@ def test_steering_changes_logits_only_through_the_vector(model, alpha):
 def test_steering_adds_exactly_at_its_layer_and_module(model):
     v = np.random.default_rng(2).normal(size=model.config.d_model).astype(np.float32)
     ids = np.random.default_rng(3).integers(0, 370, size=(2, 9)).astype(np.int32)
-    inter = jax.jit(lambda b, x: b.apply(x, return_intermediates=True)[1])
+    inter = jax.jit(lambda b, x: activations(b, x)[1])
     base = jax.tree.map(np.asarray, inter(model, ids))
     steered = jax.tree.map(np.asarray, inter(inference.steer(model, v, 1, "mlp", 0.5), ids))
     np.testing.assert_array_equal(steered["mlp"][0], base["mlp"][0])  # layers before: untouched
@@ -383,10 +395,23 @@ def test_steering_rejects_bad_shapes_and_places(model):
 CAA = dict(coordinate=tracing.Coordinate(1, 0, "attn"), steps=1, noise_samples=2, facts_per_chunk=2)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FromLayer:
+    """The reference's edit: the block output of layer 0 replaced by a given stream (so layer 1
+    runs on the hand-corrupted residual stream)."""
+
+    x: jax.Array
+    site: Site = dataclasses.field(default_factory=lambda: Site(jnp.int32(0), "resid"))
+
+    def __call__(self, key, value):
+        return self.x.astype(value.dtype)
+
+
 def test_caa_difference_equals_a_python_loop(model, facts_batch):
     """d = mean_facts mean_{k, r, p ∈ subject ∪ answer} (clean − corrupted) at (layer, module).
     One step (K = 1): the state is the prompt with the whole answer masked."""
-    batch, _ = facts_batch
+    batch = facts_batch.batch
     key = jax.random.key(0)
     R = CAA["noise_samples"]
     got = inference.caa_difference(model, batch, CAA["coordinate"], key, steps=CAA["steps"], noise_samples=R,
@@ -395,20 +420,27 @@ def test_caa_difference_equals_a_python_loop(model, facts_batch):
     sigma = tracing.subject_embedding_std(model, batch)
     S, D = batch.subject_pos_FS.shape[1], model.config.d_model
     noise = np.asarray(tracing.noise_draws(key, batch.fact_index_F, R, (S, D))) * (3.0 * float(sigma))
-    forward = jax.jit(lambda b, ids, m, iv: tracing._forward(b, ids, m, iv, 1, collect=True)[1]["attn"][1, 0])
+    # the reference corrupts the embeddings by hand: the embed -> layer -> ... pieces, noise added
+    # to the subject rows, the attention output of layer 1 read where it is produced
+    def attn_output(state, mask, noise_SD, pos):
+        x = np.asarray(model.embed(jnp.asarray(state)[None])).copy()
+        x[0, pos] += noise_SD[: len(pos)]
+        x = model.layer(jnp.asarray(x), 0, jnp.asarray(mask)[None])
+        _, (attn,) = model.apply(jnp.asarray(state)[None], jnp.asarray(mask)[None], capture=(Site(1, "attn"),),
+                                 edits=(FromLayer(x),))
+        return np.asarray(attn.value[0])
+
     per_fact = []
     for f in range(batch.num_facts):
         answer = np.asarray(batch.answer_mask_FT[f]).astype(bool)
         state = np.where(answer, model.mask_token_id, np.asarray(batch.input_ids_FT[f]))
+        pos = np.asarray(batch.subject_pos_FS[f])[np.asarray(batch.subject_valid_FS[f])]
         where = answer.copy()
-        where[np.asarray(batch.subject_pos_FS[f])[np.asarray(batch.subject_valid_FS[f])]] = True
-        zero = tracing.Intervention(batch.subject_pos_FS[f], batch.subject_valid_FS[f], jnp.zeros((S, D)),
-                                    jnp.int32(-1), jnp.int32(0), jnp.zeros((model.config.n_layers, 3, S, D)))
-        clean = np.asarray(forward(model, state, batch.attention_mask_FT[f], zero))
+        where[pos] = True
+        clean = attn_output(state, batch.attention_mask_FT[f], np.zeros((S, D)), pos)
         diffs = []
         for r in range(R):
-            iv = dataclasses.replace(zero, noise_SD=jnp.asarray(noise[f, r]))
-            diffs.append((clean - np.asarray(forward(model, state, batch.attention_mask_FT[f], iv)))[where])
+            diffs.append((clean - attn_output(state, batch.attention_mask_FT[f], noise[f, r], pos))[where])
         per_fact.append(np.concatenate(diffs).mean(axis=0))
     np.testing.assert_allclose(got, np.mean(per_fact, axis=0), rtol=1e-4, atol=1e-6)
     assert np.abs(got).max() > 1e-4
@@ -424,42 +456,42 @@ def _seed_with_module(module):
 def test_random_coordinate_is_seeded_and_never_the_traced_layer():
     draws = [inference.random_coordinate(3, TRACED, s) for s in range(40)]
     assert all(c.layer != TRACED.layer and c.step == TRACED.step for c in draws)
-    assert {c.layer for c in draws} == {1, 2} and {c.module for c in draws} == set(tracing.MODULES)
+    assert {c.layer for c in draws} == {1, 2} and {c.module for c in draws} == set(MODULES)
     assert [inference.random_coordinate(3, TRACED, s) for s in range(40)] == draws
     assert inference.random_coordinate(1, TRACED, 0).layer == 0  # one layer: nothing else to draw
 
 
 def test_random_memory_is_reproducible_and_differs_from_the_traced_one(model, facts_batch):
-    batch, ids = facts_batch
+    batch = facts_batch.batch
     key = jax.random.key(0)
     seed = _seed_with_module(TRACED.module)  # same module: the capture compiles once
-    first = inference.random_memory(model, batch, TRACED, ids, key, seed=seed, alpha=1.0, lam=0.1)
-    again = inference.random_memory(model, batch, TRACED, ids, key, seed=seed, alpha=1.0, lam=0.1)
+    first = inference.random_memory(model, facts_batch, TRACED, key, seed=seed, alpha=1.0, lam=0.1)
+    again = inference.random_memory(model, facts_batch, TRACED, key, seed=seed, alpha=1.0, lam=0.1)
     assert first.coordinate == again.coordinate and first.coordinate.layer != TRACED.layer
     for a, b in zip(jax.tree.leaves(first.memory), jax.tree.leaves(again.memory)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    keys, deltas, _ = inference.capture(model, batch, TRACED, key)
+    keys, deltas, _ = mem.capture(model, batch, TRACED, key)
     traced, _ = mem.build(keys, deltas, layer=TRACED.layer, module=TRACED.module, alpha=1.0, lam=0.1)
     assert first.memory.size == traced.size == N_FORGET  # same rank budget
     assert float(first.memory.alpha) == float(traced.alpha) and float(first.lam) == 0.1
     assert int(first.memory.layer) != int(traced.layer)
     assert not np.allclose(np.asarray(first.memory.keys), np.asarray(traced.keys))
     ids_in = np.asarray(batch.input_ids_FT[:2])
-    edited = mem.attach(model, first.memory)
+    edited = model.with_edits(first.memory)
     assert not np.allclose(np.asarray(edited.logits(ids_in)), np.asarray(model.logits(ids_in)))
 
 
 def test_save_load_round_trip_and_refusals(model, facts_batch, tmp_path):
-    batch, ids = facts_batch
     v = np.linspace(-1, 1, model.config.d_model).astype(np.float32)
-    baseline = inference.InferenceBaseline("steer", TRACED, TRACED, 0.5, model.fingerprint(), tuple(ids),
+    baseline = inference.InferenceBaseline("steer", TRACED, TRACED, 0.5, model.fingerprint(), facts_batch.ids,
                                            vector=v, difference=v)
     out = inference.save_inference_baseline(baseline, tmp_path / "steer", model=model.source)
     assert inference.is_inference_baseline(out) and inference.read_kind(out) == "steer"
     loaded = inference.load_inference_baseline(out, model)
-    assert isinstance(loaded, inference.SteeredBackbone) and loaded.source == model.source
-    np.testing.assert_array_equal(np.asarray(loaded.steering.vector), v)
-    assert float(loaded.steering.alpha) == 0.5 and int(loaded.steering.layer) == TRACED.layer
+    (steering,) = loaded.edits
+    assert isinstance(steering, Steering) and loaded.source == model.source
+    np.testing.assert_array_equal(np.asarray(steering.vector_D), v)
+    assert float(steering.alpha) == 0.5 and int(steering.site.layer) == TRACED.layer and steering.site.module == "mlp"
     assert inference.load_inference_baseline(out).fingerprint() == model.fingerprint()  # model from baseline.json
     other = dataclasses.replace(model, params=jax.tree.map(lambda x: x + 1, model.params))
     with pytest.raises(ports.errors.CheckpointError, match="built for model"):

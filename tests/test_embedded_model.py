@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 import ports
 from ports.backbone import EMBEDDED_DIR
-from timerome_jax import data, metrics
+from timerome_jax import data, evaluate, metrics
 from timerome_jax.tokenization import backbone_tokenizer, pad_token_id
 
 GEN = dict(gen_length=96, steps=48, block_length=32, batch_size=8)
@@ -29,7 +29,7 @@ def greedy_recall(backbone, split: str) -> tuple[float, list[str]]:
     tokenizer = backbone_tokenizer(backbone)
     records = [r for _, _, r in data.load_selection(f"{split}[:{N}]")]
     prompts = [data.encode_prompt(tokenizer, r["question"]) for r in records]
-    answers = metrics.generate_answers(backbone, tokenizer, prompts, pad_id=pad_token_id(tokenizer, backbone), **GEN)
+    answers = evaluate.generate_answers(backbone, tokenizer, prompts, pad_id=pad_token_id(tokenizer, backbone), **GEN)
     return float(np.mean([metrics.rouge_l_recall(a, r["answer"]) for a, r in zip(answers, records)])), answers
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import ports
-from timerome_jax import cli, metrics, tracing
+from timerome_jax import cli, evaluate, metrics, tracing
 from timerome_jax import memory as mem
 from timerome_jax.commands import eval as eval_cmd
 
@@ -124,8 +124,8 @@ def test_reference_model_gives_forget_quality(tiny_model_dir_with_tokenizer, sui
 
 
 def test_default_reference_and_quick_settings():
-    assert eval_cmd.default_reference("tofu-tiny") == "tofu-tiny-retain"
-    assert eval_cmd.default_reference("/nonexistent/model") is None
+    assert evaluate.retain_twin("tofu-tiny") == "tofu-tiny-retain"
+    assert evaluate.retain_twin("/nonexistent/model") is None
     parser = cli.build_parser()
     quick = parser.parse_args(["eval", "--quick", "--out", "x"])
     assert eval_cmd.resolve_settings(quick) == {"limit": 4, "mc_samples": 4, "seeds": 2}

@@ -27,6 +27,8 @@ from ports import CheckpointError, ConfigError, presets
 from ports.families import FAMILIES, default_mask_token_id
 from ports.transformer import default_positions
 
+from conftest import activations
+
 FIXTURES = Path(__file__).parent / "fixtures"
 TOL = dict(atol=1e-4, rtol=1e-4)
 PORTED = ("dream", "mmada", "diffullama", "llada_moe")
@@ -42,7 +44,8 @@ CONVENTIONS = {
 
 @jax.jit
 def _forward(backbone, ids):
-    return backbone.apply(ids, return_intermediates=True)
+    modules = ("embed", "attn", "mlp", "resid", "final") + (("router",) if backbone.config.is_moe else ())
+    return activations(backbone, ids, modules=modules)
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,7 +97,7 @@ def test_every_hidden_state_and_block_output_matches_reference(case):
     np.testing.assert_allclose(inter["embed"], g["hidden_states"][0], **TOL)
     for i in range(1, n_layers):
         np.testing.assert_allclose(inter["resid"][i - 1], g["hidden_states"][i], **TOL)
-    np.testing.assert_allclose(inter["final_hidden"], g["hidden_states"][n_layers], **TOL)
+    np.testing.assert_allclose(inter["final"], g["hidden_states"][n_layers], **TOL)
     for i in range(n_layers):
         np.testing.assert_allclose(inter["resid"][i], g["block_outputs"][i], **TOL)
     # the block output is the residual stream plus the two sub-layer outputs
@@ -138,7 +141,7 @@ def test_all_ones_mask_equals_no_mask(case):
 def test_moe_router_logits_and_topk_experts_match_reference():
     moe = _load_case("llada_moe")
     c, g = moe.backbone.config, moe.golden
-    router = moe.inter["router_logits"]  # [L, B, T, E]
+    router = moe.inter["router"]  # [L, B, T, E]
     assert router.shape == (c.n_layers, 2, 16, c.num_experts)
     flat = router.reshape(c.n_layers, -1, c.num_experts)  # batch-major, as the golden array
     np.testing.assert_allclose(flat, g["router_logits"], **TOL)

@@ -13,7 +13,7 @@ import pytest
 
 import ports
 from conftest import EOS_ID, fixture_dir
-from timerome_jax import cli, data, facts, pipeline, sampler, tokenization
+from timerome_jax import cli, data, facts, sampler, tokenization
 from timerome_jax.errors import InputError
 
 FACT_LINES = [
@@ -78,14 +78,17 @@ def test_tokenizer_loads_offline_and_pads(tiny_model_dir_with_tokenizer):
     tok = tokenization.load_tokenizer(tiny_model_dir_with_tokenizer)
     assert tok.eos_token_id == EOS_ID and tok.mask_token_id == 380
     assert os.environ["HF_HUB_OFFLINE"] == "1"
-    enc = tokenization.encode_pairs(tok, ["the cat sat", "who"], ["on a mat", "the"], pad_id=EOS_ID)
-    assert enc.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert enc.answer_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert tok.decode(enc.prompt_ids[0].tolist()) == "the cat sat"
-    assert tok.decode(enc.answer_ids[0].tolist()) == "on a mat"
+    prompts = tokenization.encode_texts(tok, ["the cat sat", "who"], add_special_tokens=True)
+    answers = tokenization.encode_texts(tok, ["on a mat", "the"], add_special_tokens=False, what="answer")
+    prompt_ids, prompt_mask = tokenization.pad_left(prompts, EOS_ID)
+    answer_ids, answer_mask = tokenization.pad_right(answers, EOS_ID)
+    assert prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert answer_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert tok.decode(prompt_ids[0].tolist()) == "the cat sat"
+    assert tok.decode(answer_ids[0].tolist()) == "on a mat"
     assert tokenization.truncate_at_stop([5, 6, EOS_ID, 7, EOS_ID], frozenset({EOS_ID})) == [5, 6]
     with pytest.raises(InputError, match="prompt 1 is empty"):
-        tokenization.encode_prompts(tok, ["the cat", ""], pad_id=EOS_ID)
+        tokenization.encode_texts(tok, ["the cat", ""], add_special_tokens=True)
 
 
 def test_missing_tokenizer_is_an_input_error(tmp_path):
@@ -111,7 +114,7 @@ def test_generate_from_facts(tiny_model_dir_with_tokenizer, tmp_path, capsys):
     backbone = ports.load_pretrained(tiny_model_dir_with_tokenizer)
     tok = tokenization.load_tokenizer(tiny_model_dir_with_tokenizer)
     # TOFU questions are fed in the training prompt format; prompt/target records as given
-    texts = [pipeline.model_texts(f)[0] for f in facts.read_facts(fact_file)]
+    texts = [f.texts()[0] for f in facts.read_facts(fact_file)]
     assert texts[0] == data.format_prompt(records[0]["prompt"]) and texts[1] == records[1]["prompt"]
     prompts = tokenization.encode_texts(tok, texts, add_special_tokens=True)
     full = sampler.sample_many(backbone, prompts, jax.random.key(0), pad_id=EOS_ID, batch_size=3,

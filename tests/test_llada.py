@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import ports
+from conftest import activations
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llada"
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -35,12 +36,12 @@ def test_logits_match_reference(llada, golden):
 
 
 def test_hidden_states_match_reference(llada, golden):
-    _, inter = llada.apply(jnp.asarray(golden["input_ids"]), return_intermediates=True)
+    _, inter = activations(llada, jnp.asarray(golden["input_ids"]))
     np.testing.assert_allclose(inter["embed"], golden["hidden_states"][0], **TOL)
     np.testing.assert_allclose(inter["resid"], golden["block_outputs"], **TOL)
     for i in range(1, llada.config.n_layers):
         np.testing.assert_allclose(inter["resid"][i - 1], golden["hidden_states"][i], **TOL)
-    np.testing.assert_allclose(inter["final_hidden"], golden["hidden_states"][-1], **TOL)
+    np.testing.assert_allclose(inter["final"], golden["hidden_states"][-1], **TOL)
 
 
 def test_padded_batch_matches_official_key_padding(llada, golden):

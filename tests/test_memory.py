@@ -18,8 +18,10 @@ from ports.errors import CheckpointError
 from timerome_jax import memory as mem
 from timerome_jax import tracing as tr
 from timerome_jax.errors import InputError
+from timerome_jax.facts import fact_batch
+from timerome_jax.memory import capturing
 
-from conftest import random_facts
+from conftest import activations, random_facts
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -130,7 +132,7 @@ def test_mlp_memory_through_interception_equals_editing_the_down_projection(llad
     keys, deltas = random_facts(4, dk=F, d=D)
     m, _ = mem.build(keys, deltas, layer=1, module="mlp", alpha=0.8, lam=0.5)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 380, (2, 10)), jnp.int32)
-    edited = jax.jit(lambda bb, m, ids: mem.edited_apply(bb, m, ids))(llada, m, ids)
+    edited = jax.jit(lambda bb, m, ids: bb.apply(ids, edits=(m,)))(llada, m, ids)
     params = jax.tree.map(lambda x: x, llada.params)
     kernel = params["blocks"]["mlp"]["down_proj"]["kernel"]
     params["blocks"]["mlp"]["down_proj"]["kernel"] = kernel.at[1].add(m.primal_weight().T)
@@ -144,12 +146,12 @@ def test_alpha_zero_is_bit_identical(llada, module):
     keys, deltas = random_facts(3, dk=dk, d=64)
     m, _ = mem.build(keys, deltas, layer=2, module=module, alpha=0.0, lam=1.0)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 380, (1, 9)), jnp.int32)
-    out = jax.jit(lambda bb, m, ids: mem.edited_apply(bb, m, ids))(llada, m, ids)
+    out = jax.jit(lambda bb, m, ids: bb.apply(ids, edits=(m,)))(llada, m, ids)
     np.testing.assert_array_equal(out, llada.logits(ids))
 
 
 def test_new_memory_of_same_capacity_does_not_recompile(llada):
-    forward = jax.jit(lambda bb, m, ids: mem.edited_apply(bb, m, ids))
+    forward = jax.jit(lambda bb, m, ids: bb.apply(ids, edits=(m,)))
     ids = jnp.zeros((1, 6), jnp.int32)
     for seed, n in [(0, 3), (1, 5), (2, 8)]:
         keys, deltas = random_facts(n, dk=128, d=64, seed=seed)
@@ -162,30 +164,27 @@ def make_batch():
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(0, 370, 8)), list(rng.integers(0, 370, 6))]
     answers = [list(rng.integers(0, 370, 5)), list(rng.integers(0, 370, 4))]
-    return tr.build_trace_batch(prompts, answers, [(2, 5), (1, 3)], pad_id=378)
+    return fact_batch(prompts, answers, [(2, 5), (1, 3)], pad_id=378)
 
 
 @pytest.mark.parametrize("module, dk", [("mlp", 128), ("attn", 64), ("resid", 64)])
 def test_capture_shapes_and_zero_noise_zero_delta(llada, module, dk):
     batch = make_batch()
-    sigma = tr.subject_embedding_std(llada, batch)
-    keys, deltas = mem.capture_keys_and_deltas(llada, batch, sigma, jax.random.key(0), layer=jnp.int32(1),
-                                               module=module, step=1, noise_samples=3)
-    assert keys.shape == (2, dk) and deltas.shape == (2, 64)
+    where = tr.Coordinate(1, 1, module, 8)
+    keys, deltas, rows = mem.capture(llada, batch, where, jax.random.key(0), noise_samples=3)
+    assert keys.shape == (2, dk) and deltas.shape == (2, 64) and list(rows) == [0, 1]
     assert np.abs(np.asarray(deltas)).max() > 1e-3
-    _, zero = mem.capture_keys_and_deltas(llada, batch, sigma, jax.random.key(0), layer=jnp.int32(1),
-                                          module=module, step=1, noise_samples=2, noise_scale=0.0)
+    zero = mem.capture(llada, batch, where, jax.random.key(0), noise_samples=2, noise_scale=0.0).deltas
     np.testing.assert_allclose(zero, 0.0, atol=1e-5)
 
 
 def test_captured_clean_key_is_the_down_projection_input(llada):
     batch = make_batch()
-    keys, _ = mem.capture_keys_and_deltas(llada, batch, jnp.float32(1.0), jax.random.key(0), layer=jnp.int32(2),
-                                          module="mlp", step=0, noise_samples=1)
+    keys = mem.capture(llada, batch, tr.Coordinate(2, 0, "mlp", 8), jax.random.key(0), noise_samples=1).keys
     # step 0 state = prompt + all-mask answer; recompute the MLP hidden by hand at the last subject token
     ids = np.asarray(batch.input_ids_FT[0]).copy()
     ids[np.asarray(batch.answer_mask_FT[0])] = llada.mask_token_id
-    _, acts = llada.apply(jnp.asarray(ids)[None], batch.attention_mask_FT[:1], return_intermediates=True)
+    _, acts = activations(llada, jnp.asarray(ids)[None], batch.attention_mask_FT[:1])
     p = jax.tree.map(lambda x: x[2], llada.params["blocks"])
     x = acts["resid"][1, 0, 4]  # input of block 2 at the last subject position (4)
     x = x + acts["attn"][2, 0, 4]
@@ -243,7 +242,8 @@ def test_killed_save_leaves_previous_memory_intact(llada, tmp_path):
         from timerome_jax import memory as mem
         import test_memory as t
         bb = ports.load_pretrained({str(FIXTURES / 'llada')!r})
-        real_save = mem.atomic_directory
+        from timerome_jax.memory import storage
+        real_save = storage.atomic_directory
         import contextlib
         @contextlib.contextmanager
         def slow(out_dir, overwrite=False):
@@ -251,7 +251,7 @@ def test_killed_save_leaves_previous_memory_intact(llada, tmp_path):
                 yield tmp
                 print("WRITTEN", flush=True)
                 time.sleep(60)   # killed here: files written, rename not done
-        mem.atomic_directory = slow
+        storage.atomic_directory = slow
         mem.save(t.record_for(bb, 5), {str(out)!r}, overwrite=True)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -277,21 +277,22 @@ def test_empty_fact_set():
 
 
 def test_edited_backbone_runs_the_sampler_and_likelihood_with_the_memory(llada):
-    """EditedBackbone is a Backbone: method code runs on it unchanged, with the memory on."""
+    """An edited backbone is a Backbone: method code runs on it unchanged, with the memory on."""
     from timerome_jax import likelihood, sampler
 
     keys, deltas = random_facts(3, dk=128, d=64)
     m, _ = mem.build(keys, deltas, layer=1, module="mlp", alpha=4.0, lam=0.1)
-    edited = mem.attach(llada, m)
-    assert isinstance(edited, ports.Backbone)
+    edited = llada.with_edits(m)
+    assert type(edited) is ports.Backbone and edited.edits == (m,) and llada.edits == ()
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 370, (1, 6)), jnp.int32)
-    np.testing.assert_array_equal(edited.apply(ids), mem.edited_apply(llada, m, ids))
+    np.testing.assert_array_equal(edited.apply(ids), llada.apply(ids, edits=(m,)))
+    assert edited.fingerprint() == llada.fingerprint()     # the weights are untouched
     prompt_mask = jnp.ones_like(ids)
     answer = jnp.asarray([[5, 9, 11, 3]], jnp.int32)
     lp = lambda bb: likelihood.answer_log_likelihood(bb, ids, prompt_mask, answer, jnp.ones_like(answer),
                                                      method="one_step")
     assert not np.allclose(jax.jit(lp)(edited), jax.jit(lp)(llada))
-    zero = mem.attach(llada, mem.with_hyperparameters(m, alpha=0.0))
+    zero = llada.with_edits(mem.with_hyperparameters(m, alpha=0.0))
     np.testing.assert_array_equal(jax.jit(lp)(zero), jax.jit(lp)(llada))
     out = sampler.sample_jit(edited, ids, prompt_mask, jax.random.key(0), gen_length=4, steps=4, block_length=4)
     assert np.asarray(out).shape == (1, 4)
@@ -299,16 +300,16 @@ def test_edited_backbone_runs_the_sampler_and_likelihood_with_the_memory(llada):
 
 def test_remove_facts_by_id(llada):
     record = record_for(llada, 4)
-    smaller = mem.remove_facts(record, ["f1"])
+    smaller = record.remove_facts(["f1"])
     assert smaller.fact_ids == ("f0", "f2", "f3") and smaller.memory.size == 3
     with pytest.raises(InputError, match="not in this memory: nope"):
-        mem.remove_facts(record, ["nope"])
+        record.remove_facts(["nope"])
 
 
 def test_edited_backbone_pieces_carry_the_memory(llada):
     keys, deltas = random_facts(3, dk=128, d=64)
     m, _ = mem.build(keys, deltas, layer=1, module="mlp", alpha=3.0, lam=0.1)
-    edited = mem.attach(llada, m)
+    edited = llada.with_edits(m)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 370, (1, 7)), jnp.int32)
     x = edited.embed(ids)
     for i in range(llada.config.n_layers):
@@ -374,14 +375,13 @@ def test_key_second_moment_equals_hand_computation(llada):
     ids = jnp.asarray(rng.integers(2, 380, (3, 9)), jnp.int32)
     attn = jnp.asarray(np.array([[1] * 9, [1] * 7 + [0] * 2, [1] * 9]), jnp.int32)
     take = jnp.asarray(rng.random((3, 9)) < 0.5) & (attn > 0)
-    moment, count = mem.key_second_moment(llada, ids, attn, take, layer=jnp.int32(1), module="mlp")
-    _, acts = llada.apply(ids, attn, return_intermediates=True)
+    moment = capturing._second_moment(llada, ids, attn, take, jnp.int32(1), module="mlp")
+    _, acts = activations(llada, ids, attn)
     p = jax.tree.map(lambda x: x[1], llada.params["blocks"])
     x = acts["resid"][0] + acts["attn"][1]
     h = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-5) * p["mlp_norm"]["scale"]
     hidden = np.asarray(jax.nn.silu(h @ p["mlp"]["gate_proj"]["kernel"]) * (h @ p["mlp"]["up_proj"]["kernel"]))
     chosen = hidden[np.asarray(take)]
-    assert int(count) == chosen.shape[0]
     np.testing.assert_allclose(moment, chosen.T @ chosen, rtol=1e-4, atol=1e-4)
 
 
@@ -414,7 +414,7 @@ def test_dual_memories_beyond_the_capacity_limit_are_refused_before_any_solve(mo
     rng = np.random.default_rng(0)
     big, _ = mem.build(rng.normal(size=(n, 2)), rng.normal(size=(n, 2)), layer=0, module="mlp", alpha=1.0, lam=0.1)
     assert big.form == "primal" and big.size == n and big.capacity == 32_768
-    monkeypatch.setattr(mem, "MAX_CAPACITY", 16)
+    monkeypatch.setattr(mem.ridge, "MAX_CAPACITY", 16)
     m, _ = mem.build(rng.normal(size=(16, 40)), rng.normal(size=(16, 4)), layer=0, module="mlp", alpha=1.0, lam=0.1)
     assert m.form == "dual"
     with pytest.raises(InputError, match="capacity 32 entries"):

@@ -8,13 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import ports
+from timerome_jax import api
 from timerome_jax import memory as mem
 from timerome_jax import tracing as tr
-from timerome_jax import workflow
 from timerome_jax.errors import CheckpointError, InputError
-from timerome_jax.facts import Fact
+from timerome_jax.facts import Fact, Facts, fact_batch
+from timerome_jax.memory import capturing
 
-from conftest import random_facts
+from conftest import activations, random_facts
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +76,7 @@ def test_gate_survives_insert_remove_and_save_load(llada, tmp_path):
         np.testing.assert_array_equal(a, b)
     assert loaded.capture_steps == (1, 2) and loaded.coordinate == tr.Coordinate(1, 2, "mlp", 4)
     # removing a fact id removes all of its entries
-    assert mem.remove_facts(loaded, ["a"]).memory.size == 2
+    assert loaded.remove_facts(["a"]).memory.size == 2
 
 
 def test_gate_for_rate_is_the_upper_quantile():
@@ -105,38 +107,49 @@ def make_batch():
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(0, 370, 8)), list(rng.integers(0, 370, 6))]
     answers = [list(rng.integers(0, 370, 6)), list(rng.integers(0, 370, 4))]
-    return tr.build_trace_batch(prompts, answers, [(2, 5), (1, 3)], pad_id=378)
+    return fact_batch(prompts, answers, [(2, 5), (1, 3)], pad_id=378)
+
+
+def make_facts() -> Facts:
+    """make_batch's facts as an encoded set (ids 'a', 'b')."""
+    batch = make_batch()
+    ids, ans = np.asarray(batch.input_ids_FT), np.asarray(batch.answer_mask_FT)
+    lengths = np.asarray(batch.attention_mask_FT).sum(1)
+    prompts = tuple(tuple(int(t) for t in ids[f, :lengths[f]][~ans[f, :lengths[f]]]) for f in range(2))
+    answers = tuple(tuple(int(t) for t in ids[f, :lengths[f]][ans[f, :lengths[f]]]) for f in range(2))
+    facts = (Fact("p", "a", where="a"), Fact("p", "a", where="b"))
+    return Facts(facts, ("s", "s"), prompts, answers, ((2, 5), (1, 3)), 378)
 
 
 def test_captured_key_at_step_k_reads_the_tracers_state_x_k(llada):
     """The key at step 1 of a 4-step trajectory is read from the tracer's x_1 (6 answer tokens,
     revealed 2, 2, 1, 1: 4 still masked), not from the last state of a 2-step one (3 masked)."""
     batch = make_batch()
-    keys, _ = mem.capture_keys_and_deltas(llada, batch, jnp.float32(1.0), jax.random.key(0), layer=jnp.int32(1),
-                                          module="resid", step=1, trace_steps=4, noise_samples=1)
+    keys = mem.capture(llada, batch, tr.Coordinate(1, 1, "resid", 4), jax.random.key(0), noise_samples=1).keys
     states, masked, _, _ = tr.clean_run(llada, batch.input_ids_FT[0], batch.attention_mask_FT[0],
                                         batch.answer_mask_FT[0], batch.subject_pos_FS[0], 4)
     assert int(jnp.sum(masked[1])) == 4
-    _, acts = llada.apply(states[1][None], batch.attention_mask_FT[:1], return_intermediates=True)
+    _, acts = activations(llada, states[1][None], batch.attention_mask_FT[:1])
     np.testing.assert_allclose(keys[0], acts["resid"][1, 0, 4], atol=1e-5)
-    with pytest.raises(InputError, match="step 4 is outside 0..3"):
-        mem.capture_keys_and_deltas(llada, batch, jnp.float32(1.0), jax.random.key(0), layer=jnp.int32(1),
-                                    module="resid", step=4, trace_steps=4, noise_samples=1)
+    with pytest.raises(InputError, match=r"capture steps must lie in 0..3, got \[4\]"):
+        mem.capture(llada, batch, tr.Coordinate(1, 1, "resid", 4), jax.random.key(0), steps=(4,), noise_samples=1)
 
 
 def test_capture_at_steps_is_fact_major_and_equals_single_step_captures(llada):
     batch = make_batch()
     c = tr.Coordinate(1, 0, "attn", 4)
-    keys, deltas, rows = workflow.capture_at_steps(llada, batch, c, (0, 3), jax.random.key(2), noise_samples=2)
+    keys, deltas, rows = mem.capture(llada, batch, c, jax.random.key(2), steps=(0, 3), noise_samples=2)
     assert rows.tolist() == [0, 0, 1, 1]
     for j, k in enumerate((0, 3)):
-        one_k, one_d, one_rows = workflow.capture(llada, batch, dataclasses.replace(c, step=k), jax.random.key(2),
-                                                  noise_samples=2)
-        np.testing.assert_array_equal(keys[j::2], one_k)
-        np.testing.assert_array_equal(deltas[j::2], one_d)
+        one_k, one_d, one_rows = mem.capture(llada, batch, dataclasses.replace(c, step=k), jax.random.key(2),
+                                             noise_samples=2)
+        np.testing.assert_allclose(keys[j::2], one_k, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(deltas[j::2], one_d, rtol=1e-6, atol=1e-6)
         assert one_rows.tolist() == [0, 1]
     with pytest.raises(InputError, match="capture steps must be distinct steps in 0..3"):
-        workflow.check_capture_steps(c, (0, 0))
+        mem.MemorySpec(capture_steps=(0, 4)).steps_for(c)
+    with pytest.raises(InputError, match="capture steps must be distinct"):
+        mem.MemorySpec(capture_steps=(0, 0))
 
 
 class _Tokenizer:
@@ -154,9 +167,10 @@ def test_retain_gate_edits_the_requested_share_of_retain_tokens(llada):
     m, _ = mem.build(keys, deltas, layer=1, module="resid", alpha=1.0, lam=0.1)
     retain = [Fact(f"what is item {i} of the list", f"item {i} is a small red box", where=f"r:{i}", kind="question")
               for i in range(6)]
-    tau, info = workflow.retain_gate(llada, _Tokenizer(), retain, m, rate=0.2)
-    chunks = list(workflow._retain_chunks(llada, _Tokenizer(), retain, 8))
-    scores = np.concatenate([np.asarray(mem.match_scores(llada, m, i, a))[t] for i, a, t in chunks])
+    tau, info = mem.retain_gate(llada, _Tokenizer(), retain, m, pad_id=378, rate=0.2)
+    ids, attn = capturing.retain_rows(llada, _Tokenizer(), retain, pad_id=378)
+    _, (site,) = llada.apply(jnp.asarray(ids), jnp.asarray(attn), capture=(ports.Site(1, "resid"),))
+    scores = np.asarray(m.match(site.key))[attn.astype(bool)]     # the match of every real retain token
     assert info["tokens"] == scores.size and np.mean(scores >= tau) == pytest.approx(0.2, abs=0.03)
 
 
@@ -166,24 +180,20 @@ def test_retain_rows_cover_every_token_at_every_reveal_level(llada):
     tok = _Tokenizer()
     retain = [Fact("what is item one", "item one is a small red box", where="r:0", kind="question"),
               Fact("what is item two of it", "a big blue one", where="r:1", kind="question")]
-    chunks = list(workflow._retain_chunks(llada, tok, retain, 4))
-    ids = np.concatenate([np.asarray(i) for i, _, _ in chunks])
-    attn = np.concatenate([np.asarray(a) for _, a, _ in chunks])
-    take = np.concatenate([t for _, _, t in chunks])
-    levels = workflow.RETAIN_REVEAL_LEVELS
-    assert ids.shape[0] >= len(retain) * len(levels) and np.array_equal(take, attn.astype(bool))
+    ids, attn = capturing.retain_rows(llada, tok, retain, pad_id=378)
+    take = attn.astype(bool)
+    levels = capturing.RETAIN_REVEAL_LEVELS
+    assert ids.shape[0] == len(retain) * len(levels)
     mask_id = llada.mask_token_id
     for f, fact in enumerate(retain):
-        prompt, answer = (len(tok(t)["input_ids"]) for t in workflow.pipeline.model_texts(fact))
+        prompt, answer = (len(tok(t)["input_ids"]) for t in fact.texts())
         rows = ids[f * len(levels):(f + 1) * len(levels)]
         visible = [(rows[j, prompt:prompt + answer] != mask_id).sum() for j in range(len(levels))]
         assert visible == [round(level * answer) for level in levels]
         assert (rows[:, :prompt] == rows[0, :prompt]).all() and (rows[:, :prompt] != mask_id).all()
         assert take[f * len(levels):(f + 1) * len(levels), :prompt].all()   # prompt tokens of masked rows too
-    again = np.concatenate([np.asarray(i) for i, _, _ in workflow._retain_chunks(llada, tok, retain, 4)])
-    np.testing.assert_array_equal(ids, again)
-    other = np.concatenate([np.asarray(i) for i, _, _ in workflow._retain_chunks(llada, tok, retain, 4, seed=1)])
-    assert not np.array_equal(ids, other)
+    np.testing.assert_array_equal(ids, capturing.retain_rows(llada, tok, retain, pad_id=378)[0])
+    assert not np.array_equal(ids, capturing.retain_rows(llada, tok, retain, pad_id=378, seed=1)[0])
 
 
 def test_subject_positions_capture_every_subject_token_and_the_last_is_the_papers(llada):
@@ -192,24 +202,22 @@ def test_subject_positions_capture_every_subject_token_and_the_last_is_the_paper
     over steps, and the memory's fact ids repeat per entry."""
     batch = make_batch()
     c = tr.Coordinate(1, 0, "resid", 4)
-    kw = dict(layer=jnp.int32(1), module="resid", step=0, trace_steps=4, noise_samples=2)
-    last_k, last_d = mem.capture_keys_and_deltas(llada, batch, jnp.float32(1.0), jax.random.key(0), **kw)
-    all_k, all_d = mem.capture_keys_and_deltas(llada, batch, jnp.float32(1.0), jax.random.key(0), positions="subject",
-                                               **kw)
-    assert all_k.shape[:2] == batch.subject_pos_FS.shape
+    last_k, last_d, _ = mem.capture(llada, batch, c, jax.random.key(0), noise_samples=2)
+    all_k, all_d, rows = mem.capture(llada, batch, c, jax.random.key(0), noise_samples=2, positions="subject")
     n_subject = np.asarray(batch.subject_valid_FS).sum(1)
-    for f, n in enumerate(n_subject):
-        np.testing.assert_allclose(all_k[f, n - 1], last_k[f], atol=1e-6)
-        np.testing.assert_allclose(all_d[f, n - 1], last_d[f], atol=1e-6)
-    keys, deltas, rows = workflow.capture_at_steps(llada, batch, c, (0, 2), jax.random.key(0), noise_samples=2,
-                                                   positions="subject")
+    assert rows.tolist() == [0] * n_subject[0] + [1] * n_subject[1]
+    last = np.cumsum(n_subject) - 1       # each fact's last subject entry
+    np.testing.assert_allclose(all_k[last], last_k, atol=1e-6)
+    np.testing.assert_allclose(all_d[last], last_d, atol=1e-6)
+    keys, deltas, rows = mem.capture(llada, batch, c, jax.random.key(0), steps=(0, 2), noise_samples=2,
+                                     positions="subject")
     assert rows.tolist() == [0] * (2 * n_subject[0]) + [1] * (2 * n_subject[1])
-    record = workflow.memory_from_batch(llada, batch, ("a", "b"), c, jax.random.key(0), noise_samples=2,
-                                        capture_steps=(0, 2), key_positions="subject")
+    spec = mem.MemorySpec(capture_steps=(0, 2), key_positions="subject", noise_samples=2)
+    record = api.build_memory(llada, _Tokenizer(), make_facts(), c, spec)
     assert record.fact_ids == ("a",) * (2 * n_subject[0]) + ("b",) * (2 * n_subject[1])
     assert record.memory.size == len(keys) and record.key_positions == "subject"
     with pytest.raises(InputError, match="key positions must be one of last, subject"):
-        workflow.memory_from_batch(llada, batch, ("a", "b"), c, jax.random.key(0), key_positions="all")
+        mem.MemorySpec(key_positions="all")
 
 
 def test_key_positions_survive_save_and_load(llada, tmp_path):

@@ -8,11 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import ports
+from timerome_jax import api
 from timerome_jax import memory as mem
 from timerome_jax import sampler
 from timerome_jax import tracing as tr
-from timerome_jax import workflow
 from timerome_jax.errors import CheckpointError, InputError
+from timerome_jax.facts import Fact, Facts, fact_batch
+from timerome_jax.memory import capturing
+
+from conftest import activations
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +29,18 @@ def make_batch():
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(2, 370, 8)), list(rng.integers(2, 370, 6)), list(rng.integers(2, 370, 5))]
     answers = [list(rng.integers(2, 370, 6)), list(rng.integers(2, 370, 4)), list(rng.integers(2, 370, 3))]
-    return tr.build_trace_batch(prompts, answers, [(2, 5), (1, 3), (4, 5)], pad_id=378), prompts
+    return fact_batch(prompts, answers, [(2, 5), (1, 3), (4, 5)], pad_id=378), prompts
+
+
+def make_facts() -> Facts:
+    """make_batch's facts as an encoded set (ids 'a', 'b', 'c'); no tokenizer is needed to build a
+    memory without a gate or covariance."""
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(2, 370, 8)), list(rng.integers(2, 370, 6)), list(rng.integers(2, 370, 5))]
+    answers = [list(rng.integers(2, 370, 6)), list(rng.integers(2, 370, 4)), list(rng.integers(2, 370, 3))]
+    facts = tuple(Fact("p", "a", where=w) for w in "abc")
+    return Facts(facts, ("s",) * 3, tuple(map(tuple, prompts)), tuple(map(tuple, answers)), ((2, 5), (1, 3), (4, 5)),
+                 378)
 
 
 CAPTURE = mem.SamplerCapture(gen_length=8, steps=4, block_length=4, capture_steps=(0, 1, 3))
@@ -33,16 +49,15 @@ CAPTURE = mem.SamplerCapture(gen_length=8, steps=4, block_length=4, capture_step
 @pytest.mark.parametrize("positions", mem.KEY_POSITIONS)
 def test_capture_at_the_tracers_states_equals_the_tracers_capture(llada, positions):
     batch, _ = make_batch()
-    kw = dict(layer=jnp.int32(1), module="attn", noise_samples=2, positions=positions)
-    keys, deltas = mem.capture_keys_and_deltas(llada, batch, jnp.float32(0.5), jax.random.key(3), step=2,
-                                               trace_steps=4, **kw)
+    kw = dict(module="attn", noise_samples=2, noise_scale=3.0, positions=positions)
+    args = (jnp.float32(0.5), jax.random.key(3), jnp.int32(1))
+    keys, deltas = capturing._at_tracer_states(llada, batch, *args, trace_steps=4, steps=(2,), **kw)
     states = jnp.stack([tr.clean_run(llada, batch.input_ids_FT[f], batch.attention_mask_FT[f],
                                      batch.answer_mask_FT[f], batch.subject_pos_FS[f], 4)[0][2] for f in range(3)])
-    at_k, at_d = mem.capture_at_states(llada, states, batch.attention_mask_FT, batch.subject_pos_FS,
-                                       batch.subject_valid_FS, batch.fact_index_F, jnp.float32(0.5),
-                                       jax.random.key(3), **kw)
-    np.testing.assert_allclose(at_k, keys, atol=1e-6)
-    np.testing.assert_allclose(at_d, deltas, atol=1e-6)
+    rows = (states, batch.attention_mask_FT, batch.subject_pos_FS, batch.subject_valid_FS, batch.fact_index_F)
+    at_k, at_d = capturing._at_states(llada, rows, *args, **kw)
+    np.testing.assert_allclose(at_k, keys[:, 0], atol=1e-6)
+    np.testing.assert_allclose(at_d, deltas[:, 0], atol=1e-6)
 
 
 def test_sampler_states_are_the_greedy_samplers(llada):
@@ -50,7 +65,7 @@ def test_sampler_states_are_the_greedy_samplers(llada):
     < k and masks elsewhere; the last state plus the last step's reveals is its output, and the
     subject positions still point at the subject tokens."""
     batch, prompts = make_batch()
-    states = workflow.sampler_states(llada, batch, CAPTURE)
+    states = mem.sampler_states(llada, batch, CAPTURE)
     assert sorted(states) == [0, 1, 3]
     P, G = 8, 8
     out = sampler.sample_many(llada, prompts, jax.random.key(0), pad_id=0, gen_length=G, steps=4, block_length=4)
@@ -72,16 +87,19 @@ def test_sampler_states_are_the_greedy_samplers(llada):
 def test_capture_along_sampler_reads_the_samplers_states_fact_major(llada):
     batch, _ = make_batch()
     coordinate = tr.Coordinate(1, 0, "resid", 4)
-    keys, deltas, rows = workflow.capture_along_sampler(llada, batch, coordinate, CAPTURE, jax.random.key(1),
-                                                        noise_samples=2, facts_per_chunk=2)
-    assert rows.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and keys.shape == (9, llada.config.d_model)
-    states = workflow.sampler_states(llada, batch, CAPTURE)
+    keys, deltas, rows = mem.capture(llada, batch, coordinate, jax.random.key(1), sampler_capture=CAPTURE,
+                                     noise_samples=2, facts_per_chunk=2)
+    # per fact: its tracer entry at k* = 0, then one per sampler step
+    assert rows.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and keys.shape == (12, llada.config.d_model)
+    tracer_only = mem.capture(llada, batch, coordinate, jax.random.key(1), noise_samples=2)
+    np.testing.assert_allclose(keys[::4], tracer_only.keys, atol=1e-6)
+    states = mem.sampler_states(llada, batch, CAPTURE)
     for j, k in enumerate(CAPTURE.capture_steps):          # fact 1's entry at step k: its last subject token
         ids, attn, pos, _ = states[k]
-        _, acts = llada.apply(jnp.asarray(ids[1:2]), jnp.asarray(attn[1:2]), return_intermediates=True)
-        np.testing.assert_allclose(keys[3 + j], acts["resid"][1, 0, pos[1, 1]], atol=1e-5)
-    one_by_one = workflow.capture_along_sampler(llada, batch, coordinate, CAPTURE, jax.random.key(1),
-                                                noise_samples=2, facts_per_chunk=1)
+        _, acts = activations(llada, jnp.asarray(ids[1:2]), jnp.asarray(attn[1:2]))
+        np.testing.assert_allclose(keys[4 + 1 + j], acts["resid"][1, 0, pos[1, 1]], atol=1e-5)
+    one_by_one = mem.capture(llada, batch, coordinate, jax.random.key(1), sampler_capture=CAPTURE, noise_samples=2,
+                             facts_per_chunk=1)
     for a, b in zip((keys, deltas, rows), one_by_one):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
@@ -91,13 +109,14 @@ def test_a_sampler_captured_gated_memory_fires_on_the_first_generation_step(llad
     stored key (cosine 1), so a gate below 1 passes it."""
     batch, _ = make_batch()
     coordinate = tr.Coordinate(1, 0, "resid", 4)
-    record = workflow.memory_from_batch(llada, batch, ("a", "b", "c"), coordinate, jax.random.key(0),
-                                        noise_samples=2, key_positions="subject", sampler_capture=CAPTURE)
+    spec = mem.MemorySpec(noise_samples=2, key_positions="subject", sampler=CAPTURE)
+    record = api.build_memory(llada, None, make_facts(), coordinate, spec)
     n_subject = np.asarray(batch.subject_valid_FS).sum(1)
     assert record.memory.size == (1 + len(CAPTURE.capture_steps)) * n_subject.sum()
     assert record.fact_ids == tuple(np.repeat(["a", "b", "c"], 4 * n_subject))
-    ids, attn, pos, _ = workflow.sampler_states(llada, batch, CAPTURE)[0]
-    scores = np.asarray(mem.match_scores(llada, record.memory, jnp.asarray(ids), jnp.asarray(attn)))
+    ids, attn, pos, _ = mem.sampler_states(llada, batch, CAPTURE)[0]
+    _, (site,) = llada.apply(jnp.asarray(ids), jnp.asarray(attn), capture=(ports.Site(1, "resid"),))
+    scores = np.asarray(record.memory.match(site.key))
     for f in range(3):
         valid = np.asarray(batch.subject_valid_FS[f])
         np.testing.assert_allclose(scores[f, pos[f][valid]], 1.0, atol=1e-5)
@@ -112,8 +131,8 @@ def test_mentions_are_the_subjects_revealed_copies_in_the_answer(llada, monkeypa
     fake[0, 1:4] = subject0                      # fact 0's answer restates its subject at 1..3
     fake[0, 5:8] = subject0                      # and again at 5..7
     order = np.tile(np.array([[0, 0, 1, 1, 2, 2, 3, 3]], np.int32), (3, 1))
-    monkeypatch.setattr(workflow.sampler, "sample_jit", lambda *a, **k: (fake, order))
-    states = workflow.sampler_states(llada, batch, CAPTURE, mentions=True)
+    monkeypatch.setattr(capturing.sampler, "sample_jit", lambda *a, **k: (fake, order))
+    states = mem.sampler_states(llada, batch, CAPTURE, mentions=True)
     ids, attn, pos, valid = states[3]            # revealed before step 3: answer positions 0..5
     assert pos.shape == valid.shape == (3, 9)
     P = 8
@@ -122,23 +141,23 @@ def test_mentions_are_the_subjects_revealed_copies_in_the_answer(llada, monkeypa
     assert not valid[1:, 3:].any()
     assert states[0][3][:, 3:].sum() == 0
     capture = mem.SamplerCapture(8, 4, 4, (3,), mentions=True)
-    keys, deltas, rows = workflow.capture_along_sampler(llada, batch, tr.Coordinate(1, 0, "resid", 4), capture,
-                                                        jax.random.key(0), noise_samples=1, positions="subject")
-    n_subject = np.asarray(batch.subject_valid_FS).sum(1)
-    assert rows.tolist() == [0] * (n_subject[0] + 4) + [1] * n_subject[1] + [2] * n_subject[2]
-    _, acts = llada.apply(jnp.asarray(ids[:1]), jnp.asarray(attn[:1]), return_intermediates=True)
-    np.testing.assert_allclose(keys[n_subject[0]:n_subject[0] + 4], acts["resid"][1, 0, [P + 1, P + 2, P + 3, P + 5]],
+    keys, deltas, rows = mem.capture(llada, batch, tr.Coordinate(1, 0, "resid", 4), jax.random.key(0),
+                                     sampler_capture=capture, noise_samples=1, positions="subject")
+    n = np.asarray(batch.subject_valid_FS).sum(1)
+    # per fact: its tracer entries (one per subject token), then the sampler state's, mentions included
+    assert rows.tolist() == [0] * (2 * n[0] + 4) + [1] * (2 * n[1]) + [2] * (2 * n[2])
+    _, acts = activations(llada, jnp.asarray(ids[:1]), jnp.asarray(attn[:1]))
+    np.testing.assert_allclose(keys[2 * n[0]:2 * n[0] + 4], acts["resid"][1, 0, [P + 1, P + 2, P + 3, P + 5]],
                                atol=1e-5)
     no_mentions = dataclasses.replace(capture, mentions=False)
-    _, _, rows = workflow.capture_along_sampler(llada, batch, tr.Coordinate(1, 0, "resid", 4), no_mentions,
-                                                jax.random.key(0), noise_samples=1, positions="subject")
-    assert len(rows) == n_subject.sum()
+    _, _, rows = mem.capture(llada, batch, tr.Coordinate(1, 0, "resid", 4), jax.random.key(0),
+                             sampler_capture=no_mentions, noise_samples=1, positions="subject")
+    assert len(rows) == 2 * n.sum()
 
 
 def test_sampler_capture_survives_save_and_load_and_a_bad_one_is_refused(llada, tmp_path):
-    batch, _ = make_batch()
-    record = workflow.memory_from_batch(llada, batch, ("a", "b", "c"), tr.Coordinate(1, 0, "resid", 4),
-                                        jax.random.key(0), noise_samples=1, sampler_capture=CAPTURE)
+    record = api.build_memory(llada, None, make_facts(), tr.Coordinate(1, 0, "resid", 4),
+                              mem.MemorySpec(noise_samples=1, sampler=CAPTURE))
     mem.save(record, tmp_path / "m")
     assert mem.load(tmp_path / "m", llada).sampler_capture == CAPTURE
     meta = json.loads((tmp_path / "m" / "memory.json").read_text())

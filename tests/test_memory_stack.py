@@ -1,6 +1,7 @@
-"""Memory stacks (several edit memories injected at once): a stack of one is `attach`; a stack of
-memories at different layers equals the hand-written forward that adds each term where it acts;
-α = 0 everywhere changes nothing; the stack runs inside jit, the likelihood and the sampler."""
+"""Memory stacks (several edit memories carried by one backbone, `Backbone.with_edits`): edits
+attached one by one equal edits attached together and edits given to one call; a stack of memories
+at different layers equals the hand-written forward that adds each term where it acts; α = 0
+everywhere changes nothing; the stack runs inside jit, the likelihood and the sampler."""
 
 from pathlib import Path
 
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 
 import ports
+from ports.errors import UserError
 from timerome_jax import memory as mem
-from timerome_jax.errors import InputError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 KEY_DIM = {"mlp": 128, "attn": 64, "resid": 64}   # the llada fixture: d_ff 128, N·H = d = 64
@@ -59,11 +60,14 @@ forward = jax.jit(lambda bb, ids: bb.apply(ids))
 
 
 @pytest.mark.parametrize("module", ["mlp", "attn", "resid"])
-def test_stack_of_one_equals_attach(llada, module):
-    m = memory_at(1, module, q=2)
+def test_attaching_one_by_one_together_or_per_call_is_the_same(llada, module):
+    m, other = memory_at(1, module, q=2), memory_at(2, module, seed=3)
     ids = token_ids()
-    np.testing.assert_array_equal(forward(mem.attach_stack(llada, [m]), ids), forward(mem.attach(llada, m), ids))
-    assert np.abs(np.asarray(forward(mem.attach_stack(llada, [m]), ids)) - np.asarray(llada.logits(ids))).max() > 1e-3
+    together = forward(llada.with_edits(m, other), ids)
+    np.testing.assert_array_equal(forward(llada.with_edits(m).with_edits(other), ids), together)
+    np.testing.assert_array_equal(jax.jit(lambda bb, ids: bb.apply(ids, edits=(m, other)))(llada, ids), together)
+    assert np.abs(np.asarray(forward(llada.with_edits(m), ids)) - np.asarray(llada.logits(ids))).max() > 1e-3
+    assert llada.with_edits(m).without_edits().edits == ()
 
 
 @pytest.mark.parametrize("mlp_layer, resid_layer", [(1, 2), (2, 0)])
@@ -73,18 +77,18 @@ def test_two_memories_at_different_layers_equal_the_hand_written_forward(llada, 
     mlp_memory = memory_at(mlp_layer, "mlp", n=3, alpha=0.8, seed=1)
     resid_memory = memory_at(resid_layer, "resid", n=4, alpha=1.2, q=2, seed=2)
     ids = token_ids(3)
-    stacked = forward(mem.attach_stack(llada, [mlp_memory, resid_memory]), ids)
+    stacked = forward(llada.with_edits(mlp_memory, resid_memory), ids)
     expected = hand_forward(with_down_proj_edits(llada, [mlp_memory]), ids, [resid_memory])
     np.testing.assert_allclose(stacked, expected, atol=1e-4)
     for single in (mlp_memory, resid_memory):  # both memories matter
-        assert np.abs(np.asarray(stacked) - np.asarray(forward(mem.attach(llada, single), ids))).max() > 1e-3
+        assert np.abs(np.asarray(stacked) - np.asarray(forward(llada.with_edits(single), ids))).max() > 1e-3
 
 
 def test_two_mlp_memories_equal_two_weight_edits(llada):
     """Memories at the same site (down_proj) and different layers each act at their own layer."""
     first, second = memory_at(0, "mlp", alpha=0.9, seed=4), memory_at(2, "mlp", n=5, alpha=0.6, seed=5)
     ids = token_ids(6)
-    stacked = forward(mem.attach_stack(llada, [first, second]), ids)
+    stacked = forward(llada.with_edits(first, second), ids)
     np.testing.assert_allclose(stacked, with_down_proj_edits(llada, [first, second]).logits(ids), atol=1e-4)
 
 
@@ -97,30 +101,30 @@ def test_resid_memories_at_one_layer_read_the_unedited_output(llada):
         x = llada.layer(x, jnp.int32(i))
         if i == 1:
             x = x + a.term(x) + b.term(x)
-    np.testing.assert_allclose(forward(mem.attach_stack(llada, [a, b]), ids), llada.head(x), atol=1e-4)
+    np.testing.assert_allclose(forward(llada.with_edits(a, b), ids), llada.head(x), atol=1e-4)
 
 
 def test_alpha_zero_everywhere_is_bit_identical(llada):
     stack = [memory_at(0, "mlp", alpha=0.0), memory_at(1, "attn", alpha=0.0, q=2), memory_at(2, "resid", alpha=0.0)]
     ids = token_ids(10)
-    np.testing.assert_array_equal(forward(mem.attach_stack(llada, stack), ids), forward(llada, ids))
+    np.testing.assert_array_equal(forward(llada.with_edits(*stack), ids), forward(llada, ids))
 
 
 def test_stack_runs_in_jit_likelihood_and_sampler_without_recompiling(llada):
     from timerome_jax import likelihood, sampler
 
-    stack = mem.attach_stack(llada, [memory_at(0, "resid", alpha=3.0), memory_at(2, "mlp", alpha=3.0)])
-    assert isinstance(stack, ports.Backbone)
+    stack = llada.with_edits(memory_at(0, "resid", alpha=3.0), memory_at(2, "mlp", alpha=3.0))
+    assert type(stack) is ports.Backbone
     ids = token_ids(11, (1, 6))
     answer = jnp.asarray([[5, 9, 11, 3]], jnp.int32)
     lp = jax.jit(lambda bb: likelihood.answer_log_likelihood(bb, ids, jnp.ones_like(ids), answer,
                                                              jnp.ones_like(answer), method="one_step"))
     assert not np.allclose(lp(stack), lp(llada))
-    other = mem.attach_stack(llada, [memory_at(1, "resid", n=5, alpha=0.5, seed=3),
-                                     memory_at(0, "mlp", n=6, alpha=2.0, q=2, seed=4)])
+    other = llada.with_edits(memory_at(1, "resid", n=5, alpha=0.5, seed=3),
+                             memory_at(0, "mlp", n=6, alpha=2.0, q=2, seed=4))
     assert not np.allclose(lp(other), lp(stack))
     assert lp._cache_size() == 2   # the plain backbone and one compilation for both stacks
-    zero = mem.attach_stack(llada, [mem.with_hyperparameters(m, alpha=0.0) for m in stack.memories])
+    zero = llada.with_edits(*[mem.with_hyperparameters(m, alpha=0.0) for m in stack.edits])
     np.testing.assert_array_equal(lp(zero), lp(llada))
     out = sampler.sample_jit(stack, ids, jnp.ones_like(ids), jax.random.key(0), gen_length=4, steps=4, block_length=4)
     assert np.asarray(out).shape == (1, 4)
@@ -130,10 +134,10 @@ def test_stack_runs_in_jit_likelihood_and_sampler_without_recompiling(llada):
     np.testing.assert_allclose(stack.head(x), stack.apply(ids), atol=1e-5)
 
 
-def test_bad_stacks_are_refused(llada):
-    with pytest.raises(InputError, match="at least one memory"):
-        mem.attach_stack(llada, [])
-    with pytest.raises(InputError, match="layer 7, outside 0..2"):
-        mem.attach_stack(llada, [memory_at(0, "mlp"), memory_at(7, "mlp")])
-    with pytest.raises(InputError, match="not an EditMemory"):
-        mem.attach_stack(llada, [np.zeros(3)])
+def test_bad_edits_are_refused(llada):
+    with pytest.raises(UserError, match="an edit at layer 7 is outside 0..2"):
+        llada.with_edits(memory_at(0, "mlp"), memory_at(7, "mlp"))
+    with pytest.raises(UserError, match="an edit needs a `site`"):
+        llada.with_edits(np.zeros(3))
+    with pytest.raises(UserError, match="no router"):
+        llada.with_edits(mem.EditMemory(**{**memory_at(0, "mlp").__dict__, "module": "router"}))

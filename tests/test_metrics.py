@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import ports
-from timerome_jax import data, likelihood, metrics, tokenization
+from timerome_jax import data, evaluate, likelihood, metrics, suites, tokenization
 from timerome_jax.errors import InputError
 
 
@@ -109,20 +109,20 @@ def test_bootstrap_ci():
 # ----------------------------------------------------------------------------- suites
 
 def test_load_suite_tofu():
-    suite = metrics.load_suite("tofu-forget01")
-    assert [len(suite.split(s)) for s in metrics.SPLITS] == [40, 40, 100, 117]
+    suite = suites.load_suite("tofu-forget01")
+    assert [len(suite.split(s)) for s in suites.SPLITS] == [40, 40, 100, 117]
     assert suite.forget == data.load_split("forget01_perturbed")
     retain90 = data.load_split("retain90")
     assert [r["question"] for r in suite.retain] == [r["question"] for r in retain90[:40]]
-    assert len(metrics.load_suite("tofu-forget05", num_retain=10).forget) == 200
-    quick = metrics.load_suite("tofu-forget10", limit=3)
-    assert [len(quick.split(s)) for s in metrics.SPLITS] == [3, 3, 3, 3]
+    assert len(suites.load_suite("tofu-forget05", num_retain=10).forget) == 200
+    quick = suites.load_suite("tofu-forget10", limit=3)
+    assert [len(quick.split(s)) for s in suites.SPLITS] == [3, 3, 3, 3]
     with pytest.raises(InputError, match="unknown suite"):
-        metrics.load_suite("tofu-forget02")
+        suites.load_suite("tofu-forget02")
 
 
 def test_relearn_prompt_text():
-    assert metrics.relearn_prompt(" Who? ", " Her. ") == "Question: Who?\nAnswer: Her.\nQuestion: Who?\nAnswer:"
+    assert evaluate.relearn_prompt(" Who? ", " Her. ") == "Question: Who?\nAnswer: Her.\nQuestion: Who?\nAnswer:"
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -131,7 +131,7 @@ def test_relearn_prompt_text():
 # one answer bucket, one generation length -> few compilations. Shared with test_eval_cli.py and
 # multidevice/check_eval_mesh.py.
 TINY_SUITE = json.loads((Path(__file__).parent / "fixtures" / "tiny_suite.json").read_text())
-GEN = metrics.GenerationConfig(gen_length=8, steps=4, block_length=8, batch_size=8)
+GEN = evaluate.GenerationConfig(gen_length=8, steps=4, block_length=8, batch_size=8)
 SMALL = dict(mc_samples=4, generation=GEN, pairs_per_call=4, batch_size=16)
 
 
@@ -143,13 +143,13 @@ def tiny(tiny_model_dir_with_tokenizer):
 
 @pytest.fixture(scope="module")
 def suite():
-    return metrics.suite_from_records(TINY_SUITE, name="tiny")
+    return suites.suite_from_records(TINY_SUITE, name="tiny")
 
 
 @pytest.fixture(scope="module")
 def result(tiny, suite):
     backbone, tok = tiny
-    return metrics.evaluate_suite(backbone, tok, suite, seeds=(0, 1, 2), reference=backbone,
+    return evaluate.evaluate_suite(backbone, tok, suite, seeds=(0, 1, 2), reference=backbone,
                                   reference_name="itself", **SMALL)
 
 
@@ -159,12 +159,12 @@ def _numbers(res):
 
 def test_same_seed_gives_identical_metrics(tiny, suite, result):
     backbone, tok = tiny
-    again = metrics.evaluate_suite(backbone, tok, suite, seeds=(0, 1, 2), reference=backbone,
+    again = evaluate.evaluate_suite(backbone, tok, suite, seeds=(0, 1, 2), reference=backbone,
                                    reference_name="itself", **SMALL)
     assert _numbers(again) == _numbers(result)
     assert again["items"] == result["items"]
     # seed s fixes its own masks: seed 1 alone reproduces seed 1 of the 3-seed run
-    one = metrics.evaluate_suite(backbone, tok, suite, seeds=(1,), **SMALL)
+    one = evaluate.evaluate_suite(backbone, tok, suite, seeds=(1,), **SMALL)
     np.testing.assert_allclose(one["forget_lp"]["per_seed"], result["forget_lp"]["per_seed"][1:2],
                                rtol=1e-5)
     assert one["forget_lp"]["ci_low"] is None  # one seed: no CI
@@ -192,7 +192,7 @@ def test_lp_matches_the_likelihood_with_the_pair_keys(tiny, result):
     rec = TINY_SUITE["forget"][1]
     prompt = data.encode_prompt(tok, rec["question"])
     answer = data.encode_answer(tok, rec["answer"])
-    pair = metrics.Pair("forget/1/answer", tuple(prompt), tuple(answer))
+    pair = likelihood.Pair("forget/1/answer", tuple(prompt), tuple(answer))
     pad = tokenization.pad_token_id(tok, backbone)
     for s in (0, 2):
         key = jax.random.fold_in(jax.random.key(s), pair.key_data)
@@ -203,7 +203,7 @@ def test_lp_matches_the_likelihood_with_the_pair_keys(tiny, result):
 
 
 def test_aggregates_match_the_items(result):
-    items = {s: [i for i in result["items"] if i["split"] == s] for s in metrics.SPLITS}
+    items = {s: [i for i in result["items"] if i["split"] == s] for s in suites.SPLITS}
     lp = np.array([i["lp_per_seed"] for i in items["forget"]])  # [N, S]
     assert result["forget_lp"]["per_seed"] == pytest.approx(lp.mean(axis=0).tolist(), rel=1e-12)
     para = np.array([i["paraphrase_lp_per_seed"] for i in items["forget"]])
@@ -223,7 +223,7 @@ def test_aggregates_match_the_items(result):
     assert result["retain_probability"]["per_seed"] == pytest.approx(
         np.exp(lp / n).mean(axis=0).tolist(), rel=1e-12)
     # ROUGE: greedy, seed-independent, recomputed from the stored generations
-    for s in metrics.SPLITS:
+    for s in suites.SPLITS:
         expect = np.mean([metrics.rouge_l_recall(i["generation"], i["answer"]) for i in items[s]])
         assert result[f"rouge_{s}"]["per_seed"] == [pytest.approx(expect)] * 3
         assert result[f"rouge_{s}"]["ci_low"] == result[f"rouge_{s}"]["ci_high"] == result[f"rouge_{s}"]["mean"]
@@ -244,7 +244,7 @@ def test_reference_itself_gives_forget_quality_one(result):
 
 def test_no_reference_is_null_with_reason(tiny, suite):
     backbone, tok = tiny
-    res = metrics.evaluate_suite(backbone, tok, suite, seeds=(0,), estimator="one_step",
+    res = evaluate.evaluate_suite(backbone, tok, suite, seeds=(0,), estimator="one_step",
                                  no_reference_reason="no twin here", generation=GEN,
                                  pairs_per_call=4, batch_size=16)
     fq = res["forget_quality"]
@@ -254,7 +254,7 @@ def test_no_reference_is_null_with_reason(tiny, suite):
 
 def test_deterministic_estimator_shared_by_seeds(tiny, suite):
     backbone, tok = tiny
-    res = metrics.evaluate_suite(backbone, tok, suite, seeds=(0, 1), estimator="one_step",
+    res = evaluate.evaluate_suite(backbone, tok, suite, seeds=(0, 1), estimator="one_step",
                                  generation=GEN, pairs_per_call=4, batch_size=16)
     m = res["forget_lp"]
     assert m["per_seed"][0] == m["per_seed"][1] and m["ci_low"] == m["ci_high"] == m["mean"]
@@ -263,13 +263,13 @@ def test_deterministic_estimator_shared_by_seeds(tiny, suite):
 
 def test_bad_inputs(tiny, suite):
     backbone, tok = tiny
-    broken = metrics.suite_from_records({**TINY_SUITE, "retain": [{"question": "who ?", "answer": "me",
+    broken = suites.suite_from_records({**TINY_SUITE, "retain": [{"question": "who ?", "answer": "me",
                                                                    "perturbed_answer": ["you"]}]})
     with pytest.raises(InputError, match="retain record 0: needs a non-empty 'paraphrased_answer'"):
-        metrics.evaluate_suite(backbone, tok, broken, seeds=(0,), **SMALL)
+        evaluate.evaluate_suite(backbone, tok, broken, seeds=(0,), **SMALL)
     with pytest.raises(InputError, match="no records for world_facts"):
-        metrics.suite_from_records({k: v for k, v in TINY_SUITE.items() if k != "world_facts"})
+        suites.suite_from_records({k: v for k, v in TINY_SUITE.items() if k != "world_facts"})
     with pytest.raises(InputError, match="distinct non-negative"):
-        metrics.evaluate_suite(backbone, tok, suite, seeds=(0, 0), **SMALL)
+        evaluate.evaluate_suite(backbone, tok, suite, seeds=(0, 0), **SMALL)
     with pytest.raises(InputError, match="unknown log-likelihood method"):
-        metrics.evaluate_suite(backbone, tok, suite, estimator="exact", **SMALL)
+        evaluate.evaluate_suite(backbone, tok, suite, estimator="exact", **SMALL)

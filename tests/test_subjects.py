@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from timerome_jax import subjects
+from timerome_jax import facts as subjects
 from timerome_jax.errors import InputError
 from timerome_jax.plots import tie_heatmaps
 

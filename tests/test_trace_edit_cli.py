@@ -8,6 +8,7 @@ import pytest
 
 from timerome_jax import cli
 from timerome_jax import memory as mem
+from timerome_jax import tracing
 
 FACTS = [
     {"question": "who wrote the book about the old city ?", "answer": "the author was born", "subject": "the old city"},
@@ -230,7 +231,7 @@ def test_edit_bad_inputs(extra, message, tiny_model_dir_with_tokenizer, tmp_path
 def test_append_to_a_memory_of_another_model_is_refused(traced, tmp_path, capsys):
     facts, _ = traced
     record = mem.MemoryRecord(*mem.build(np.ones((1, 128)), np.ones((1, 64)), layer=0, module="mlp", alpha=1.0, lam=0.1)[:1],
-                              coordinate=mem.tracing.Coordinate(0, 0, "mlp"), lam=0.1, key_scale=128.0,
+                              coordinate=tracing.Coordinate(0, 0, "mlp"), lam=0.1, key_scale=128.0,
                               fact_ids=("x",), fingerprint="ffffffffffffffff")
     mem.save(record, tmp_path / "m")
     code, _, err = run(capsys, "edit", "--model", Path(__file__).parent / "fixtures" / "llada", "--append",

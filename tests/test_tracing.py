@@ -3,15 +3,18 @@
 import dataclasses
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import ports
+from ports import MODULES, Site
 from timerome_jax import tracing as tr
 from timerome_jax.errors import InputError
+from timerome_jax.facts import fact_batch
+
+from conftest import activations
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -31,53 +34,73 @@ def facts():
 
 @pytest.fixture(scope="module")
 def batch(facts):
-    return tr.build_trace_batch(*facts, pad_id=378)
+    return fact_batch(*facts, pad_id=378)
 
 
 CFG = tr.TraceConfig(steps=3, noise_samples=2)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SetRows:
+    """The reference's own edit (not the tracer's): rows `pos` of the site's value become `rows`,
+    or get `rows` added; written from DESIGN.md §2 with a scatter."""
+
+    site: Site
+    pos: jax.Array
+    rows: jax.Array
+    add: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    def __call__(self, key, value):
+        new = value[0, self.pos] + self.rows if self.add else self.rows
+        return value.at[0, self.pos].set(new.astype(value.dtype))
+
+
 def reference_grid(bb, batch, sigma, key, cfg):
-    """Plain Python loops, one jitted forward per cell, written without tie_grid's vmaps."""
+    """Plain Python loops, one jitted forward per cell, written from the definitions (DESIGN.md §2)
+    without tie_grid's vmaps or the tracer's edits."""
     L, D, K, R = bb.config.n_layers, bb.config.d_model, cfg.steps, cfg.noise_samples
     F, S = batch.subject_pos_FS.shape
-    forward = jax.jit(lambda bb, ids, am, iv: tr._forward(bb, ids, am, iv, cfg.window)[0])
+    forward = jax.jit(lambda bb, ids, am, edits: bb.apply(ids[None], am[None], edits=edits)[0])
     tie = np.zeros((F, K, L, len(cfg.modules)))
     clean_lp, corrupted_lp = np.zeros((F, K)), np.zeros((F, K))
     for f in range(F):
         true_ids, am = batch.input_ids_FT[f], batch.attention_mask_FT[f]
         answer = np.asarray(batch.answer_mask_FT[f])
+        pos = np.asarray(batch.subject_pos_FS[f])[np.asarray(batch.subject_valid_FS[f])]
         n = int(answer.sum())
         counts = [n // K + (k < n % K) for k in range(K)]
         cur = np.where(answer, bb.mask_token_id, np.asarray(true_ids))
         masked = answer.copy()
         states, masks, cleans = [], [], []
         for k in range(K):
-            logits, acts = bb.apply(jnp.asarray(cur)[None], am[None], return_intermediates=True)
+            logits, acts = activations(bb, jnp.asarray(cur)[None], am[None])
             logp = np.asarray(jax.nn.log_softmax(logits[0], -1))
             clean_lp[f, k] = sum(logp[j, int(true_ids[j])] for j in np.flatnonzero(masked))
             probs = np.asarray(jax.nn.softmax(logits[0], -1))
             conf = probs.max(-1)
             candidates = sorted(np.flatnonzero(masked), key=lambda j: (-conf[j], j))[: counts[k]]
-            pos = np.asarray(batch.subject_pos_FS[f])
-            cleans.append(np.stack([np.asarray(acts[m][:, 0])[:, pos] for m in tr.MODULES], 1))
+            cleans.append({m: np.asarray(acts[m][:, 0])[:, pos] for m in MODULES})   # [L, S, D]
             states.append(cur.copy()); masks.append(masked.copy())
             cur[candidates] = np.asarray(true_ids)[candidates]
             masked[candidates] = False
         for k in range(K):
             corrupted = []
             for r in range(R):
-                noise = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, int(batch.fact_index_F[f])), r), (S, D)) * cfg.noise_scale * sigma
-                def lp(layer, module):
-                    iv = tr.Intervention(batch.subject_pos_FS[f], batch.subject_valid_FS[f], noise,
-                                         jnp.int32(layer), jnp.int32(module), jnp.asarray(cleans[k]))
-                    logp = np.asarray(jax.nn.log_softmax(forward(bb, jnp.asarray(states[k]), am, iv), -1))
+                noise = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, int(batch.fact_index_F[f])), r), (S, D))
+                noise = noise[: len(pos)] * cfg.noise_scale * sigma
+                corrupt = SetRows(Site(None, "embed"), jnp.asarray(pos), noise, add=True)
+                def lp(*patch):
+                    logp = np.asarray(jax.nn.log_softmax(forward(bb, jnp.asarray(states[k]), am, (corrupt, *patch)), -1))
                     return sum(logp[j, int(true_ids[j])] for j in np.flatnonzero(masks[k]))
-                base = lp(-1, 0)
+                base = lp()
                 corrupted.append(base)
                 for layer in range(L):
                     for mi, m in enumerate(cfg.modules):
-                        tie[f, k, layer, mi] += (lp(layer, tr.MODULES.index(m)) - base) / R
+                        low = layer - cfg.window // 2
+                        window = [l for l in range(low, low + cfg.window) if 0 <= l < L]
+                        patch = [SetRows(Site(jnp.int32(l), m), jnp.asarray(pos), jnp.asarray(cleans[k][m][l])) for l in window]
+                        tie[f, k, layer, mi] += (lp(*patch) - base) / R
             corrupted_lp[f, k] = np.mean(corrupted)
     return tie, clean_lp, corrupted_lp
 
@@ -122,6 +145,10 @@ def test_clean_run_reveals_true_tokens_on_the_linear_schedule(llada, batch):
         np.testing.assert_array_equal(np.asarray(states[k])[shown], true[shown])
         assert (np.asarray(states[k])[np.asarray(masked[k])] == llada.mask_token_id).all()
     assert clean.shape == (3, 3, 3, 3, 64)  # [K, L, M, S, D]
+    _, acts = activations(llada, states[1][None], batch.attention_mask_FT[f][None])
+    pos = np.asarray(batch.subject_pos_FS[f])
+    for m, module in enumerate(MODULES):     # the clean activations are the forward's, at the subject
+        np.testing.assert_array_equal(clean[1][:, m], np.asarray(acts[module][:, 0])[:, pos])
 
 
 def test_zero_noise_means_no_effect_anywhere(llada, batch):
@@ -134,7 +161,7 @@ def test_no_op_patch_gives_corrupted_and_full_restore_gives_clean(llada, facts):
     """Subject = every real position. Restoring the residual stream of every layer everywhere
     must give back the clean read-out; a patch at no layer gives the corrupted read-out."""
     prompts, answers, _ = facts
-    full = tr.build_trace_batch(prompts[:1], answers[:1], [(0, len(prompts[0]))], pad_id=378)
+    full = fact_batch(prompts[:1], answers[:1], [(0, len(prompts[0]))], pad_id=378)
     T = int(full.attention_mask_FT.sum())
     full = dataclasses.replace(full, subject_pos_FS=jnp.arange(T)[None], subject_valid_FS=jnp.ones((1, T), bool))
     sigma = tr.subject_embedding_std(llada, full)
@@ -144,11 +171,12 @@ def test_no_op_patch_gives_corrupted_and_full_restore_gives_clean(llada, facts):
         np.testing.assert_allclose(result.patched_lp[0, :, layer, 0], result.clean_lp[0], atol=1e-4)
     assert np.abs(result.clean_lp - result.corrupted_lp).max() > 0.1
 
-    iv_args = dict(subject_pos_S=full.subject_pos_FS[0], subject_valid_S=full.subject_valid_FS[0],
-                   noise_SD=jnp.zeros((T, 64)), patch_module=jnp.int32(0), clean_LMSD=jnp.zeros((3, 3, T, 64)))
+    pos, valid = full.subject_pos_FS[0], full.subject_valid_FS[0]
     ids, am = full.input_ids_FT[0], full.attention_mask_FT[0]
-    no_patch = tr._forward(llada, ids, am, tr.Intervention(patch_layer=jnp.int32(-1), **iv_args), 1)
-    np.testing.assert_array_equal(no_patch, llada.apply(ids[None], am[None]))
+    no_patch = tr.patch_edits(jnp.ones((3, 3, T, 64)), pos, valid, jnp.int32(-1), jnp.int32(0), 3)
+    zero_noise = tr.noise_edit(pos, valid, jnp.zeros((T, 64)))
+    np.testing.assert_array_equal(llada.apply(ids[None], am[None], edits=(zero_noise, *no_patch)),
+                                  llada.apply(ids[None], am[None]))
 
 
 def test_last_layer_residual_patch_cannot_reach_the_answer(llada, batch):
@@ -163,7 +191,7 @@ def test_facts_of_different_lengths_batch_like_singletons(llada, facts, batch):
     together = tr.tie_grid(llada, batch, sigma, jax.random.key(5), CFG)
     prompts, answers, spans = facts
     for i in range(2):
-        alone = tr.build_trace_batch([prompts[i]], [answers[i]], [spans[i]], pad_id=378, fact_index=[i])
+        alone = fact_batch([prompts[i]], [answers[i]], [spans[i]], pad_id=378, fact_index=[i])
         single = tr.tie_grid(llada, alone, sigma, jax.random.key(5), CFG)
         np.testing.assert_allclose(single.tie[0], together.tie[i], atol=1e-4)
         np.testing.assert_allclose(single.clean_lp[0], together.clean_lp[i], atol=1e-4)
@@ -186,10 +214,10 @@ def test_select_coordinate_on_a_planted_maximum():
     tie = np.zeros((2, 4, 5, 3))
     tie[:, 2, 3, 1] = 5.0
     tie[:, 0, 1, 0] = 9.0  # large, but only at step 0
-    assert tr.select_coordinate(tie, tr.MODULES).as_dict() == {"layer": 1, "step": 0, "module": "resid", "steps": 4}
-    assert tr.select_coordinate(tie, tr.MODULES, k_min=1).as_dict() == {"layer": 3, "step": 2, "module": "attn", "steps": 4}
+    assert tr.select_coordinate(tie, MODULES).as_dict() == {"layer": 1, "step": 0, "module": "resid", "steps": 4}
+    assert tr.select_coordinate(tie, MODULES, k_min=1).as_dict() == {"layer": 3, "step": 2, "module": "attn", "steps": 4}
     with pytest.raises(InputError, match="k_min"):
-        tr.select_coordinate(tie, tr.MODULES, k_min=4)
+        tr.select_coordinate(tie, MODULES, k_min=4)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -203,9 +231,9 @@ def test_bad_trace_settings(kwargs, message):
 
 def test_bad_subject_span():
     with pytest.raises(InputError, match="not inside"):
-        tr.build_trace_batch([[1, 2, 3]], [[4]], [(2, 5)], pad_id=0)
+        fact_batch([[1, 2, 3]], [[4]], [(2, 5)], pad_id=0)
     with pytest.raises(InputError, match="no facts"):
-        tr.build_trace_batch([], [], [], pad_id=0)
+        fact_batch([], [], [], pad_id=0)
 
 
 @pytest.mark.parametrize("window", [1, 3])
@@ -216,3 +244,24 @@ def test_cached_prefix_grid_equals_full_forwards(llada, batch, window):
     full = tr.tie_grid(llada, batch, sigma, jax.random.key(4), dataclasses.replace(cfg, share_prefix=False))
     for a, b in zip(jax.tree.leaves(shared), jax.tree.leaves(full)):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_trace_driver_chunks_equal_one_grid_and_select_the_coordinate(llada, batch):
+    sigma = tr.subject_embedding_std(llada, batch)
+    whole = tr.tie_grid(llada, batch, sigma, jax.random.key(6), CFG)
+    traced = tr.trace(llada, batch, CFG, jax.random.key(6), facts_per_chunk=1)
+    np.testing.assert_allclose(traced.result.tie, whole.tie, atol=1e-5)
+    assert traced.coordinate == tr.select_coordinate(traced.result.tie, CFG.modules)
+    assert np.isclose(traced.sigma, float(sigma))
+
+
+def test_coordinate_parse_and_from_trace(tmp_path):
+    assert tr.Coordinate.parse("2,mlp,1", n_layers=3, steps=4) == tr.Coordinate(2, 1, "mlp", 4)
+    for text, message in [("2,mlp", "LAYER,MODULE,STEP"), ("x,mlp,1", "integers"), ("2,ffn,1", "unknown module"),
+                          ("3,mlp,1", "layer 3 is outside"), ("2,mlp,4", "step 4 is outside")]:
+        with pytest.raises(InputError, match=message):
+            tr.Coordinate.parse(text, n_layers=3, steps=4)
+    (tmp_path / "summary.json").write_text('{"coordinate": {"layer": 1, "step": 0, "module": "attn", "steps": 2}}')
+    assert tr.Coordinate.from_trace(tmp_path, n_layers=3) == tr.Coordinate(1, 0, "attn", 2)
+    with pytest.raises(InputError, match="cannot read a coordinate"):
+        tr.Coordinate.from_trace(tmp_path / "missing", n_layers=3)

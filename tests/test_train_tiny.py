@@ -203,13 +203,17 @@ def test_weighted_selection(train_tiny):
             train_tiny.load_weighted_selection(bad)
 
 
-def test_reveal_schedule_matches_llada(train_tiny):
-    assert train_tiny.reveal_schedule(32, 16) == [2] * 16
-    assert train_tiny.reveal_schedule(10, 4) == [3, 3, 2, 2]
+def test_reveal_schedule_matches_llada():
+    # train_tiny monitors with the library's sampler: its per-block schedule is LLaDA's
+    from timerome_jax import sampler
+
+    assert sampler.reveal_counts(32, 16, 32).tolist() == [2] * 16
+    assert sampler.reveal_counts(10, 4, 10).tolist() == [3, 3, 2, 2]
 
 
 def _reference_greedy(backbone, prompt, gen_length, block_length, steps):
-    """Plain-numpy LLaDA low-confidence greedy decoding of one unpadded prompt."""
+    """Plain-numpy LLaDA low-confidence greedy decoding of one unpadded prompt (the mask token is
+    never proposed; its confidence is the proposal's probability under the full softmax)."""
     mask_id = backbone.mask_token_id
     x = np.array(list(prompt) + [mask_id] * gen_length)[None]
     P = len(prompt)
@@ -221,7 +225,7 @@ def _reference_greedy(backbone, prompt, gen_length, block_length, steps):
             logits = np.asarray(backbone.logits(x))[0]
             probs = np.exp(logits - logits.max(-1, keepdims=True))
             probs /= probs.sum(-1, keepdims=True)
-            proposal = logits.argmax(-1)
+            proposal = np.where(np.arange(logits.shape[-1]) == mask_id, -np.inf, logits).argmax(-1)
             confidence = probs[np.arange(len(proposal)), proposal]
             candidates = [i for i in range(P + b * block_length, P + (b + 1) * block_length)
                           if x[0, i] == mask_id]
@@ -230,21 +234,30 @@ def _reference_greedy(backbone, prompt, gen_length, block_length, steps):
     return x[0, P:]
 
 
-def test_greedy_generate_matches_a_loop_reference(train_tiny):
+def test_greedy_generate_matches_a_loop_reference(train_tiny, tiny_model_dir_with_tokenizer):
+    """train_tiny's monitoring generations (`evaluate.generate_answers`: `sampler.sample_many` on
+    left-padded prompts, then `data.decode_answer`) equal a loop over the unpadded prompts."""
+    from timerome_jax import evaluate, sampler, tokenization
+
     model = ports.load_pretrained(Path(__file__).parent / "fixtures" / "llada")
+    tok = tokenization.load_tokenizer(tiny_model_dir_with_tokenizer)
     prompts = [[5, 9, 33, 2, 7], [40, 41, 42]]
-    width = 6
-    ids = np.array([[0] * (width - len(p)) + p for p in prompts], np.int32)
-    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], np.int32)
-    out = np.asarray(train_tiny.greedy_generate(model, ids, mask, gen_length=8, block_length=4, steps=6))
+    schedule = dict(gen_length=8, block_length=4, steps=6)
+    out = sampler.sample_many(model, prompts, jax.random.key(0), pad_id=0, batch_size=64, temperature=0.0,
+                              **schedule)
     assert not (out == model.mask_token_id).any()
-    for row, prompt in zip(out, prompts):
-        np.testing.assert_array_equal(row, _reference_greedy(model, prompt, 8, 4, 6))
+    references = [_reference_greedy(model, prompt, 8, 4, 6) for prompt in prompts]
+    for row, reference in zip(out, references):
+        np.testing.assert_array_equal(row, reference)
+    texts = evaluate.generate_answers(model, tok, prompts, batch_size=64, pad_id=0, **schedule)
+    assert texts == [data.decode_answer(tok, reference) for reference in references]
 
 
-def test_rouge_l_recall(train_tiny):
-    assert train_tiny.rouge_l_recall("the cat sat", "The cat sat on the mat.") == pytest.approx(0.5)
-    assert train_tiny.rouge_l_recall("", "anything") == 0.0
+def test_rouge_l_recall():
+    from timerome_jax import metrics   # what train_tiny scores its generations with
+
+    assert metrics.rouge_l_recall("the cat sat", "The cat sat on the mat.") == pytest.approx(0.5)
+    assert metrics.rouge_l_recall("", "anything") == 0.0
 
 
 # --- training ----------------------------------------------------------------------------------

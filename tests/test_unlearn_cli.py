@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 import ports
-from timerome_jax import baselines, cli, memory as mem, tracing
-from timerome_jax.baselines import inference, suites, training
+from timerome_jax import baselines, cli, memory as mem, suites, tracing
+from timerome_jax.edits import Steering
+from timerome_jax.baselines import inference, training
 from timerome_jax.tokenization import backbone_tokenizer
 
 SMALL = ["--suite", "tofu-forget01", "--num-forget", "4", "--num-retain", "4"]
@@ -71,8 +72,11 @@ def test_training_method_writes_a_loadable_model_dir(tiny_model_dir_with_tokeniz
     assert unlearned.tokenizer_dir == str(out.absolute()) and unlearned.fingerprint() != base.fingerprint()
     # the directory holds exactly what the library computes for the same settings
     tok = backbone_tokenizer(base)
-    suite = suites.load_suite("tofu-forget01", tok, 378, 256, num_retain=4, num_forget=4)
-    expected = training.train(base, suite.forget, suite.retain, training.TrainConfig(
+    suite = suites.load_suite("tofu-forget01", num_retain=4)
+    rows = dict(tokenizer=tok, eos_id=378, max_len=256)
+    forget = suites.encode_rows(suite.forget[:4], score="answer", where="forget01", **rows)
+    retain = suites.encode_rows(suite.retain, score="window", where="retain90", **rows)
+    expected = training.train(base, forget, retain, training.TrainConfig(
         method="npo", lr=1e-3, max_steps=3, batch_size=4, eval_every=3, mc_samples=2))
     for a, b in zip(jax.tree.leaves(unlearned.params), jax.tree.leaves(expected.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -113,16 +117,17 @@ def test_inference_method_writes_a_baseline_eval_can_load(method, tiny_model_dir
     model = baselines.load_inference_baseline(out, base)
     ids = np.random.default_rng(0).integers(0, 370, size=(2, 12)).astype(np.int32)
     assert not np.allclose(np.asarray(model.logits(ids)), np.asarray(base.logits(ids)))
+    (edit,) = model.edits
     if method == "random_memory":
-        assert isinstance(model, mem.EditedBackbone)
+        assert isinstance(edit, mem.EditMemory)
         c = meta["coordinate"]
         assert c["layer"] != traced.layer and c["step"] == traced.step
         assert c == inference.random_coordinate(3, traced, seed).as_dict()
-        assert float(model.memory.alpha) == 0.5 and model.memory.size == 4
+        assert float(edit.alpha) == 0.5 and edit.size == 4
     else:
-        assert isinstance(model, baselines.SteeredBackbone) and meta["coordinate"] == traced.as_dict()
+        assert isinstance(edit, Steering) and meta["coordinate"] == traced.as_dict()
         vectors = np.load(out / "vector.npz")
         sign = -1.0 if method == "caa" else 1.0  # CAA subtracts the clean − corrupted difference
         np.testing.assert_array_equal(vectors["vector"], sign * vectors["difference"])
-        np.testing.assert_array_equal(np.asarray(model.steering.vector), vectors["vector"])
-        assert float(model.steering.alpha) == 0.5
+        np.testing.assert_array_equal(np.asarray(edit.vector_D), vectors["vector"])
+        assert float(edit.alpha) == 0.5

@@ -1,37 +1,69 @@
-"""Fact files: JSONL, one JSON object per line, in one of two shapes.
+"""Facts: the records a user gives, and the same facts encoded for the tracer and the memory.
 
-  * question/answer (TOFU): `{"question": ..., "answer": ...}`; the question is the prompt;
-  * prompt/subject/target (ROME-style): `{"prompt": ..., "subject": ..., "target": ...}`; the target
-    is the answer.
+Two shapes, one identity:
 
-`answer`/`target` and `subject` are optional (generation needs only a prompt; tracing needs a
-subject and an answer, and checks that itself). Other fields are ignored. Blank lines are skipped.
-Every problem is an `InputError` naming the file and, where there is one, the line.
+* `Fact`: one record of a JSONL file, in one of two forms —
+  question/answer (TOFU: `{"question": ..., "answer": ...}`; the question is the prompt) or
+  prompt/subject/target (ROME, CounterFact: `{"prompt": ..., "subject": ..., "target": ...}`; the
+  target is the answer). `answer`/`target` and `subject` are optional (generation needs only a
+  prompt; tracing needs a subject and an answer). Other fields are ignored, blank lines skipped.
+* `Facts`: a set of facts encoded for one model — per fact its tokens and subject span — with the
+  padded arrays every jitted function takes (`FactBatch`, a pytree [F, ...]).
+
+A fact is identified by `Fact.where` ('file:line', or 'split:line' for packaged data); its row in
+a `Facts` set is its position (also `FactBatch.fact_index_F`, which seeds its noise draws).
+
+Text conventions (one place, used by trace, edit, eval and generate):
+* question/answer facts: prompt text = `data.format_prompt(question)`, answer = the stripped
+  answer — exactly the format the embedded models were trained on;
+* prompt/subject/target facts: prompt text as given, answer = " " + target (the target continues
+  the sentence, so it starts a new word).
+
+Subjects: a fact's own `subject` field wins; otherwise, for question/answer facts, TOFU's author
+name found per 20-question block (`tofu_subjects`). Subject token spans come from the tokenizer's
+offset mapping (never from re-tokenising the subject, which BPE merges make unreliable). Facts
+without a subject in their prompt are skipped and reported, never traced with a guess.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import json
 import os
+import re
 from pathlib import Path
+from typing import Sequence
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from timerome_jax import data
 from timerome_jax.errors import InputError
 
+Array = jax.Array
+
+
+# --- records --------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Fact:
-    """One prompt with its optional answer and subject.
-
-    `kind` is the record's shape: 'question' (question/answer) or 'prompt' (prompt/subject/target);
-    `where` is 'file:line' for messages.
-    """
+    """One prompt with its optional answer and subject; `kind` is 'question' or 'prompt' (the
+    record's form), `where` is 'file:line'."""
 
     prompt: str
     answer: str | None = None
     subject: str | None = None
     where: str = ""
     kind: str = "prompt"
+
+    def texts(self) -> tuple[str, str | None]:
+        """(prompt text, answer text) as the model sees them (module docstring)."""
+        if self.kind == "question":
+            return data.format_prompt(self.prompt), None if self.answer is None else self.answer.strip()
+        return self.prompt, None if self.answer is None else " " + self.answer.strip()
 
 
 def _text_field(record: dict, name: str, where: str, required: bool = False) -> str | None:
@@ -92,4 +124,227 @@ def read_facts(path: str | os.PathLike) -> list[Fact]:
     return facts
 
 
-__all__ = ["Fact", "parse_fact", "read_facts"]
+def load_facts(spec: str) -> list[Fact]:
+    """A packaged data selection (e.g. "forget01_subjects[:8]"), each fact identified as
+    'split:line', or a JSONL file (`read_facts`)."""
+    if spec.endswith(".jsonl") or Path(spec).is_file():
+        return read_facts(spec)
+    return [parse_fact(record, f"{name}:{index + 1}") for name, index, record in data.load_selection(spec)]
+
+
+# --- subjects ---------------------------------------------------------------------------------------
+
+TOFU_BLOCK = 20
+_WORD = r"[A-Z][\w'’.\-]*"
+_PARTICLE = r"(?:al|el|de|del|della|da|das|dos|du|van|von|der|den|bin|ibn|ben|le|la|y|e)"
+_NAME_RUN = re.compile(rf"{_WORD}(?:\s+(?:{_PARTICLE}\s+)*{_WORD})+")
+
+
+def char_span(prompt: str, subject: str) -> tuple[int, int]:
+    """[start, end) of the first occurrence of `subject` in `prompt` (case-insensitive fallback)."""
+    if not subject or not subject.strip():
+        raise InputError("empty subject")
+    start = prompt.find(subject)
+    if start < 0:
+        start = prompt.lower().find(subject.lower())
+    if start < 0:
+        raise InputError(f"subject {subject!r} does not occur in its prompt {prompt!r}")
+    return start, start + len(subject)
+
+
+def token_span(offsets: Sequence[tuple[int, int]], char_start: int, char_end: int) -> tuple[int, int]:
+    """Token indices [first, last+1) of the tokens overlapping [char_start, char_end)."""
+    hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < char_end and b > char_start]
+    if not hits:
+        raise InputError(f"no token covers characters {char_start}..{char_end} of the prompt")
+    return hits[0], hits[-1] + 1
+
+
+def block_author_name(questions: Sequence[str]) -> str | None:
+    """The capitalised multi-word phrase found in the most questions of one author's block."""
+    counts: collections.Counter[str] = collections.Counter()
+    for q in questions:
+        runs = {re.sub(r"['’]s?$", "", m.group(0)) for m in _NAME_RUN.finditer(q)}
+        # a run may start with a capitalised question word ("Has Basil Mahfouz"): count its tails too
+        candidates = set()
+        for run in runs:
+            words = run.split()
+            candidates.update(" ".join(words[i:]) for i in range(len(words) - 1))
+        counts.update(candidates)
+    if not counts:
+        return None
+    best = max(counts.items(), key=lambda kv: (kv[1], len(kv[0])))
+    return best[0] if best[1] >= 2 else None
+
+
+def tofu_subjects(questions: Sequence[str]) -> list[str | None]:
+    """Per question: its author's name if the question contains it, else None. TOFU lists 20 QA
+    pairs per fictitious author, in order; the author's name is the block's most frequent
+    capitalised multi-word phrase."""
+    out: list[str | None] = []
+    for start in range(0, len(questions), TOFU_BLOCK):
+        block = questions[start:start + TOFU_BLOCK]
+        name = block_author_name(block)
+        out.extend(name if name and name in q else None for q in block)
+    return out
+
+
+def resolve_subjects(facts: Sequence[Fact]) -> list[str | None]:
+    """Explicit subject fields, else TOFU author names for question/answer facts."""
+    auto = tofu_subjects([f.prompt for f in facts]) if any(
+        f.kind == "question" and f.subject is None for f in facts) else []
+    return [f.subject if f.subject is not None else (auto[i] if f.kind == "question" else None)
+            for i, f in enumerate(facts)]
+
+
+# --- encoded facts ----------------------------------------------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FactBatch:
+    """F facts laid out as prompt + answer, right-padded to T tokens (a pytree of arrays).
+
+    input_ids_FT:        prompt tokens followed by the TRUE answer tokens (pad elsewhere).
+    attention_mask_FT:   1 on real tokens.
+    answer_mask_FT:      True on answer positions (masked at step 0).
+    subject_pos_FS:      token positions of the subject span, padded to S with position 0.
+    subject_valid_FS:    True where subject_pos_FS is a real subject position.
+    fact_index_F:        index of each fact in its set (seeds its noise draws; -1 excludes a row
+                         from σ).
+    """
+
+    input_ids_FT: Array
+    attention_mask_FT: Array
+    answer_mask_FT: Array
+    subject_pos_FS: Array
+    subject_valid_FS: Array
+    fact_index_F: Array
+
+    @property
+    def num_facts(self) -> int:
+        return self.input_ids_FT.shape[0]
+
+    def take(self, rows) -> "FactBatch":
+        return jax.tree.map(lambda x: x[rows], self)
+
+    def prompt_lengths(self) -> np.ndarray:
+        """Tokens before the answer, per fact [F]."""
+        return (np.asarray(self.attention_mask_FT).astype(bool) & ~np.asarray(self.answer_mask_FT)).sum(axis=1)
+
+
+def fact_batch(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+               subject_spans: Sequence[tuple[int, int]], pad_id: int, fact_index: Sequence[int] | None = None,
+               length: int | None = None, subject_length: int | None = None) -> FactBatch:
+    """Token-level facts -> a right-padded FactBatch ([prompt][answer][pad...]).
+
+    subject_spans are [start, end) token indices into each prompt. `length` / `subject_length`
+    pad T / S further (e.g. to a shape shared by every chunk, so one compilation serves all).
+    """
+    if not prompts:
+        raise InputError("no facts to trace")
+    if not len(prompts) == len(answers) == len(subject_spans):
+        raise InputError("prompts, answers and subject spans must have the same length")
+    for i, (p, a, (s0, s1)) in enumerate(zip(prompts, answers, subject_spans)):
+        if not p or not a:
+            raise InputError(f"fact {i}: empty prompt or answer")
+        if not 0 <= s0 < s1 <= len(p):
+            raise InputError(f"fact {i}: subject span [{s0}, {s1}) is not inside its {len(p)}-token prompt")
+    T = max(max(len(p) + len(a) for p, a in zip(prompts, answers)), length or 0)
+    S = max(max(s1 - s0 for s0, s1 in subject_spans), subject_length or 0)
+    F = len(prompts)
+    ids = np.full((F, T), pad_id, np.int32)
+    attn = np.zeros((F, T), np.int32)
+    ans = np.zeros((F, T), bool)
+    pos = np.zeros((F, S), np.int32)
+    valid = np.zeros((F, S), bool)
+    for i, (p, a, (s0, s1)) in enumerate(zip(prompts, answers, subject_spans)):
+        n = len(p) + len(a)
+        ids[i, :n] = list(p) + list(a)
+        attn[i, :n] = 1
+        ans[i, len(p):n] = True
+        pos[i, : s1 - s0] = np.arange(s0, s1)
+        valid[i, : s1 - s0] = True
+    index = np.arange(F, dtype=np.int32) if fact_index is None else np.asarray(fact_index, np.int32)
+    return FactBatch(jnp.asarray(ids), jnp.asarray(attn), jnp.asarray(ans), jnp.asarray(pos),
+                     jnp.asarray(valid), jnp.asarray(index))
+
+
+@dataclasses.dataclass(frozen=True)
+class Facts:
+    """Facts encoded for one model: per fact its record, subject, prompt and answer tokens and
+    subject token span; `batch` holds them padded ([F, ...], rows in this order); `skipped` names
+    the facts of the input that had no subject in their prompt."""
+
+    facts: tuple[Fact, ...]
+    subjects: tuple[str, ...]
+    prompts: tuple[tuple[int, ...], ...]
+    answers: tuple[tuple[int, ...], ...]
+    spans: tuple[tuple[int, int], ...]
+    pad_id: int
+    skipped: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def batch(self) -> FactBatch:
+        return fact_batch(self.prompts, self.answers, self.spans, self.pad_id)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(f.where for f in self.facts)
+
+    @property
+    def num_facts(self) -> int:
+        return len(self.facts)
+
+    def take(self, index: Sequence[int]) -> "Facts":
+        """The facts at these positions (a new set: rows renumbered 0..len-1)."""
+        index = list(index)
+        if not index:
+            raise InputError("no facts selected")
+        pick = lambda xs: tuple(xs[i] for i in index)  # noqa: E731
+        return Facts(pick(self.facts), pick(self.subjects), pick(self.prompts), pick(self.answers),
+                     pick(self.spans), self.pad_id, self.skipped)
+
+
+def encode(tokenizer, facts: Sequence[Fact], *, max_length: int, pad_id: int) -> Facts:
+    """Tokenise facts and locate their subjects (module docstring).
+
+    A fact with an explicit subject that is not in its prompt is an error (the user said where
+    the subject is, and it is not there); a TOFU question that does not name its author is
+    skipped and reported in `Facts.skipped`.
+    """
+    if not facts:
+        raise InputError("the fact file holds no facts")
+    kept, subjects, prompts, answers, spans, skipped = [], [], [], [], [], []
+    for fact, subject in zip(facts, resolve_subjects(facts)):
+        if fact.answer is None:
+            raise InputError(f"{fact.where}: tracing needs an answer ('answer' or 'target' field)")
+        if subject is None:
+            skipped.append(fact.where)
+            continue
+        prompt_text, answer_text = fact.texts()
+        try:
+            start, end = char_span(prompt_text, subject)
+        except InputError:
+            if fact.subject is None:
+                raise
+            raise InputError(f"{fact.where}: subject {fact.subject!r} does not occur in the prompt "
+                             f"{fact.prompt!r}") from None
+        enc = tokenizer(prompt_text, add_special_tokens=False, return_offsets_mapping=True)
+        answer_ids = tuple(int(t) for t in tokenizer(answer_text, add_special_tokens=False)["input_ids"])
+        if not answer_ids:
+            raise InputError(f"{fact.where}: the answer tokenises to nothing")
+        if len(enc["input_ids"]) + len(answer_ids) > max_length:
+            raise InputError(f"{fact.where}: prompt + answer are {len(enc['input_ids']) + len(answer_ids)} "
+                             f"tokens, more than the model's maximum of {max_length}")
+        kept.append(fact)
+        subjects.append(subject)
+        prompts.append(tuple(int(t) for t in enc["input_ids"]))
+        answers.append(answer_ids)
+        spans.append(token_span(enc["offset_mapping"], start, end))
+    if not kept:
+        raise InputError(f"none of the {len(facts)} facts names its subject in its prompt")
+    return Facts(tuple(kept), tuple(subjects), tuple(prompts), tuple(answers), tuple(spans), pad_id, tuple(skipped))
+
+
+__all__ = ["Fact", "FactBatch", "Facts", "char_span", "encode", "fact_batch", "load_facts", "parse_fact",
+           "read_facts", "resolve_subjects", "token_span", "tofu_subjects"]

@@ -59,19 +59,20 @@ def check_schedule(gen_length: int, steps: int, block_length: int) -> int:
     return num_blocks
 
 
-def reveal_counts(gen_length: int, steps: int, block_length: int) -> np.ndarray:
-    """How many tokens each step reveals: int32 [K].
+def linear_counts(total, steps: int):
+    """The linear schedule: how many of `total` tokens each of `steps` steps reveals — total // steps
+    each, the remainder to the first steps (LLaDA's `get_num_transfer_tokens`). int32 [steps];
+    `total` may be a traced scalar (the tracer's answer length): numpy for a Python int, jnp else."""
+    xp = np if isinstance(total, (int, np.integer)) else jnp
+    k = xp.arange(steps)
+    return (total // steps + (k < total % steps)).astype(xp.int32)
 
-    Each block gets K / num_blocks steps; within a block the linear schedule reveals
-    `block_length // steps_per_block` tokens per step and one more in the first
-    `block_length % steps_per_block` steps (LLaDA's `get_num_transfer_tokens`).
-    """
+
+def reveal_counts(gen_length: int, steps: int, block_length: int) -> np.ndarray:
+    """How many tokens each sampler step reveals: int32 [K]. Each block gets K / num_blocks steps
+    and the `linear_counts` of its `block_length` tokens."""
     num_blocks = check_schedule(gen_length, steps, block_length)
-    per_block = steps // num_blocks
-    base, remainder = divmod(block_length, per_block)
-    block = np.full(per_block, base, np.int32)
-    block[:remainder] += 1
-    return np.tile(block, num_blocks)
+    return np.tile(linear_counts(block_length, steps // num_blocks), num_blocks)
 
 
 def step_blocks(gen_length: int, steps: int, block_length: int) -> np.ndarray:
@@ -383,7 +384,7 @@ def sample_many(backbone: Backbone, prompts: list[list[int]], key, *, pad_id: in
 
 
 __all__ = [
-    "REMASKING", "answer_logits", "check_schedule", "denoise_step", "propose_tokens",
+    "REMASKING", "answer_logits", "check_schedule", "denoise_step", "linear_counts", "propose_tokens",
     "reveal_counts", "reveal_scores", "row_keys", "sample", "sample_jit", "sample_many",
     "select_reveals", "step_blocks", "step_noise", "top_proposal", "typed_keys",
 ]

@@ -12,7 +12,6 @@ tokenized separately, so the answer's tokens do not depend on the prompt.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Sequence
@@ -105,32 +104,6 @@ def encode_texts(tokenizer, texts: Sequence[str], *, add_special_tokens: bool,
     return out
 
 
-@dataclasses.dataclass(frozen=True)
-class EncodedPairs:
-    """Prompt/answer pairs as arrays: prompts left-padded [B, P], answers right-padded [B, A]."""
-
-    prompt_ids: np.ndarray
-    prompt_mask: np.ndarray
-    answer_ids: np.ndarray
-    answer_mask: np.ndarray
-
-
-def encode_prompts(tokenizer, prompts: Sequence[str], pad_id: int, length: int | None = None):
-    """Left-padded prompt batch: (ids [B, P], mask [B, P])."""
-    return pad_left(encode_texts(tokenizer, prompts, add_special_tokens=True), pad_id, length)
-
-
-def encode_pairs(tokenizer, prompts: Sequence[str], answers: Sequence[str],
-                 pad_id: int) -> EncodedPairs:
-    """Prompts (with the tokenizer's special tokens) and answers (without), padded for scoring."""
-    if len(prompts) != len(answers):
-        raise InputError(f"{len(prompts)} prompts but {len(answers)} answers")
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, pad_id)
-    answer_ids, answer_mask = pad_right(
-        encode_texts(tokenizer, answers, add_special_tokens=False, what="answer"), pad_id)
-    return EncodedPairs(prompt_ids, prompt_mask, answer_ids, answer_mask)
-
-
 def truncate_at_stop(token_ids: Sequence[int], stop_ids: frozenset[int]) -> list[int]:
     """The tokens before the first end-of-text/pad token."""
     kept = []
@@ -142,6 +115,6 @@ def truncate_at_stop(token_ids: Sequence[int], stop_ids: frozenset[int]) -> list
 
 
 __all__ = [
-    "EncodedPairs", "backbone_tokenizer", "encode_pairs", "encode_prompts", "encode_texts",
+    "backbone_tokenizer", "encode_texts",
     "load_tokenizer", "pad_left", "pad_right", "pad_token_id", "stop_token_ids", "truncate_at_stop",
 ]

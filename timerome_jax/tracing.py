@@ -19,56 +19,35 @@ reveals the model's own argmax proposals in low-confidence order) and the read-o
 every k' >= k; `tie` is then the mean over k' >= k (the full [K, K'] table is returned too).
 
 Every grid cell is one forward of a pure function; cells (fact, step, draw, layer, module) are
-flattened, `jax.vmap`-ed and chunked with `jax.lax.map(batch_size=...)`. Noise and patches are
-injected with `flax.linen.intercept_methods` entered inside the traced function; the backbone has
-no tracing code.
+flattened, `jax.vmap`-ed and chunked with `jax.lax.map(batch_size=...)`. The noise and the patch
+are edits (`timerome_jax.edits.RowEdit`) handed to `Backbone.apply(edits=...)`, which enters the
+interception inside the traced function; the backbone has no tracing code. `trace` runs the grid
+over any number of facts, chunk by chunk, on one device or a mesh (`distributed.map_chunks`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
+import json
+import time
+from pathlib import Path
+from typing import Callable, Literal
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ports import Backbone
+from ports import MODULES, Backbone, Site
+from timerome_jax import distributed
+from timerome_jax.edits import RowEdit
 from timerome_jax.errors import InputError
+from timerome_jax.facts import FactBatch
 from timerome_jax.masking import align_logits
+from timerome_jax.sampler import linear_counts, select_reveals
 
 Array = jax.Array
-MODULES = ("resid", "attn", "mlp")
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class TraceBatch:
-    """F facts laid out as prompt + answer, padded to T tokens.
-
-    input_ids_FT:        prompt tokens followed by the TRUE answer tokens (pad elsewhere).
-    attention_mask_FT:   1 on real tokens.
-    answer_mask_FT:      True on answer positions (masked at step 0).
-    subject_pos_FS:      token positions of the subject span, padded to S with position 0.
-    subject_valid_FS:    True where subject_pos_FS is a real subject position.
-    fact_index_F:        global index of each fact (seeds its noise draws; -1 for filler rows).
-    """
-
-    input_ids_FT: Array
-    attention_mask_FT: Array
-    answer_mask_FT: Array
-    subject_pos_FS: Array
-    subject_valid_FS: Array
-    fact_index_F: Array
-
-    @property
-    def num_facts(self) -> int:
-        return self.input_ids_FT.shape[0]
-
-    def take(self, rows) -> "TraceBatch":
-        return jax.tree.map(lambda x: x[rows], self)
+CLEAN_SITES = tuple(Site(None, m) for m in MODULES)   # every layer's value of every traced module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,14 +107,7 @@ class TraceResult:
     tie_by_readout: Array | None = None
 
 
-# --- schedule and read-out ------------------------------------------------------------------
-
-def reveal_counts(answer_len: Array, steps: int) -> Array:
-    """Tokens revealed at each of `steps` steps for an answer of `answer_len` tokens:
-    answer_len // steps each, the remainder to the first steps. [K] int32 (traceable)."""
-    k = jnp.arange(steps)
-    return (answer_len // steps + (k < answer_len % steps)).astype(jnp.int32)
-
+# --- read-out and the teacher-forced schedule ----------------------------------------------------
 
 def answer_readout(logits_TV: Array, true_ids_T: Array, still_masked_T: Array, logit_shift: int) -> Array:
     """Σ over still-masked answer positions of log p(true token) — nats, float32 scalar."""
@@ -146,10 +118,7 @@ def answer_readout(logits_TV: Array, true_ids_T: Array, still_masked_T: Array, l
 
 def _reveal(confidence_T: Array, still_masked_T: Array, count: Array) -> Array:
     """The `count` most confident still-masked positions (ties: the earlier position)."""
-    key = jnp.where(still_masked_T, -confidence_T, jnp.inf)
-    order = jnp.argsort(key, stable=True)
-    rank = jnp.empty_like(order).at[order].set(jnp.arange(order.shape[0]))
-    return still_masked_T & (rank < count)
+    return select_reveals(confidence_T[None], still_masked_T[None], count)[0]
 
 
 def _proposals(logits_TV: Array, logit_shift: int) -> tuple[Array, Array]:
@@ -158,114 +127,31 @@ def _proposals(logits_TV: Array, logit_shift: int) -> tuple[Array, Array]:
     return jnp.argmax(probs, axis=-1), jnp.max(probs, axis=-1)
 
 
-def build_trace_batch(prompts: list[list[int]], answers: list[list[int]],
-                      subject_spans: list[tuple[int, int]], pad_id: int,
-                      fact_index: list[int] | None = None, length: int | None = None,
-                      subject_length: int | None = None) -> TraceBatch:
-    """Token-level facts -> a right-padded TraceBatch ([prompt][answer][pad...]).
+# --- the edits of one run ----------------------------------------------------------------------------
 
-    subject_spans are [start, end) token indices into each prompt. `length` / `subject_length`
-    pad T / S further (e.g. to a shape shared by every chunk, so one compilation serves all).
-    """
-    if not prompts:
-        raise InputError("no facts to trace")
-    if not len(prompts) == len(answers) == len(subject_spans):
-        raise InputError("prompts, answers and subject spans must have the same length")
-    for i, (p, a, (s0, s1)) in enumerate(zip(prompts, answers, subject_spans)):
-        if not p or not a:
-            raise InputError(f"fact {i}: empty prompt or answer")
-        if not 0 <= s0 < s1 <= len(p):
-            raise InputError(f"fact {i}: subject span [{s0}, {s1}) is not inside its {len(p)}-token prompt")
-    T = max(len(p) + len(a) for p, a in zip(prompts, answers))
-    S = max(s1 - s0 for s0, s1 in subject_spans)
-    T, S = max(T, length or 0), max(S, subject_length or 0)
-    F = len(prompts)
-    ids = np.full((F, T), pad_id, np.int32)
-    attn = np.zeros((F, T), np.int32)
-    ans = np.zeros((F, T), bool)
-    pos = np.zeros((F, S), np.int32)
-    valid = np.zeros((F, S), bool)
-    for i, (p, a, (s0, s1)) in enumerate(zip(prompts, answers, subject_spans)):
-        n = len(p) + len(a)
-        ids[i, :n] = list(p) + list(a)
-        attn[i, :n] = 1
-        ans[i, len(p):n] = True
-        pos[i, : s1 - s0] = np.arange(s0, s1)
-        valid[i, : s1 - s0] = True
-    index = np.arange(F, dtype=np.int32) if fact_index is None else np.asarray(fact_index, np.int32)
-    return TraceBatch(jnp.asarray(ids), jnp.asarray(attn), jnp.asarray(ans), jnp.asarray(pos),
-                      jnp.asarray(valid), jnp.asarray(index))
+def noise_edit(pos_S: Array, valid_S: Array, noise_SD: Array) -> RowEdit:
+    """The corruption: Gaussian noise added to the input embeddings at the subject positions."""
+    return RowEdit(Site(None, "embed"), pos_S, valid_S, noise_SD, add=True)
 
 
-# --- interventions --------------------------------------------------------------------------
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Intervention:
-    """What one forward changes. All fields are arrays, so a vmap over cells batches them.
-
-    noise_SD:        added to the input embeddings at subject positions.
-    patch_layer:     centre of the restored layer window (-1: no patch).
-    patch_module:    index into MODULES.
-    clean_LMSD:      clean activations at the subject positions for this step.
-    """
-
-    subject_pos_S: Array
-    subject_valid_S: Array
-    noise_SD: Array
-    patch_layer: Array
-    patch_module: Array
-    clean_LMSD: Array
+def patch_edits(clean_LMSD: Array, pos_S: Array, valid_S: Array, centre: Array, module_index: Array,
+                window: int) -> tuple[RowEdit, ...]:
+    """The patch: module `MODULES[module_index]` of the `window` layers centred on `centre`
+    restored to its clean value at the subject positions (centre -1: no patch). One edit per
+    (module, layer of the window) whose site is inactive (layer -1) unless it is the patched
+    module, so the module index is data and cells over modules vmap together."""
+    L = clean_LMSD.shape[0]
+    out = []
+    for mi, module in enumerate(MODULES):
+        for w in range(window):
+            layer = centre - window // 2 + w
+            active = (centre >= 0) & (module_index == mi)
+            rows = clean_LMSD[jnp.clip(layer, 0, L - 1), mi]
+            out.append(RowEdit(Site(jnp.where(active, layer, -1).astype(jnp.int32), module), pos_S, valid_S, rows))
+    return tuple(out)
 
 
-def _window_contains(layer: Array, centre: Array, window: int) -> Array:
-    low = centre - window // 2
-    return (centre >= 0) & (layer >= low) & (layer < low + window)
-
-
-def _scatter_rows(x_1TD: Array, pos_S: Array, valid_S: Array, rows_SD: Array, replace: Array) -> Array:
-    """x with row pos_S[s] replaced by rows_SD[s] wherever valid_S[s] (and `replace`).
-
-    Written as a gather + select rather than a scatter so that padded slots (which repeat a
-    position) can never overwrite a real one, and restored values are bit-exact copies."""
-    T = x_1TD.shape[1]
-    hit_TS = (jnp.arange(T)[:, None] == pos_S[None, :]) & valid_S[None, :]
-    source_T = jnp.argmax(hit_TS, axis=1)
-    take_T = jnp.any(hit_TS, axis=1) & replace
-    return jnp.where(take_T[None, :, None], rows_SD[source_T][None].astype(x_1TD.dtype), x_1TD)
-
-
-def make_interceptor(iv: Intervention, window: int):
-    """A pure interceptor: noise on the subject embeddings, restoration of clean activations."""
-    module_ids = {name: i for i, name in enumerate(MODULES)}
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name != "__call__":
-            return out
-        name = context.module.name
-        if name == "embed":
-            noised = out[0, iv.subject_pos_S] + iv.noise_SD.astype(out.dtype)
-            return _scatter_rows(out, iv.subject_pos_S, iv.subject_valid_S, noised, jnp.asarray(True))
-        if name in module_ids:
-            layer = kwargs["layer_index"]
-            active = (iv.patch_module == module_ids[name]) & _window_contains(layer, iv.patch_layer, window)
-            return _scatter_rows(out, iv.subject_pos_S, iv.subject_valid_S, iv.clean_LMSD[layer, module_ids[name]], active)
-        return out
-
-    return interceptor
-
-
-def _forward(backbone: Backbone, ids_T: Array, mask_T: Array, iv: Intervention | None,
-             window: int, collect: bool = False):
-    ids, mask = ids_T[None], mask_T[None]
-    if iv is None:
-        return backbone.apply(ids, mask, return_intermediates=collect)
-    with nn.intercept_methods(make_interceptor(iv, window)):
-        return backbone.apply(ids, mask, return_intermediates=collect)
-
-
-# --- the three runs ---------------------------------------------------------------------------
+# --- the three runs -------------------------------------------------------------------------------
 
 def clean_run(backbone: Backbone, ids_T: Array, mask_T: Array, answer_T: Array, pos_S: Array,
               steps: int, upto: int | None = None):
@@ -277,16 +163,16 @@ def clean_run(backbone: Backbone, ids_T: Array, mask_T: Array, answer_T: Array, 
     """
     mask_id = backbone.mask_token_id
     answer = answer_T.astype(bool)
-    counts = reveal_counts(jnp.sum(answer), steps)[:upto]
+    counts = linear_counts(jnp.sum(answer), steps)[:upto]
     shift = backbone.config.logit_shift
 
     def step(carry, count):
         cur_ids, masked = carry
-        logits, acts = _forward(backbone, cur_ids, mask_T, None, 1, collect=True)
+        logits, captured = backbone.apply(cur_ids[None], mask_T[None], capture=CLEAN_SITES)
         lp = answer_readout(logits[0], ids_T, masked, shift)
         _, confidence = _proposals(logits[0], shift)
         reveal = _reveal(confidence, masked, count)
-        stacked = jnp.stack([acts[m][:, 0] for m in MODULES], axis=1)  # [L, M, T, D]
+        stacked = jnp.stack([c.value[:, 0] for c in captured], axis=1)  # [L, M, T, D]
         record = (cur_ids, masked, stacked[:, :, pos_S].astype(jnp.float32), lp)
         return (jnp.where(reveal, ids_T, cur_ids), masked & ~reveal), record
 
@@ -296,7 +182,7 @@ def clean_run(backbone: Backbone, ids_T: Array, mask_T: Array, answer_T: Array, 
 
 
 def _propagate(backbone: Backbone, true_ids_T, mask_T, state_ids_T, masked_T, counts_K, start_step,
-               iv_patched: Intervention, iv_noise: Intervention, window: int, steps: int) -> Array:
+               noise: RowEdit, patch: Callable[[Array], tuple], steps: int) -> Array:
     """From state x_k, run steps k..K-1: the patch acts at step k only, noise at every step;
     each step reveals the model's own proposals. Returns read-outs [K'] (0 for k' < k)."""
     shift = backbone.config.logit_shift
@@ -304,8 +190,7 @@ def _propagate(backbone: Backbone, true_ids_T, mask_T, state_ids_T, masked_T, co
     def step(carry, k_prime):
         cur, masked = carry
         active = k_prime >= start_step
-        iv = jax.tree.map(lambda a, b: jnp.where(k_prime == start_step, a, b), iv_patched, iv_noise)
-        logits = _forward(backbone, cur, mask_T, iv, window)[0]
+        logits = backbone.apply(cur[None], mask_T[None], edits=(noise, *patch(k_prime == start_step)))[0]
         lp = answer_readout(logits, true_ids_T, masked, shift)
         proposal, confidence = _proposals(logits, shift)
         reveal = _reveal(confidence, masked, counts_K[k_prime]) & active
@@ -315,11 +200,10 @@ def _propagate(backbone: Backbone, true_ids_T, mask_T, state_ids_T, masked_T, co
     return lps
 
 
-def subject_embedding_std(backbone: Backbone, batch: TraceBatch) -> Array:
+def subject_embedding_std(backbone: Backbone, batch: FactBatch) -> Array:
     """σ: std of the embedding coordinates of every subject token of the fact set (ROME's s)."""
-    emb = backbone.params["embed"]["embedding"]
     ids = jnp.take_along_axis(batch.input_ids_FT, batch.subject_pos_FS, axis=1)
-    vectors = emb[ids].astype(jnp.float32)  # [F, S, D]
+    vectors = backbone.embedding_table()[ids].astype(jnp.float32)  # [F, S, D]
     valid = (batch.subject_valid_FS & (batch.fact_index_F[:, None] >= 0))[..., None]
     n = jnp.maximum(jnp.sum(valid) * vectors.shape[-1], 1)
     mean = jnp.sum(jnp.where(valid, vectors, 0.0)) / n
@@ -335,7 +219,7 @@ def noise_draws(key: Array, fact_index_F: Array, draws: int, shape_SD: tuple[int
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def tie_grid(backbone: Backbone, batch: TraceBatch, sigma: Array, key: Array,
+def tie_grid(backbone: Backbone, batch: FactBatch, sigma: Array, key: Array,
              config: TraceConfig = TraceConfig()) -> TraceResult:
     """The whole TIE grid for a batch of facts: [F, K, L, M] plus clean/corrupted read-outs.
 
@@ -355,21 +239,22 @@ def tie_grid(backbone: Backbone, batch: TraceBatch, sigma: Array, key: Array,
     # states/masked [F, K, T]; clean [F, K, L, 3, S, D]; clean_lp [F, K]
     noise = noise_draws(key, batch.fact_index_F, R, (S, D)) * (config.noise_scale * sigma)
 
-    def intervention(f, k, r, layer, module) -> Intervention:
-        return Intervention(batch.subject_pos_FS[f], batch.subject_valid_FS[f], noise[f, r],
-                            layer, module, clean[f, k])
+    def edits(f, k, r, layer, module, patched=True):
+        pos, valid = batch.subject_pos_FS[f], batch.subject_valid_FS[f]
+        centre = jnp.where(patched, layer, -1)
+        return noise_edit(pos, valid, noise[f, r]), patch_edits(clean[f, k], pos, valid, centre, module, W)
 
-    counts = jax.vmap(lambda a: reveal_counts(jnp.sum(a), K))(batch.answer_mask_FT.astype(jnp.int32))
+    counts = jax.vmap(lambda a: linear_counts(jnp.sum(a), K))(batch.answer_mask_FT.astype(jnp.int32))
 
     def run_cell(f, k, r, layer, module):
-        iv = intervention(f, k, r, layer, module)
         ids, am = states[f, k], batch.attention_mask_FT[f]
         if config.mode == "teacher":
-            logits = _forward(backbone, ids, am, iv, W)[0]
+            noised, patch = edits(f, k, r, layer, module)
+            logits = backbone.apply(ids[None], am[None], edits=(noised, *patch))[0]
             return answer_readout(logits, batch.input_ids_FT[f], masked[f, k], backbone.config.logit_shift)
-        no_patch = dataclasses.replace(iv, patch_layer=jnp.asarray(-1, jnp.int32))
-        return _propagate(backbone, batch.input_ids_FT[f], am, ids, masked[f, k], counts[f], k,
-                          iv, no_patch, W, K)
+        noised, _ = edits(f, k, r, layer, module)
+        return _propagate(backbone, batch.input_ids_FT[f], am, ids, masked[f, k], counts[f], k, noised,
+                          lambda now: edits(f, k, r, layer, module, now)[1], K)
 
     def grid_over(cells):  # cells: tuple of int32 [N] index arrays
         return jax.lax.map(lambda c: run_cell(*c), cells, batch_size=config.cells_per_batch)
@@ -377,7 +262,7 @@ def tie_grid(backbone: Backbone, batch: TraceBatch, sigma: Array, key: Array,
     # corrupted run: every (f, k, r) with no patch (layer -1)
     f_i, k_i, r_i = (a.reshape(-1) for a in jnp.meshgrid(jnp.arange(F), jnp.arange(K), jnp.arange(R), indexing="ij"))
     if config.mode == "teacher" and config.share_prefix:
-        return _teacher_grid_from_cached_prefix(backbone, batch, config, states, masked, clean_lp, intervention,
+        return _teacher_grid_from_cached_prefix(backbone, batch, config, states, masked, clean_lp, edits,
                                                 (f_i, k_i, r_i), module_index)
     minus_one = jnp.full_like(f_i, -1)
     corrupted = grid_over((f_i, k_i, r_i, minus_one, jnp.zeros_like(f_i)))
@@ -402,8 +287,8 @@ def tie_grid(backbone: Backbone, batch: TraceBatch, sigma: Array, key: Array,
                        tie_by_readout=jnp.moveaxis(effect, -1, 2))
 
 
-def _teacher_grid_from_cached_prefix(backbone: Backbone, batch: TraceBatch, config: TraceConfig, states, masked,
-                                     clean_lp, intervention, frk, module_index) -> TraceResult:
+def _teacher_grid_from_cached_prefix(backbone: Backbone, batch: FactBatch, config: TraceConfig, states, masked,
+                                     clean_lp, edits, frk, module_index) -> TraceResult:
     """Teacher-forced grid that never recomputes what the corrupted run already computed.
 
     Below its restoration window a patched cell equals the corrupted run, so each corrupted
@@ -421,10 +306,11 @@ def _teacher_grid_from_cached_prefix(backbone: Backbone, batch: TraceBatch, conf
     shift = backbone.config.logit_shift
 
     def corrupted_cell(f, k, r):
-        iv = intervention(f, k, r, jnp.int32(-1), jnp.int32(0))
-        logits, acts = _forward(backbone, states[f, k], batch.attention_mask_FT[f], iv, W, collect=True)
+        noised, _ = edits(f, k, r, jnp.int32(-1), jnp.int32(0), patched=False)
+        logits, (embedded, resid) = backbone.apply(states[f, k][None], batch.attention_mask_FT[f][None],
+                                                   capture=(Site(None, "embed"), Site(None, "resid")), edits=(noised,))
         lp = answer_readout(logits[0], batch.input_ids_FT[f], masked[f, k], shift)
-        entering = jnp.concatenate([acts["embed"], acts["resid"][:-1, 0]], axis=0)  # [L, T, D]
+        entering = jnp.concatenate([embedded.value, resid.value[:-1, 0]], axis=0)  # [L, T, D]
         return lp, entering
 
     corrupted, entering = jax.lax.map(lambda c: corrupted_cell(*c), (f_i, k_i, r_i),
@@ -437,13 +323,11 @@ def _teacher_grid_from_cached_prefix(backbone: Backbone, batch: TraceBatch, conf
         def cell(c):
             idx, m = c
             f, k, r = f_i[idx], k_i[idx], r_i[idx]
-            iv = intervention(f, k, r, layer, module_index[m])
+            _, patch = edits(f, k, r, layer, module_index[m])
             mask = batch.attention_mask_FT[f][None]
             x = jax.lax.dynamic_index_in_dim(entering[idx], start, keepdims=False)[None]
-            with nn.intercept_methods(make_interceptor(iv, W)):
-                x = jax.lax.fori_loop(start, L, lambda j, x: backbone.layer(x, j, mask), x)
-                logits = backbone.head(x)
-            return answer_readout(logits[0], batch.input_ids_FT[f], masked[f, k], shift)
+            x = jax.lax.fori_loop(start, L, lambda j, x: backbone.layer(x, j, mask, edits=patch), x)
+            return answer_readout(backbone.head(x)[0], batch.input_ids_FT[f], masked[f, k], shift)
 
         return jax.lax.map(cell, (cell_frk, cell_m), batch_size=config.cells_per_batch)
 
@@ -469,11 +353,47 @@ class Coordinate:
     steps: int = 8
 
     def __post_init__(self):
+        if self.module not in MODULES:
+            raise InputError(f"unknown module {self.module!r}; choose from {', '.join(MODULES)}")
         if not 0 <= self.step < self.steps:
             raise InputError(f"step {self.step} is outside 0..{self.steps - 1} (a {self.steps}-step trajectory)")
 
+    @property
+    def site(self) -> Site:
+        return Site(jnp.int32(self.layer), self.module)
+
     def as_dict(self) -> dict:
         return {"layer": self.layer, "step": self.step, "module": self.module, "steps": self.steps}
+
+    @classmethod
+    def parse(cls, text: str, n_layers: int, steps: int = 8) -> "Coordinate":
+        """LAYER,MODULE,STEP of a `steps`-step trajectory (the trace's K), e.g. '3,mlp,1'."""
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) != 3:
+            raise InputError(f"--coordinate must be LAYER,MODULE,STEP, got {text!r}")
+        try:
+            layer, step = int(parts[0]), int(parts[2])
+        except ValueError:
+            raise InputError(f"--coordinate must be LAYER,MODULE,STEP with integers, got {text!r}") from None
+        if parts[1] not in MODULES:
+            raise InputError(f"unknown module {parts[1]!r} in --coordinate; choose from {', '.join(MODULES)}")
+        if not 0 <= layer < n_layers:
+            raise InputError(f"layer {layer} is outside 0..{n_layers - 1}")
+        if not 0 <= step < steps:
+            raise InputError(f"step {step} is outside 0..{steps - 1} (K = --steps {steps})")
+        return cls(layer, step, parts[1], steps)
+
+    @classmethod
+    def from_trace(cls, trace_dir: str | Path, n_layers: int) -> "Coordinate":
+        """The coordinate a `timerome trace` run selected (its summary.json)."""
+        path = Path(trace_dir) / "summary.json"
+        try:
+            summary = json.loads(path.read_text())
+            c = summary["coordinate"]
+            steps = int(c.get("steps", summary.get("config", {}).get("steps", 8)))
+            return cls.parse(f"{c['layer']},{c['module']},{c['step']}", n_layers, steps)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"cannot read a coordinate from {path}: {e}") from None
 
 
 def select_coordinate(tie_FKLM: np.ndarray, modules: tuple[str, ...], k_min: int = 0) -> Coordinate:
@@ -491,3 +411,36 @@ def select_coordinate(tie_FKLM: np.ndarray, modules: tuple[str, ...], k_min: int
 
 def per_fact_coordinates(tie_FKLM: np.ndarray, modules: tuple[str, ...], k_min: int = 0) -> list[Coordinate]:
     return [select_coordinate(t[None], modules, k_min) for t in np.asarray(tie_FKLM)]
+
+
+# --- tracing a fact set -------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Traced:
+    """A TIE grid over facts (numpy, [F, K, L, M] for tie) and the coordinate it selects."""
+
+    result: TraceResult
+    coordinate: Coordinate
+    config: TraceConfig
+    sigma: float
+    seconds: float
+
+    def best_cell_tie(self) -> float:
+        c = self.coordinate
+        return float(self.result.tie[:, c.step, c.layer, self.config.modules.index(c.module)].mean())
+
+    def total_effect(self) -> float:
+        """Mean clean − corrupted answer log-probability at the coordinate's step (nats)."""
+        return float((self.result.clean_lp - self.result.corrupted_lp)[:, self.coordinate.step].mean())
+
+
+def trace(backbone: Backbone, batch: FactBatch, config: TraceConfig, key: Array, *, k_min: int = 0,
+          facts_per_chunk: int = 4, mesh=None, progress: Callable | None = None) -> Traced:
+    """The TIE grid over every fact of `batch`, `facts_per_chunk` facts per call (per data shard
+    on a `mesh`), and the coordinate (ℓ*, m*, k* ≥ k_min) it selects."""
+    start = time.perf_counter()
+    sigma = subject_embedding_std(backbone, batch)
+    result = distributed.map_chunks(tie_grid, batch, chunk_size=facts_per_chunk, before=(backbone,),
+                                    after=(sigma, key), static={"config": config}, mesh=mesh, progress=progress)
+    coordinate = select_coordinate(result.tie, config.modules, k_min=k_min)
+    return Traced(result, coordinate, config, float(sigma), time.perf_counter() - start)

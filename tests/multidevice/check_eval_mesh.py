@@ -1,4 +1,4 @@
-"""Data-parallel evaluation on 8 CPU devices: `metrics.score_pairs(mesh=)` and `timerome eval
+"""Data-parallel evaluation on 8 CPU devices: `likelihood.score_pairs(mesh=)` and `timerome eval
 --mesh` (with a reference model, with an edit memory) equal the single-device evaluation; bad
 --mesh specs fail as they do for `timerome trace`.
 
@@ -19,7 +19,7 @@ import pytest
 
 import ports
 from ports import sharding
-from timerome_jax import cli, data, distributed, metrics
+from timerome_jax import cli, data, distributed, evaluate, likelihood, metrics, suites
 from timerome_jax import memory as mem
 from timerome_jax.tokenization import backbone_tokenizer, pad_token_id
 
@@ -37,7 +37,7 @@ FACTS = [{"question": "who wrote the book about the old city ?", "answer": "the 
           "subject": "the old city"},
          {"prompt": "the cat sat on the", "subject": "the cat", "target": "mat"}]
 SEEDS = (0, 1)
-GEN = metrics.GenerationConfig(gen_length=8, steps=4, block_length=8, batch_size=16)
+GEN = evaluate.GenerationConfig(gen_length=8, steps=4, block_length=8, batch_size=16)
 # 1 pair per data shard: 8 rows per call, so the suite's rows take several calls and the last call
 # of a length bucket is padded
 PAIRS_PER_SHARD = 1
@@ -67,17 +67,17 @@ def files(tmp_path_factory):
 def test_score_pairs_on_a_data_parallel_mesh_equals_single_device(models, monkeypatch):
     _, single, sharded, mesh, tok = models
     sharded_calls = []
-    scorer = distributed.answer_log_likelihood
-    monkeypatch.setattr(distributed, "answer_log_likelihood",
-                        lambda *a, **k: sharded_calls.append(a[6]) or scorer(*a, **k))
+    scorer = distributed.map_chunks
+    monkeypatch.setattr(distributed, "map_chunks",
+                        lambda *a, **k: (k.get("mesh") is not None and sharded_calls.append(k["mesh"])) or scorer(*a, **k))
     questions = [r["question"] for s in ("forget", "retain", "world_facts") for r in SUITE[s]]
     answers = [r["answer"] for s in ("forget", "retain", "world_facts") for r in SUITE[s]]
-    pairs = [metrics.Pair(f"p/{i}/answer", data.encode_prompt(tok, q), data.encode_answer(tok, a))
+    pairs = [likelihood.Pair(f"p/{i}/answer", data.encode_prompt(tok, q), data.encode_answer(tok, a))
              for i, (q, a) in enumerate(zip(questions, answers))]
     pad = pad_token_id(tok, single)
-    one = metrics.score_pairs(single, pairs, SEEDS, pad_id=pad, mc_samples=4, pairs_per_call=4, batch_size=16)
+    one = likelihood.score_pairs(single, pairs, SEEDS, pad_id=pad, mc_samples=4, pairs_per_call=4, batch_size=16)
     calls = []
-    eight = metrics.score_pairs(sharded, pairs, SEEDS, pad_id=pad, mc_samples=4, pairs_per_call=1,
+    eight = likelihood.score_pairs(sharded, pairs, SEEDS, pad_id=pad, mc_samples=4, pairs_per_call=1,
                                 batch_size=16, mesh=mesh, progress=lambda c: calls.append(len(c)) or c)
     assert eight.shape == one.shape == (len(SEEDS), len(pairs))
     np.testing.assert_allclose(eight, one, **TOL)
@@ -87,7 +87,7 @@ def test_score_pairs_on_a_data_parallel_mesh_equals_single_device(models, monkey
 
 
 def _single_device_eval(backbone, tok, reference=None):
-    return metrics.evaluate_suite(backbone, tok, metrics.suite_from_records(SUITE, name="suite.json"),
+    return evaluate.evaluate_suite(backbone, tok, suites.suite_from_records(SUITE, name="suite.json"),
                                   seeds=SEEDS, reference=reference, reference_name="itself",
                                   limit=4, pairs_per_call=4, **KW)
 
@@ -129,7 +129,7 @@ def test_cli_eval_with_memory_on_mesh_equals_single_device(models, files):
     memdir = files / "memory"
     assert cli.main(["edit", "--model", str(model), "--facts", str(files / "facts.jsonl"), "--coordinate",
                      "1,mlp,1", "--steps", "2", "--noise-samples", "2", "--out", str(memdir)]) == 0
-    edited = mem.attach(single, mem.load(memdir, single).memory)
+    edited = single.with_edits(mem.load(memdir, single).memory)
     out = files / "eval_memory"
     assert cli.main(["eval", "--model", str(model), "--memory", str(memdir), "--suite",
                      str(files / "suite.json"), "--reference", "none", *CLI, "--pairs-per-call",

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 
 import ports
 from ports import checkpoint, sharding
-from timerome_jax import cli, distributed, likelihood, pipeline, tracing
+from timerome_jax import api, cli, distributed, likelihood, tracing
 from timerome_jax import memory as mem
 
 if jax.device_count() != 8:  # fail loudly: these checks mean nothing on one device
@@ -165,19 +165,14 @@ COORDINATE = dict(layer=1, module="mlp", step=1)
 
 @pytest.fixture(scope="module")
 def setting(tiny_model_dir_with_tokenizer, tmp_path_factory):
-    """(model dir, facts file, unsharded backbone, sharded backbone, mesh, encoded TraceBatch)."""
-    from timerome_jax.facts import read_facts
-    from timerome_jax.tokenization import backbone_tokenizer, pad_token_id
-
+    """(model dir, facts file, unsharded backbone, sharded backbone, mesh, encoded FactBatch)."""
     facts = tmp_path_factory.mktemp("facts") / "facts.jsonl"
     facts.write_text("".join(json.dumps(f) + "\n" for f in FACTS))
     model = tiny_model_dir_with_tokenizer
     single = ports.load_pretrained(model)
     mesh = sharding.make_mesh(PROFILE)
     sharded = ports.load_pretrained(model, mesh=mesh, rules=sharding.rules_for(PROFILE))
-    tokenizer = backbone_tokenizer(single)
-    encoded, _ = pipeline.encode_for_tracing(tokenizer, read_facts(facts), single.config.max_seq_len)
-    batch = pipeline.trace_batch(encoded, pad_token_id(tokenizer, single))
+    batch = api.encode(single, api.tokenizer(single), api.read_facts(facts)).batch
     return model, facts, single, sharded, mesh, batch
 
 
@@ -185,16 +180,16 @@ def setting(tiny_model_dir_with_tokenizer, tmp_path_factory):
 def single_device_grid(setting):
     _, _, single, _, _, batch = setting
     config = tracing.TraceConfig(steps=STEPS, noise_samples=DRAWS)
-    return pipeline.run_grid(single, batch, jax.random.key(SEED), config, facts_per_chunk=PER_CHUNK)
+    return tracing.trace(single, batch, config, jax.random.key(SEED), facts_per_chunk=PER_CHUNK)
 
 
 def test_data_parallel_grid_equals_single_device(setting, single_device_grid):
     """3 facts over a 2-way 'data' axis (one filler row), each replica 4-way tensor parallel."""
     _, _, _, sharded, mesh, batch = setting
-    single, sigma_1, _ = single_device_grid
+    single, sigma_1 = single_device_grid.result, single_device_grid.sigma
     config = tracing.TraceConfig(steps=STEPS, noise_samples=DRAWS)
-    parallel, sigma_8, _ = distributed.run_grid(sharded, batch, jax.random.key(SEED), config, mesh,
-                                                facts_per_device=PER_CHUNK)
+    traced = tracing.trace(sharded, batch, config, jax.random.key(SEED), facts_per_chunk=PER_CHUNK, mesh=mesh)
+    parallel, sigma_8 = traced.result, traced.sigma
     assert sigma_8 == pytest.approx(sigma_1, rel=1e-6)
     assert parallel.tie.shape == single.tie.shape == (3, STEPS, 3, 3)
     for name in ("tie", "clean_lp", "corrupted_lp", "patched_lp"):
@@ -205,16 +200,8 @@ def test_data_parallel_grid_equals_single_device(setting, single_device_grid):
 @pytest.fixture(scope="module")
 def single_device_memory(setting):
     _, _, single, _, _, batch = setting
-    sigma = tracing.subject_embedding_std(single, batch)
-    keys, deltas = [], []
-    for chunk in pipeline.chunks(batch, PER_CHUNK):
-        k, d = mem.capture_keys_and_deltas(single, chunk, sigma, jax.random.key(SEED),
-                                           layer=jnp.int32(COORDINATE["layer"]), module=COORDINATE["module"],
-                                           step=COORDINATE["step"], trace_steps=STEPS, noise_samples=DRAWS,
-                                           noise_scale=3.0)
-        keys.append(np.asarray(k))
-        deltas.append(np.asarray(d))
-    keys, deltas = np.concatenate(keys)[:3], np.concatenate(deltas)[:3]
+    keys, deltas, _ = mem.capture(single, batch, tracing.Coordinate(steps=STEPS, **COORDINATE), jax.random.key(SEED),
+                                  noise_samples=DRAWS, facts_per_chunk=PER_CHUNK)
     memory, _ = mem.build(keys, deltas, layer=COORDINATE["layer"], module=COORDINATE["module"], alpha=1.0, lam=0.1)
     return keys, deltas, memory
 
@@ -222,10 +209,8 @@ def single_device_memory(setting):
 def test_memory_built_on_sharded_model_equals_unsharded(setting, single_device_memory):
     _, _, single, sharded, mesh, batch = setting
     keys_1, deltas_1, m1 = single_device_memory
-    sigma = tracing.subject_embedding_std(sharded, batch)
-    keys_8, deltas_8 = distributed.capture_keys_and_deltas(
-        sharded, batch, sigma, jax.random.key(SEED), mesh, noise_samples=DRAWS, noise_scale=3.0,
-        facts_per_device=PER_CHUNK, trace_steps=STEPS, **COORDINATE)
+    keys_8, deltas_8, _ = mem.capture(sharded, batch, tracing.Coordinate(steps=STEPS, **COORDINATE),
+                                      jax.random.key(SEED), noise_samples=DRAWS, facts_per_chunk=PER_CHUNK, mesh=mesh)
     np.testing.assert_allclose(keys_8, keys_1, **TOL)
     np.testing.assert_allclose(deltas_8, deltas_1, **TOL)
     m8, _ = mem.build(keys_8, deltas_8, layer=COORDINATE["layer"], module=COORDINATE["module"], alpha=1.0, lam=0.1)
@@ -234,8 +219,8 @@ def test_memory_built_on_sharded_model_equals_unsharded(setting, single_device_m
         np.testing.assert_allclose(np.asarray(getattr(m8, name)), np.asarray(getattr(m1, name)), rtol=1e-4,
                                    atol=1e-5, err_msg=name)
     ids = token_batch(2)
-    edited_1 = np.asarray(mem.attach(single, m1).logits(ids))
-    edited_8 = np.asarray(mem.attach(sharded, m8).logits(ids))  # the edit runs on the sharded model
+    edited_1 = np.asarray(single.with_edits(m1).logits(ids))
+    edited_8 = np.asarray(sharded.with_edits(distributed.replicate(m8, mesh)).logits(ids))  # on the sharded model
     np.testing.assert_allclose(edited_8, edited_1, rtol=1e-4, atol=1e-4)
     assert np.abs(edited_1 - np.asarray(single.logits(ids))).max() > 1e-4  # the memory does change it
 
@@ -247,11 +232,11 @@ def test_cli_trace_and_edit_with_mesh_equal_single_device(setting, single_device
               str(DRAWS), "--facts-per-chunk", str(PER_CHUNK), "--seed", str(SEED), "--mesh", PROFILE]
     assert cli.main(["trace", *common, "--out", str(tmp_path / "trace")]) == 0
     traced = np.load(tmp_path / "trace" / "tie.npz")
-    single, _, _ = single_device_grid
+    single = single_device_grid.result
     for name in ("tie", "clean_lp", "corrupted_lp", "patched_lp"):
         np.testing.assert_allclose(traced[name], getattr(single, name), **TOL, err_msg=name)
     summary = json.loads((tmp_path / "trace" / "summary.json").read_text())
-    expected = tracing.select_coordinate(single.tie, tracing.MODULES)
+    expected = tracing.select_coordinate(single.tie, ports.MODULES)
     assert summary["coordinate"] == expected.as_dict()
 
     c = COORDINATE
@@ -288,6 +273,8 @@ def test_data_parallel_likelihood_equals_single_device(reference):
     single = np.asarray(likelihood.answer_log_likelihood_jit(ref, prompt, prompt_mask, answer, answer_mask, key, **kw))
     mesh = sharding.make_mesh("dp4tp2")
     bb = ports.load_pretrained(FIXTURES / "dream", mesh=mesh, rules=sharding.rules_for("dp4tp2"))
-    parallel = distributed.answer_log_likelihood(bb, prompt, prompt_mask, answer, answer_mask, key, mesh, **kw)
+    keys = np.asarray(jax.random.key_data(jax.random.split(key, B)))   # the row keys the single call draws
+    parallel = distributed.map_chunks(likelihood._score_rows, (prompt, prompt_mask, answer, answer_mask, keys),
+                                      chunk_size=1, before=(bb,), static=kw, mesh=mesh)
     assert parallel.shape == (B,)
     np.testing.assert_allclose(parallel, single, **TOL)

@@ -27,13 +27,18 @@ from ports import sharding  # noqa: E402
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "llada"
 
 
+@jax.jit
+def forward(backbone, ids):
+    return backbone.apply(ids)
+
+
 def main() -> None:
     mesh = sharding.make_mesh("dp2tp4")  # 2 x 4 over both processes' devices
     sharded = ports.load_pretrained(FIXTURE, mesh=mesh, rules=sharding.rules_for("dp2tp4"))
     local = ports.load_pretrained(FIXTURE)  # this process's first device only
     ids = np.random.default_rng(0).integers(0, 370, (4, 10)).astype(np.int32)
-    rows = distributed.shard_rows(ids, mesh)  # rows 0-1 on one process's devices, 2-3 on the other's
-    logits = distributed.to_host(jax.jit(lambda bb, x: bb.apply(x))(sharded, rows))
+    # rows 0-1 go to one process's devices, 2-3 to the other's; every process gets all logits back
+    logits = distributed.map_chunks(forward, ids, chunk_size=2, before=(sharded,), mesh=mesh)
     expected = np.asarray(local.logits(ids))
     spans = {leaf.sharding.mesh.devices.size for leaf in jax.tree.leaves(sharded.params)}
     print(json.dumps({

@@ -3,7 +3,7 @@
 Training-time (`training`): GradAscent, GradDiff, NPO, SimNPO and RMU on the masked-diffusion
 loss, run to convergence of the forget metric, written as ordinary model directories.
 Inference-time (`inference`): activation steering, CAA and the random-coordinate memory, written as
-small directories that `load_inference_baseline(path, backbone)` turns back into a `Backbone`.
+small directories that `load_inference_baseline(path, backbone)` turns back into an edited backbone.
 
 What an evaluator calls on a directory DIR written by `timerome unlearn`:
 
@@ -14,16 +14,13 @@ What an evaluator calls on a directory DIR written by `timerome unlearn`:
         model = ports.load_pretrained(DIR)
 """
 
-from timerome_jax.baselines.inference import (INFERENCE_METHODS, InferenceBaseline, SteeredBackbone,
-                                              build_inference_baseline, is_inference_baseline,
-                                              load_inference_baseline, read_kind, read_meta,
-                                              save_inference_baseline, steer)
-from timerome_jax.baselines.suites import SUITES, load_suite
+from timerome_jax.baselines.inference import (INFERENCE_METHODS, InferenceBaseline, build_inference_baseline,
+                                              is_inference_baseline, load_inference_baseline, read_kind,
+                                              read_meta, save_inference_baseline, steer)
 from timerome_jax.baselines.training import TRAINING_METHODS, TrainConfig, TrainResult, train
 
 METHODS = TRAINING_METHODS + INFERENCE_METHODS
 
-__all__ = ["INFERENCE_METHODS", "InferenceBaseline", "METHODS", "SUITES", "SteeredBackbone", "TRAINING_METHODS",
-           "TrainConfig", "TrainResult", "build_inference_baseline", "is_inference_baseline",
-           "load_inference_baseline", "load_suite", "read_kind", "read_meta", "save_inference_baseline", "steer",
-           "train"]
+__all__ = ["INFERENCE_METHODS", "InferenceBaseline", "METHODS", "TRAINING_METHODS", "TrainConfig", "TrainResult",
+           "build_inference_baseline", "is_inference_baseline", "load_inference_baseline", "read_kind", "read_meta",
+           "save_inference_baseline", "steer", "train"]

@@ -8,7 +8,7 @@ at a coordinate (layer ℓ, module m ∈ {resid, attn, mlp}, step k) — normall
 
 * steer: v = mean_i δ_i, δ_i = mean over draws of (value_corrupted − value_clean) of module m at
   layer ℓ, at the last subject token, at step k (exactly the δ_i of the edit memory,
-  `memory.capture_keys_and_deltas`). Applied as value ← value + α v.
+  `memory.capture`). Applied as value ← value + α v.
 * caa:   d = mean_i mean_{k' < K, r, p ∈ S_i ∪ Y_i} (value_clean − value_corrupted) over every step
   k' of the K-step clean trajectory, every draw r and every subject (S_i) and answer (Y_i)
   position p: CAA's mean difference between the positive ("knows the fact": clean) and the
@@ -30,7 +30,8 @@ Persistence (a directory, written atomically): `kind` (one line: steer | caa | r
 `baseline.json` (format, kind, coordinates, α, fingerprint and name of the model it was built for,
 fact ids, settings, build seconds and peak memory), and `vector.npz` (steer/caa: `vector` [D] = v,
 `difference` [D] = the raw mean difference) or `memory/` (random_memory: a `memory.save`
-directory). `load_inference_baseline(path, backbone)` returns a `Backbone` that runs edited.
+directory). `load_inference_baseline(path, backbone)` returns the backbone with the baseline's
+edit attached (`Backbone.with_edits`): a `timerome_jax.edits.Steering` or the random memory.
 """
 
 from __future__ import annotations
@@ -39,21 +40,21 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
-from typing import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import ports
-from ports import Backbone
+from ports import MODULES, Backbone, Site
 from ports.errors import CheckpointError
 from ports.fileio import atomic_directory
+from timerome_jax import distributed
 from timerome_jax import memory as mem
-from timerome_jax import pipeline, tracing
-from timerome_jax.workflow import capture, memory_from_batch
+from timerome_jax.edits import Steering
 from timerome_jax.errors import InputError
+from timerome_jax.facts import FactBatch, Facts
+from timerome_jax.tracing import Coordinate, clean_run, noise_draws, noise_edit, subject_embedding_std
 
 Array = jax.Array
 
@@ -65,122 +66,56 @@ MEMORY_DIR = "memory"
 FORMAT = "timerome-inference-baseline"
 
 
-# --- the steering wrapper ----------------------------------------------------------------------
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SteeringVector:
-    """value ← value + alpha · vector at module `module` of layer `layer` (all positions).
-
-    layer int32 []; vector float32 [D]; alpha float32 []; module is static."""
-
-    layer: Array
-    vector: Array
-    alpha: Array
-    module: str = dataclasses.field(metadata=dict(static=True), default="resid")
-
-
-def make_steering_interceptor(steering: SteeringVector):
-    if steering.module not in tracing.MODULES:
-        raise InputError(f"unknown module {steering.module!r}; choose from {', '.join(tracing.MODULES)}")
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name != "__call__" or context.module.name != steering.module:
-            return out
-        active = (kwargs["layer_index"] == steering.layer) & (steering.alpha != 0)
-        return jax.lax.cond(active, lambda o: o + (steering.alpha * steering.vector).astype(o.dtype),
-                            lambda o: o, out)
-
-    return interceptor
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SteeredBackbone(Backbone):
-    """A Backbone whose every forward adds the steering vector (sampler, likelihoods, tracer and
-    metrics take it unchanged). The interceptor enters through `Backbone.interception`, so
-    `apply`, `embed`, `layer` and `head` all carry it, inside whatever jit calls them."""
-
-    steering: SteeringVector | None = None
-
-    def interception(self):
-        if self.steering is None:
-            return super().interception()
-        return nn.intercept_methods(make_steering_interceptor(self.steering))
-
-
-def _plain(backbone: Backbone) -> Backbone:
-    return Backbone(backbone.config, backbone.params, backbone.mask_token_id, backbone.dtype, backbone.source)
-
-
-def steer(backbone: Backbone, vector, layer: int, module: str, alpha: float) -> SteeredBackbone:
+def steer(backbone: Backbone, vector, layer: int, module: str, alpha: float) -> Backbone:
     """The backbone with α·vector added at (layer, module) in every forward."""
+    if module not in MODULES:
+        raise InputError(f"unknown module {module!r}; choose from {', '.join(MODULES)}")
     if not 0 <= int(layer) < backbone.config.n_layers:
         raise InputError(f"layer {layer} is outside 0..{backbone.config.n_layers - 1}")
     vector = jnp.asarray(vector, jnp.float32)
     if vector.shape != (backbone.config.d_model,):
         raise InputError(f"a steering vector for this model has shape ({backbone.config.d_model},), got {vector.shape}")
-    sv = SteeringVector(jnp.int32(layer), vector, jnp.float32(alpha), module)
-    if module not in tracing.MODULES:
-        raise InputError(f"unknown module {module!r}; choose from {', '.join(tracing.MODULES)}")
-    base = _plain(backbone)
-    return SteeredBackbone(base.config, base.params, base.mask_token_id, base.dtype, base.source, steering=sv)
+    return backbone.with_edits(Steering(Site(jnp.int32(layer), module), vector, jnp.float32(alpha)))
 
 
 # --- vectors from the tracer's runs --------------------------------------------------------------
 
-def _fact_rows(batch: tracing.TraceBatch) -> np.ndarray:
-    return np.asarray(batch.fact_index_F) >= 0
-
-
-def steering_vector(backbone: Backbone, batch: tracing.TraceBatch, coordinate: tracing.Coordinate, key: Array, *,
+def steering_vector(backbone: Backbone, batch: FactBatch, coordinate: Coordinate, key: Array, *,
                     noise_samples: int = 10, noise_scale: float = 3.0, facts_per_chunk: int = 4) -> np.ndarray:
     """v = mean_i δ_i at the coordinate (the edit memory's deltas). [D] float32."""
-    sigma = tracing.subject_embedding_std(backbone, batch)
-    deltas = []
-    for chunk in pipeline.chunks(batch, min(facts_per_chunk, batch.num_facts)):
-        _, d = mem.capture_keys_and_deltas(backbone, chunk, sigma, key, layer=jnp.int32(coordinate.layer),
-                                           module=coordinate.module, step=coordinate.step, trace_steps=coordinate.steps,
-                                           noise_samples=noise_samples, noise_scale=noise_scale)
-        deltas.append(np.asarray(d)[_fact_rows(chunk)])
-    return np.concatenate(deltas).mean(axis=0).astype(np.float32)
+    entries = mem.capture(backbone, batch, coordinate, key, noise_samples=noise_samples, noise_scale=noise_scale,
+                          facts_per_chunk=facts_per_chunk)
+    return entries.deltas.mean(axis=0).astype(np.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("module", "steps", "noise_samples", "noise_scale", "cells_per_batch"))
-def contrastive_sums(backbone: Backbone, batch: tracing.TraceBatch, sigma: Array, key: Array, *, layer: Array,
+def contrastive_sums(backbone: Backbone, batch: FactBatch, sigma: Array, key: Array, layer: Array, *,
                      module: str, steps: int, noise_samples: int, noise_scale: float,
                      cells_per_batch: int = 16) -> tuple[Array, Array]:
     """Per fact: Σ over steps k' < K, draws r and positions p ∈ subject ∪ answer of
     (value_clean − value_corrupted) of `module` at `layer` [F, D], and the number of terms [F].
 
     The clean trajectory is the tracer's teacher-forced one; the noise draws are the tracer's
-    (same key, same fact index → same noise as `tie_grid` and `capture_keys_and_deltas`)."""
+    (same key, same fact index → same noise as `tie_grid` and `memory.capture`)."""
     S = batch.subject_pos_FS.shape[1]
     D = backbone.config.d_model
-    noise = tracing.noise_draws(key, batch.fact_index_F, noise_samples, (S, D)) * (noise_scale * sigma)
+    noise = noise_draws(key, batch.fact_index_F, noise_samples, (S, D)) * (noise_scale * sigma)
+    site = Site(layer, module)
 
-    def value(ids_T, mask_T, iv):
-        if iv is None:
-            _, inter = backbone.apply(ids_T[None], mask_T[None], return_intermediates=True)
-        else:
-            with nn.intercept_methods(tracing.make_interceptor(iv, 1)):
-                _, inter = backbone.apply(ids_T[None], mask_T[None], return_intermediates=True)
-        return inter[module][layer, 0].astype(jnp.float32)  # [T, D]
+    def value(ids_T, mask_T, edits=()):
+        _, (captured,) = backbone.apply(ids_T[None], mask_T[None], capture=(site,), edits=edits)
+        return captured.value[0].astype(jnp.float32)  # [T, D]
 
     def one_fact(ids, am, ans, pos, valid, noise_RSD):
-        states, _, _, _ = tracing.clean_run(backbone, ids, am, ans, pos, steps)  # [K, T]
+        states, _, _, _ = clean_run(backbone, ids, am, ans, pos, steps)  # [K, T]
         T = ids.shape[0]
         subject_T = jnp.any((jnp.arange(T)[:, None] == pos[None, :]) & valid[None, :], axis=1)
         where_T = (subject_T | ans.astype(bool)) & am.astype(bool)
-
-        clean_KTD = jax.lax.map(lambda state: value(state, am, None), states)
+        clean_KTD = jax.lax.map(lambda state: value(state, am), states)
 
         def cell(kr):
             k, r = kr // noise_samples, kr % noise_samples
-            iv = tracing.Intervention(pos, valid, noise_RSD[r], jnp.int32(-1), jnp.int32(0),
-                                      jnp.zeros((backbone.config.n_layers, 3, S, D)))
-            diff = clean_KTD[k] - value(states[k], am, iv)
+            diff = clean_KTD[k] - value(states[k], am, (noise_edit(pos, valid, noise_RSD[r]),))
             return jnp.sum(jnp.where(where_T[:, None], diff, 0.0), axis=0)
 
         cells = jnp.arange(steps * noise_samples)
@@ -191,39 +126,39 @@ def contrastive_sums(backbone: Backbone, batch: tracing.TraceBatch, sigma: Array
                               batch.subject_pos_FS, batch.subject_valid_FS, noise)
 
 
-def caa_difference(backbone: Backbone, batch: tracing.TraceBatch, coordinate: tracing.Coordinate, key: Array, *,
+def caa_difference(backbone: Backbone, batch: FactBatch, coordinate: Coordinate, key: Array, *,
                    steps: int = 8, noise_samples: int = 10, noise_scale: float = 3.0, facts_per_chunk: int = 4,
                    cells_per_batch: int = 16) -> np.ndarray:
     """d = mean over facts of the per-fact mean (clean − corrupted) (module docstring). [D]."""
-    sigma = tracing.subject_embedding_std(backbone, batch)
-    means = []
-    for chunk in pipeline.chunks(batch, min(facts_per_chunk, batch.num_facts)):
-        sums, counts = contrastive_sums(backbone, chunk, sigma, key, layer=jnp.int32(coordinate.layer),
-                                        module=coordinate.module, steps=steps, noise_samples=noise_samples,
-                                        noise_scale=noise_scale, cells_per_batch=cells_per_batch)
-        rows = _fact_rows(chunk)
-        means.append(np.asarray(sums)[rows] / np.maximum(np.asarray(counts)[rows], 1)[:, None])
-    return np.concatenate(means).mean(axis=0).astype(np.float32)
+    sums, counts = distributed.map_chunks(
+        contrastive_sums, batch, chunk_size=facts_per_chunk, before=(backbone,),
+        after=(subject_embedding_std(backbone, batch), key, jnp.int32(coordinate.layer)),
+        static=dict(module=coordinate.module, steps=steps, noise_samples=noise_samples, noise_scale=noise_scale,
+                    cells_per_batch=cells_per_batch))
+    return (sums / np.maximum(counts, 1)[:, None]).mean(axis=0).astype(np.float32)
 
 
-def random_coordinate(n_layers: int, traced: tracing.Coordinate, seed: int) -> tracing.Coordinate:
+def random_coordinate(n_layers: int, traced: Coordinate, seed: int) -> Coordinate:
     """A layer drawn uniformly among the layers other than the traced one (any layer when the model
     has one), a module drawn uniformly, the traced step; numpy's default_rng(seed)."""
     rng = np.random.default_rng(seed)
     layers = [l for l in range(n_layers) if l != traced.layer] or [traced.layer]
     layer = int(layers[int(rng.integers(len(layers)))])
-    module = tracing.MODULES[int(rng.integers(len(tracing.MODULES)))]
-    return tracing.Coordinate(layer, traced.step, module, traced.steps)
+    module = MODULES[int(rng.integers(len(MODULES)))]
+    return Coordinate(layer, traced.step, module, traced.steps)
 
 
-def random_memory(backbone: Backbone, batch: tracing.TraceBatch, traced: tracing.Coordinate, fact_ids: Sequence[str],
-                  key: Array, *, seed: int, alpha: float, lam: float, q: int | None = None, noise_samples: int = 10,
-                  noise_scale: float = 3.0, facts_per_chunk: int = 4) -> mem.MemoryRecord:
+def random_memory(backbone: Backbone, facts: Facts, traced: Coordinate, key: Array, *, seed: int, alpha: float,
+                  lam: float, q: int | None = None, noise_samples: int = 10, noise_scale: float = 3.0,
+                  facts_per_chunk: int = 4) -> mem.MemoryRecord:
     """The ridge memory of these facts at a random coordinate (same α, λ, q, same facts)."""
-    mem.check_hyperparameters(alpha, lam, q, batch.num_facts)
+    mem.check_hyperparameters(alpha, lam, q, facts.num_facts)
     coordinate = random_coordinate(backbone.config.n_layers, traced, seed)
-    return memory_from_batch(backbone, batch, fact_ids, coordinate, key, alpha=alpha, lam=lam, q=q,
-                             noise_samples=noise_samples, noise_scale=noise_scale, facts_per_chunk=facts_per_chunk)
+    entries = mem.capture(backbone, facts.batch, coordinate, key, noise_samples=noise_samples,
+                          noise_scale=noise_scale, facts_per_chunk=facts_per_chunk)
+    memory, key_scale = mem.build(entries.keys, entries.deltas, layer=coordinate.layer, module=coordinate.module,
+                                  alpha=alpha, lam=lam, q=q)
+    return mem.MemoryRecord(memory, coordinate, lam, key_scale, facts.ids, backbone.fingerprint())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,8 +166,8 @@ class InferenceBaseline:
     """A built baseline: `kind`, what to save, and `attach(backbone)`."""
 
     kind: str
-    coordinate: tracing.Coordinate          # where it acts
-    traced_coordinate: tracing.Coordinate   # the coordinate of the traced memory it is compared with
+    coordinate: Coordinate          # where it acts
+    traced_coordinate: Coordinate   # the coordinate of the traced memory it is compared with
     alpha: float
     fingerprint: str
     fact_ids: tuple[str, ...]
@@ -242,16 +177,17 @@ class InferenceBaseline:
     settings: dict = dataclasses.field(default_factory=dict)
 
     def attach(self, backbone: Backbone) -> Backbone:
+        """The unedited `backbone` with this baseline's edit."""
         if self.kind == "random_memory":
-            return mem.attach(_plain(backbone), self.record.memory)
-        return steer(backbone, self.vector, self.coordinate.layer, self.coordinate.module, self.alpha)
+            return backbone.without_edits().with_edits(self.record.memory)
+        return steer(backbone.without_edits(), self.vector, self.coordinate.layer, self.coordinate.module, self.alpha)
 
 
-def build_inference_baseline(kind: str, backbone: Backbone, batch: tracing.TraceBatch, fact_ids: Sequence[str],
-                             traced: tracing.Coordinate, *, seed: int = 0, alpha: float = 1.0, lam: float = 0.1,
-                             q: int | None = None, steps: int = 8, noise_samples: int = 10, noise_scale: float = 3.0,
+def build_inference_baseline(kind: str, backbone: Backbone, facts: Facts, traced: Coordinate, *, seed: int = 0,
+                             alpha: float = 1.0, lam: float = 0.1, q: int | None = None, steps: int = 8,
+                             noise_samples: int = 10, noise_scale: float = 3.0,
                              facts_per_chunk: int = 4) -> InferenceBaseline:
-    """Build one inference-time baseline from the facts in `batch` (a `pipeline.trace_batch`).
+    """Build one inference-time baseline from the encoded forget facts.
 
     The noise draws use `jax.random.key(seed)` (as `timerome trace/edit --seed`); the random
     coordinate is drawn with `seed` too."""
@@ -260,7 +196,8 @@ def build_inference_baseline(kind: str, backbone: Backbone, batch: tracing.Trace
     if not np.isfinite(alpha):
         raise InputError(f"alpha must be finite, got {alpha}")
     key = jax.random.key(seed)
-    common = dict(alpha=float(alpha), fingerprint=backbone.fingerprint(), fact_ids=tuple(fact_ids),
+    batch = facts.batch
+    common = dict(alpha=float(alpha), fingerprint=backbone.fingerprint(), fact_ids=facts.ids,
                   traced_coordinate=traced)
     settings = {"seed": seed, "noise_samples": noise_samples, "noise_scale": noise_scale}
     if kind == "steer":
@@ -273,7 +210,7 @@ def build_inference_baseline(kind: str, backbone: Backbone, batch: tracing.Trace
         return InferenceBaseline(kind, traced, vector=-d, difference=d, settings={**settings, "steps": steps}, **common)
     if alpha < 0:
         raise InputError(f"alpha must be >= 0, got {alpha}")
-    record = random_memory(backbone, batch, traced, fact_ids, key, seed=seed, alpha=alpha, lam=lam, q=q,
+    record = random_memory(backbone, facts, traced, key, seed=seed, alpha=alpha, lam=lam, q=q,
                            noise_samples=noise_samples, noise_scale=noise_scale, facts_per_chunk=facts_per_chunk)
     return InferenceBaseline(kind, record.coordinate, record=record,
                              settings={**settings, "lam": lam, "q": q, "rank": record.memory.size}, **common)
@@ -320,7 +257,7 @@ def read_meta(path: str | Path) -> dict:
         meta = json.loads((path / META_FILE).read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"format {meta.get('format')!r}")
-        tracing.Coordinate(**meta["coordinate"])
+        Coordinate(**meta["coordinate"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path / META_FILE} is missing or corrupted: {e}") from None
     return meta
@@ -341,19 +278,17 @@ def load_inference_baseline(path: str | Path, backbone: Backbone | None = None) 
     if meta["fingerprint"] != backbone.fingerprint():
         raise CheckpointError(f"the baseline in {path} was built for model {meta['fingerprint']}, not for this "
                               f"model ({backbone.fingerprint()}); rebuild it with `timerome unlearn` on this model")
-    c = tracing.Coordinate(**meta["coordinate"])
+    c = Coordinate(**meta["coordinate"])
     if kind == "random_memory":
-        record = mem.load(path / MEMORY_DIR, backbone)
-        return mem.attach(_plain(backbone), record.memory)
+        return backbone.without_edits().with_edits(mem.load(path / MEMORY_DIR, backbone).memory)
     try:
         with np.load(path / VECTOR_FILE) as arrays:
             vector = np.asarray(arrays["vector"], np.float32)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path / VECTOR_FILE} is missing or corrupted: {e}") from None
-    return steer(backbone, vector, c.layer, c.module, float(meta["alpha"]))
+    return steer(backbone.without_edits(), vector, c.layer, c.module, float(meta["alpha"]))
 
 
-__all__ = ["INFERENCE_METHODS", "InferenceBaseline", "SteeredBackbone", "SteeringVector",
-           "build_inference_baseline", "caa_difference", "capture", "contrastive_sums",
-           "is_inference_baseline", "load_inference_baseline", "make_steering_interceptor", "random_coordinate",
-           "random_memory", "read_kind", "read_meta", "save_inference_baseline", "steer", "steering_vector"]
+__all__ = ["INFERENCE_METHODS", "InferenceBaseline", "build_inference_baseline", "caa_difference", "contrastive_sums",
+           "is_inference_baseline", "load_inference_baseline", "random_coordinate", "random_memory", "read_kind",
+           "read_meta", "save_inference_baseline", "steer", "steering_vector"]

@@ -80,11 +80,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ports import Backbone
+from ports import Backbone, Site
 from timerome_jax import likelihood, resources
-from timerome_jax.baselines.suites import Rows
 from timerome_jax.errors import InputError
 from timerome_jax.masking import forward_process, token_logits
+from timerome_jax.suites import Rows
 
 Array = jax.Array
 
@@ -238,8 +238,8 @@ def residual_activations(backbone: Backbone, key: Array, batch: Batch, layer: in
     """Block-output activations [B, T, D] (float32) of `layer` on the noised rows (same masks as
     `row_nll` for the same key)."""
     noisy, _, _ = forward_process(key, batch.input_ids, batch.noise_mask, backbone.mask_token_id, eps)
-    _, inter = backbone.apply(noisy, batch.attention_mask, return_intermediates=True)
-    return inter["resid"][layer].astype(jnp.float32)
+    _, (resid,) = backbone.apply(noisy, batch.attention_mask, capture=(Site(layer, "resid"),))
+    return resid.value.astype(jnp.float32)
 
 
 def activation_mse(h_BTD: Array, target_BTD: Array, mask_BT: Array) -> Array:
@@ -311,20 +311,17 @@ def objective_terms(objective: Objective, backbone: Backbone, reference: Backbon
 
 # --- what is trained ---------------------------------------------------------------------------
 
-def _is_mlp_down(path) -> bool:
-    names = [getattr(p, "key", getattr(p, "name", None)) for p in path]
-    return "mlp" in names and "down_proj" in names
-
-
-def trainable_layout(params: Any, objective: Objective, n_layers: int) -> tuple[tuple[int, ...], tuple]:
+def trainable_layout(backbone: Backbone, objective: Objective) -> tuple[tuple[int, ...], tuple]:
     """(indices of trained leaves in `jax.tree.leaves(params)`, per trained leaf a layer mask
-    (tuple of L 0/1 or None = every element))."""
-    leaves = jax.tree_util.tree_leaves_with_path(params)
+    (tuple of L 0/1 or None = every element)). RMU trains the weights that write the MLP site's
+    value (the down projections, stacked over layers) of layers ℓ−2..ℓ."""
+    n_layers = backbone.config.n_layers
+    leaves = jax.tree.leaves(backbone.params)
     if objective.method != "rmu":
         return tuple(range(len(leaves))), tuple(None for _ in leaves)
     layers = [l for l in range(objective.rmu_layer - RMU_TRAINED_LAYERS + 1, objective.rmu_layer + 1) if l >= 0]
     mask = tuple(1.0 if l in layers else 0.0 for l in range(n_layers))
-    index = tuple(i for i, (path, _) in enumerate(leaves) if _is_mlp_down(path))
+    index = backbone.writer_weights("mlp")
     if not index:
         raise InputError("RMU needs the MLP down-projection, which this backbone's parameters lack")
     return index, tuple(mask for _ in index)
@@ -358,10 +355,6 @@ def _merge(treedef, frozen: list, trained: list, index: tuple[int, ...]) -> Any:
     for i in range(len(frozen) + len(trained)):
         leaves.append(next(t) if i in chosen else next(f))
     return jax.tree.unflatten(treedef, leaves)
-
-
-def _skeleton(backbone: Backbone) -> Backbone:
-    return Backbone(backbone.config, None, backbone.mask_token_id, backbone.dtype, backbone.source)
 
 
 @functools.partial(jax.jit, static_argnames=("objective", "optim", "index", "masks", "treedef"),
@@ -455,7 +448,7 @@ def train(backbone: Backbone, forget: Rows, retain: Rows | None, config: TrainCo
     setup_seconds = time.perf_counter() - setup_start  # RMU's activation scale (compiled and run)
 
     leaves, treedef = jax.tree.flatten(backbone.params)
-    index, masks = trainable_layout(backbone.params, objective, L)
+    index, masks = trainable_layout(backbone, objective)
     # copies: the step donates (reuses) the buffers of the trained leaves and the optimiser state,
     # while the caller's backbone (and the reference, for NPO / RMU) keeps the original arrays
     trained = [jnp.array(leaves[i], copy=True) for i in index]
@@ -463,7 +456,7 @@ def train(backbone: Backbone, forget: Rows, retain: Rows | None, config: TrainCo
     optim = Optim(float(config.lr), float(config.weight_decay), float(config.clip_norm))
     opt_state = optim.build().init(trained)
     reference_params = backbone.params if objective.uses_reference else None
-    skeleton = _skeleton(backbone)
+    skeleton = dataclasses.replace(backbone, params=None)
     forget_stream = RowStream(forget.num_rows, config.batch_size, config.seed)
     retain_stream = RowStream(retain.num_rows, config.batch_size, config.seed + 1) if objective.uses_retain else None
     use_retain = objective.uses_retain

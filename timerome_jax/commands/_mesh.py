@@ -7,12 +7,14 @@
 
 Without --mesh a command behaves exactly as before (one device, no sharding). Profiles are
 described in `ports.sharding`; the product of the counts must equal the number of devices
-(`jax.device_count()`, all processes together).
+(`jax.device_count()`, all processes together). A command builds its `Placement` once and passes
+the mesh to the API calls as an argument.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 import ports
@@ -29,35 +31,28 @@ def add_mesh_argument(parser: argparse.ArgumentParser) -> None:
                              "SLURM / Open MPI / Cloud TPU)")
 
 
-def mesh_profile(args: argparse.Namespace) -> sharding.MeshProfile | None:
-    """The parsed --mesh profile (None without --mesh); joins the multi-host job first if asked."""
-    if getattr(args, "distributed", False) or os.environ.get("TIMEROME_DISTRIBUTED") == "1":
-        from timerome_jax import distributed
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a command's models live: a mesh and its rules, or one device (both None)."""
 
-        distributed.initialize()
-    text = getattr(args, "mesh", None)
-    return None if text is None else sharding.parse_profile(text)
+    mesh: object = None
+    rules: object = None
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Placement":
+        """The --mesh profile's mesh; joins the multi-host job first if asked."""
+        if getattr(args, "distributed", False) or os.environ.get("TIMEROME_DISTRIBUTED") == "1":
+            from timerome_jax import distributed
 
-def mesh_from_args(args: argparse.Namespace):
-    """The `jax.sharding.Mesh` for --mesh (built once per args), or None without --mesh."""
-    cached = getattr(args, "_timerome_mesh", None)
-    if cached is not None:
-        return cached
-    profile = mesh_profile(args)
-    if profile is None:
-        return None
-    mesh = sharding.make_mesh(profile)
-    args._timerome_mesh = mesh
-    args._timerome_rules = profile.rules
-    return mesh
+            distributed.initialize()
+        text = getattr(args, "mesh", None)
+        if text is None:
+            return cls()
+        profile = sharding.parse_profile(text)
+        return cls(sharding.make_mesh(profile), profile.rules)
 
-
-def backbone_on_mesh(args: argparse.Namespace, path, **kwargs) -> ports.Backbone:
-    """`ports.load_pretrained(path, **kwargs)`, with the parameters loaded straight onto the
-    --mesh profile's mesh and rules when --mesh is given."""
-    mesh = mesh_from_args(args)
-    if mesh is None:
-        return ports.load_pretrained(path, **kwargs)
-    return ports.load_pretrained(path, mesh=mesh, rules=args._timerome_rules, **kwargs)
-
+    def load(self, path, **kwargs) -> ports.Backbone:
+        """`ports.load_pretrained(path, **kwargs)`, straight onto the mesh when there is one."""
+        if self.mesh is None:
+            return ports.load_pretrained(path, **kwargs)
+        return ports.load_pretrained(path, mesh=self.mesh, rules=self.rules, **kwargs)

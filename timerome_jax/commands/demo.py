@@ -17,11 +17,10 @@ import jax
 
 import ports
 from ports.fileio import atomic_directory
-from timerome_jax import data, metrics, tracing, workflow
-from timerome_jax import memory as mem
-from timerome_jax.commands.edit import parse_capture_steps
+from timerome_jax import api
 from timerome_jax.commands.trace import write_trace
-from timerome_jax.tokenization import backbone_tokenizer, pad_token_id
+from timerome_jax.memory import KEY_POSITIONS, MemorySpec
+from timerome_jax.memory.spec import SELECTIVE_SCHEDULE
 
 
 def register(sub, common) -> None:
@@ -45,7 +44,7 @@ def register(sub, common) -> None:
     p.add_argument("--capture-steps", default=None, metavar="STEPS",
                    help="'all' or comma-separated steps of the trajectory: store each fact's key and delta at "
                    "these steps (default: the traced step only; docs/memory.md)")
-    p.add_argument("--key-positions", choices=mem.KEY_POSITIONS, default=None,
+    p.add_argument("--key-positions", choices=KEY_POSITIONS, default=None,
                    help="read each fact's keys at its 'last' subject token (the paper's) or at every 'subject' token")
     p.add_argument("--sampler-steps", type=int, default=None, metavar="N",
                    help="also capture each fact in the greedy sampler's states before N evenly spread steps of "
@@ -58,72 +57,49 @@ def register(sub, common) -> None:
     p.set_defaults(run=run)
 
 
-# the selective memory (docs/memory.md, docs/RESULTS.md §9): on tofu-tiny it removes ~78 nats of
-# forget LP for under 1 nat of retain LP; the paper's memory (the other defaults) is not selective
-SELECTIVE = {"alpha": 32.0, "capture_steps": "all", "key_positions": "subject", "gate_rate": 0.001, "sampler_steps": 8}
-PAPER = {"alpha": 1.0, "capture_steps": None, "key_positions": "last", "gate_rate": None, "sampler_steps": None}
-GENERATION = dict(gen_length=96, steps=48, block_length=32)   # the greedy answers of step 4
-
-
 def run(args: argparse.Namespace) -> int:
-    say = lambda text: print(text, flush=True)
-    for name, value in (SELECTIVE if args.selective else PAPER).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.gate_rate is not None:
-        mem.check_gate_rate(args.gate_rate, "--gate-rate")
-    if args.capture_steps is not None:   # refuse a bad value before minutes of tracing
-        parse_capture_steps(args.capture_steps, tracing.Coordinate(layer=0, step=0, module="resid", steps=args.steps))
-    sampler_capture = None if args.sampler_steps is None else mem.SamplerCapture.evenly(args.sampler_steps, **GENERATION)
+    say = lambda text: print(text, flush=True)  # noqa: E731
+    spec = MemorySpec.from_flags(args, base=MemorySpec.selective() if args.selective else MemorySpec.paper())
+    spec.steps_for(api.Coordinate(layer=0, step=0, module="resid", steps=args.steps))  # refuse bad steps before tracing
+    gate_facts = None if spec.gate_rate is None else api.load_facts(args.gate_facts)
     backbone = ports.load_pretrained(args.model)
-    tokenizer = backbone_tokenizer(backbone)
-    pad = pad_token_id(tokenizer, backbone)
-    config = tracing.TraceConfig(steps=args.steps, noise_samples=args.noise_samples)
+    tokenizer = api.tokenizer(backbone)
+    config = api.TraceConfig(steps=args.steps, noise_samples=args.noise_samples)
     say(f"model {args.model}: {backbone.config.family}, {backbone.config.n_layers} layers, "
         f"{backbone.num_params():,} parameters")
 
     # 1. where does the fact live?
-    traced_facts = workflow.encode(backbone, tokenizer, data.load_facts(args.trace_facts))
-    traced = workflow.trace(backbone, traced_facts, config, seed=args.seed)
-    result, coordinate, seconds = traced.result, traced.coordinate, traced.seconds
-    best, gap = traced.best_cell_tie(), traced.total_effect()
+    traced_facts = api.encode(backbone, tokenizer, api.load_facts(args.trace_facts))
+    traced = api.trace(backbone, traced_facts, config, seed=args.seed)
+    coordinate, best, gap = traced.coordinate, traced.best_cell_tie(), traced.total_effect()
     say(f"\n1. traced {traced_facts.num_facts} facts x {config.steps} steps x {backbone.config.n_layers} layers x "
-        f"{len(config.modules)} modules x {config.noise_samples} noise draws in {seconds:.0f} s")
+        f"{len(config.modules)} modules x {config.noise_samples} noise draws in {traced.seconds:.0f} s")
     say(f"   the facts live at layer {coordinate.layer}, module '{coordinate.module}', denoising step "
         f"{coordinate.step}: restoring it recovers {best:.2f} of the {gap:.2f} nats the corruption "
         f"removes ({best / gap:.0%})" if abs(gap) > 1e-9 else "   (the corruption changes nothing)")
 
     # 2. edit: one ridge memory over all forget facts at that coordinate
-    forget = workflow.encode(backbone, tokenizer, data.load_facts(args.forget))
-    steps = None if args.capture_steps is None else parse_capture_steps(args.capture_steps, coordinate)
-    record = workflow.build_memory(backbone, forget, coordinate, alpha=args.alpha, lam=args.lam, q=args.q,
-                                   seed=args.seed, noise_samples=args.noise_samples, facts_per_chunk=8,
-                                   capture_steps=steps, key_positions=args.key_positions,
-                                   sampler_capture=sampler_capture)
-    gated = ""
-    if args.gate_rate is not None:
-        tau, info = workflow.retain_gate(backbone, tokenizer, data.load_facts(args.gate_facts), record.memory,
-                                         rate=args.gate_rate)
-        record = record.with_memory(mem.with_gate(record.memory, tau))
-        gated = f", gated at cosine {tau:.5f} (edits {args.gate_rate:g} of {info['tokens']} {args.gate_facts} tokens)"
-    memory, n, encoded, skipped = record.memory, forget.num_facts, forget.encoded, list(forget.skipped)
-    edited = mem.attach(backbone, memory)
-    along = "" if sampler_capture is None else (f" and at {len(sampler_capture.capture_steps)} steps of the "
-                                                 f"greedy sampler's own trajectory")
-    entries = "" if memory.size == n else (f", keys of the {args.key_positions} tokens at steps "
+    forget = api.encode(backbone, tokenizer, api.load_facts(args.forget))
+    record = api.build_memory(backbone, tokenizer, forget, coordinate, spec, seed=args.seed, gate_facts=gate_facts,
+                              facts_per_chunk=8)
+    memory, n = record.memory, forget.num_facts
+    edited = backbone.with_edits(memory)
+    sampler = record.sampler_capture
+    along = "" if sampler is None else f" and at {len(sampler.capture_steps)} steps of the greedy sampler's own trajectory"
+    entries = "" if memory.size == n else (f", keys of the {spec.key_positions} tokens at steps "
                                            f"{','.join(map(str, record.capture_steps))} of the trace{along}: "
                                            f"{memory.size} entries")
+    gated = "" if memory.gate is None else (f", gated at cosine {float(memory.gate):.5f} (edits {spec.gate_rate:g} of "
+                                            f"the {args.gate_facts} tokens)")
     kind = "the selective memory" if args.selective else "an edit memory"
-    say(f"\n2. built {kind} of {n} facts (α={args.alpha:g}, λ={args.lam:g}, q={args.q or memory.size}{entries}{gated}); "
+    say(f"\n2. built {kind} of {n} facts (α={spec.alpha:g}, λ={spec.lam:g}, q={spec.q or memory.size}{entries}{gated}); "
         f"{sum(x.nbytes for x in jax.tree.leaves(memory)):,} bytes, backbone weights untouched")
 
     # 3. what did the edit do? (same MC masks for both models)
-    retain_facts = data.load_facts(args.retain)
-    forget_pairs = workflow.qa_pairs(tokenizer, [e.fact for e in encoded], "forget")
-    retain_pairs = workflow.qa_pairs(tokenizer, retain_facts, "retain")
-    score = lambda bb, pairs: workflow.answer_lp(bb, pairs, seeds=[args.seed], pad_id=pad,
+    retain = api.load_facts(args.retain)
+    score = lambda bb, facts, tag: api.answer_lp(bb, tokenizer, facts, tag, seeds=[args.seed],  # noqa: E731
                                                  mc_samples=args.mc_samples)[0]
-    lp = {name: (score(bb, forget_pairs).mean(), score(bb, retain_pairs).mean())
+    lp = {name: (score(bb, forget.facts, "forget").mean(), score(bb, retain, "retain").mean())
           for name, bb in (("no edit", backbone), ("TimeROME", edited))}
     say(f"\n3. answer log-probability (MC-ELBO, {args.mc_samples} samples, seed {args.seed}; nats per answer)")
     say(f"   {'':10s} {'ForgetLP':>10s} {'RetainLP':>10s}")
@@ -133,27 +109,24 @@ def run(args: argparse.Namespace) -> int:
         f"{lp['TimeROME'][1] - lp['no edit'][1]:+.2f} nats")
 
     # 4. answers before / after
-    shown = encoded[: args.show]
-    prompts = [p.prompt_ids for p in forget_pairs[: args.show]]
-    gen = dict(**GENERATION, batch_size=8, pad_id=pad)
-    before = metrics.generate_answers(backbone, tokenizer, prompts, **gen)
-    after = metrics.generate_answers(edited, tokenizer, prompts, **gen)
+    shown = forget.facts[: args.show]
+    gen = dict(SELECTIVE_SCHEDULE, batch_size=8)
+    before, after = (api.generate(bb, tokenizer, shown, **gen) for bb in (backbone, edited))
     say("\n4. greedy answers before -> after the edit")
-    for e, b, a in zip(shown, before, after):
-        say(f"   Q: {e.fact.prompt}\n      before: {b}\n      after:  {a}")
+    for fact, b, a in zip(shown, before, after):
+        say(f"   Q: {fact.prompt}\n      before: {b}\n      after:  {a}")
 
     if args.out:
-        summary = {"coordinate": coordinate.as_dict(), "trace_seconds": seconds, "best_cell_tie": best,
-                   "total_effect_at_step": gap, "facts_in_memory": n, "skipped": skipped,
+        summary = {"coordinate": coordinate.as_dict(), "trace_seconds": traced.seconds, "best_cell_tie": best,
+                   "total_effect_at_step": gap, "facts_in_memory": n, "skipped": list(forget.skipped),
                    "forget_lp": {k: float(v[0]) for k, v in lp.items()},
                    "retain_lp": {k: float(v[1]) for k, v in lp.items()},
-                   "answers": [{"question": e.fact.prompt, "before": b, "after": a}
-                               for e, b, a in zip(shown, before, after)]}
+                   "answers": [{"question": f.prompt, "before": b, "after": a} for f, b, a in zip(shown, before, after)]}
         with atomic_directory(args.out) as tmp:
             (tmp / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
         trace_summary = {"coordinate": coordinate.as_dict(), "modules": list(config.modules),
                          "num_facts": traced_facts.num_facts}
-        write_trace(f"{args.out}/trace", result, trace_summary)
-        mem.save(record, f"{args.out}/memory")
+        write_trace(f"{args.out}/trace", traced.result, trace_summary)
+        api.save_memory(record, f"{args.out}/memory")
         say(f"\nwrote {args.out}/demo.json, {args.out}/trace/, {args.out}/memory/")
     return 0

@@ -20,15 +20,12 @@ import time
 from pathlib import Path
 
 import ports
-from ports.backbone import EMBEDDED_DIR
 from ports.fileio import atomic_directory
-from timerome_jax import likelihood, metrics, sampler
-from timerome_jax.commands import _mesh
+from timerome_jax import evaluate, likelihood, sampler, suites
+from timerome_jax import memory as mem
+from timerome_jax.commands._mesh import Placement, add_mesh_argument
 from timerome_jax.errors import InputError
 from timerome_jax.tokenization import backbone_tokenizer, load_tokenizer
-
-# The retain twin of each embedded model that has one (forget quality's reference).
-DEFAULT_REFERENCES = {"tofu-tiny": "tofu-tiny-retain"}
 
 # --quick: few QA pairs per split and few MC samples, for smoke tests (explicit flags win).
 QUICK = {"limit": 4, "mc_samples": 4, "seeds": 2}
@@ -45,7 +42,7 @@ def register(sub, common) -> None:
     which.add_argument("--params", metavar="DIR", help="evaluate this model directory (e.g. written "
                        "by `timerome unlearn`) instead of --model's weights")
     p.add_argument("--suite", default="tofu-forget01",
-                   help=f"{' | '.join(metrics.SUITES)} (default tofu-forget01), or a JSON file "
+                   help=f"{' | '.join(suites.SUITES)} (default tofu-forget01), or a JSON file "
                    "{\"forget\": [...], \"retain\": [...], \"real_authors\": [...], \"world_facts\": [...]}")
     p.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 (default 5)")
     p.add_argument("--estimator", default="mc_elbo",
@@ -70,7 +67,7 @@ def register(sub, common) -> None:
     p.add_argument("--ci-method", choices=("percentile", "BCa"), default="percentile")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    _mesh.add_mesh_argument(p)
+    add_mesh_argument(p)
     p.set_defaults(run=run)
 
 
@@ -84,69 +81,38 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     return settings
 
 
-def load_suite_arg(spec: str, num_retain: int) -> metrics.Suite:
-    if spec in metrics.SUITES:
-        return metrics.load_suite(spec, num_retain=num_retain)
+def load_suite_arg(spec: str, num_retain: int) -> suites.Suite:
+    if spec in suites.SUITES:
+        return suites.load_suite(spec, num_retain=num_retain)
     path = Path(spec)
     if not path.is_file():
-        raise InputError(f"unknown suite {spec!r}: neither {', '.join(metrics.SUITES)} nor a file")
+        raise InputError(f"unknown suite {spec!r}: neither {', '.join(suites.SUITES)} nor a file")
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise InputError(f"cannot read the suite file {path}: {e}") from None
-    return metrics.suite_from_records(records, name=path.name)
+    return suites.suite_from_records(records, name=path.name)
 
 
-def _is_embedded(model: str, name: str) -> bool:
-    try:
-        return ports.resolve_model_path(model).resolve() == (EMBEDDED_DIR / name).resolve()
-    except ports.CheckpointError:
-        return False
-
-
-def default_reference(model: str) -> str | None:
-    for name, twin in DEFAULT_REFERENCES.items():
-        if model == name or _is_embedded(model, name):
-            return twin
-    return None
-
-
-def load_reference(reference: str | None, model: str, tokenizer, load=None):
-    """(backbone, tokenizer, name, reason) of the forget-quality reference: `reference` ('none'
-    skips it) or the retain twin of `model`; backbone None with the reason when there is none.
-    `load(name)` loads a model (default `ports.load_pretrained`; eval passes its mesh loader)."""
-    name = reference if reference is not None else default_reference(model)
-    if name is not None and name.lower() == "none":
-        return None, None, None, "--reference none"
-    if name is None:
-        return None, None, None, "no --reference given (the retain twin of this model is unknown)"
-    backbone = (load or ports.load_pretrained)(name)
-    ref_tokenizer = backbone_tokenizer(backbone) if backbone.tokenizer_dir is not None else tokenizer
-    return backbone, ref_tokenizer, name, ""
-
-
-def load_model(args: argparse.Namespace):
+def load_model(args: argparse.Namespace, placement: Placement):
     """(backbone, tokenizer) for --model / --memory / --params (an edited backbone for --memory),
     on the --mesh mesh when one is given."""
     if args.params:
-        backbone = _mesh.backbone_on_mesh(args, args.params)
+        backbone = placement.load(args.params)
         if backbone.tokenizer_dir is not None:
             tokenizer = backbone_tokenizer(backbone)
         else:
             tokenizer = load_tokenizer(ports.resolve_model_path(args.model))
         return backbone, tokenizer
-    backbone = _mesh.backbone_on_mesh(args, args.model)
+    backbone = placement.load(args.model)
     tokenizer = backbone_tokenizer(backbone)
     if args.memory:
-        from timerome_jax import memory as mem
-
         memory = mem.load(args.memory, backbone).memory
-        mesh = _mesh.mesh_from_args(args)
-        if mesh is not None:  # restored onto one device; the backbone's parameters are on the mesh
+        if placement.mesh is not None:  # restored onto one device; the backbone's parameters are on the mesh
             from timerome_jax import distributed
 
-            memory = distributed.replicate_tree(memory, mesh)
-        backbone = mem.attach(backbone, memory)
+            memory = distributed.replicate(memory, placement.mesh)
+        backbone = backbone.with_edits(memory)
     return backbone, tokenizer
 
 
@@ -157,25 +123,25 @@ def run(args: argparse.Namespace) -> int:
     if args.pairs_per_call < 1:
         raise InputError(f"--pairs-per-call must be >= 1, got {args.pairs_per_call}")
     sampler.check_schedule(args.gen_length, args.steps, args.block_length)
-    mesh = _mesh.mesh_from_args(args)  # a bad --mesh stops here, before anything is loaded
-    generation = metrics.GenerationConfig(args.gen_length, args.steps, args.block_length)
+    placement = Placement.from_args(args)  # a bad --mesh stops here, before anything is loaded
+    generation = evaluate.GenerationConfig(args.gen_length, args.steps, args.block_length)
     suite = load_suite_arg(args.suite, args.num_retain)
     out = Path(args.out)
     if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
 
-    backbone, tokenizer = load_model(args)
-    reference, reference_tokenizer, reference_name, reason = load_reference(
-        args.reference, args.model, tokenizer, load=lambda name: _mesh.backbone_on_mesh(args, name))
+    backbone, tokenizer = load_model(args, placement)
+    reference, reference_tokenizer, reference_name, reason = evaluate.load_reference(
+        args.reference, args.model, tokenizer, load=placement.load)
     from tqdm import tqdm
 
-    result = metrics.evaluate_suite(
+    result = evaluate.evaluate_suite(
         backbone, tokenizer, suite, seeds=range(settings["seeds"]), estimator=args.estimator,
         mc_samples=settings["mc_samples"], reference=reference,
         reference_tokenizer=reference_tokenizer, reference_name=reference_name,
         no_reference_reason=reason, truth_ratio_mean=args.truth_ratio_mean, limit=settings["limit"],
         generation=generation, pairs_per_call=args.pairs_per_call, batch_size=args.batch_size,
-        ci_method=args.ci_method, mesh=mesh,
+        ci_method=args.ci_method, mesh=placement.mesh,
         progress=lambda calls: tqdm(calls, desc="scoring", unit="call", file=sys.stderr, leave=False))
     items = result.pop("items")
     result["config"].update({"model": args.model, "memory": args.memory, "params": args.params,
@@ -185,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     with atomic_directory(out, overwrite=args.overwrite) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
         (tmp / "items.jsonl").write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items))
-    print(metrics.metric_table(result))
+    print(evaluate.metric_table(result))
     cost = result["cost"]
     device_peak = cost["device_peak_bytes_in_use"]
     estimator = args.estimator + (f" (M={settings['mc_samples']})" if args.estimator == "mc_elbo" else "")

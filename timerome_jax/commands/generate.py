@@ -17,7 +17,8 @@ import jax
 
 import ports
 from timerome_jax import facts as facts_io
-from timerome_jax import pipeline, sampler, tokenization
+from timerome_jax import memory as mem
+from timerome_jax import sampler, tokenization
 from timerome_jax.errors import InputError
 
 
@@ -74,13 +75,11 @@ def run(args: argparse.Namespace) -> int:
 
     backbone = ports.load_pretrained(args.model)
     if args.memory:
-        from timerome_jax import memory as mem
-
-        backbone = mem.attach(backbone, mem.load(args.memory, backbone).memory)
+        backbone = backbone.with_edits(mem.load(args.memory, backbone).memory)
     sampler.check_mask_token(backbone)
     tokenizer = tokenization.backbone_tokenizer(backbone)
     # the same prompt text as tracing and evaluation (TOFU questions in the training format)
-    prompts = tokenization.encode_texts(tokenizer, [pipeline.model_texts(f)[0] for f in facts],
+    prompts = tokenization.encode_texts(tokenizer, [f.texts()[0] for f in facts],
                                         add_special_tokens=True)
     limit = backbone.config.max_seq_len
     for fact, ids in zip(facts, prompts):

@@ -6,17 +6,14 @@ import argparse
 import json
 import sys
 
-import jax
 import numpy as np
 
 import ports
 from ports.fileio import atomic_directory
-from timerome_jax import pipeline, tracing
-from timerome_jax.commands import _mesh
+from timerome_jax import api, tracing
+from timerome_jax.commands._mesh import Placement, add_mesh_argument
 from timerome_jax.errors import InputError
-from timerome_jax.facts import read_facts
 from timerome_jax.plots import tie_heatmaps
-from timerome_jax.tokenization import backbone_tokenizer, pad_token_id
 
 DEFAULT_MODEL = "tofu-tiny"
 
@@ -24,7 +21,7 @@ DEFAULT_MODEL = "tofu-tiny"
 def register(sub, common) -> None:
     p = sub.add_parser("trace", parents=[common], help="diffusion-time causal tracing (TIE grid)")
     add_trace_arguments(p)
-    _mesh.add_mesh_argument(p)
+    add_mesh_argument(p)
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(run=run)
@@ -53,33 +50,42 @@ def trace_config(args: argparse.Namespace) -> tracing.TraceConfig:
                                cells_per_batch=args.cells_per_batch)
 
 
-def trace(args: argparse.Namespace, backbone: ports.Backbone | None = None):
-    """Run the grid; returns (backbone, encoded facts, result, summary dict)."""
-    config = trace_config(args)
-    if args.num_facts is not None and args.num_facts < 1:
+def read_facts(args: argparse.Namespace) -> list[api.Fact]:
+    """The --facts records, checked with --num-facts before any model is loaded."""
+    if getattr(args, "num_facts", None) is not None and args.num_facts < 1:
         raise InputError(f"--num-facts must be >= 1, got {args.num_facts}")
+    return api.read_facts(args.facts)
+
+
+def encode_facts(args: argparse.Namespace, backbone: ports.Backbone, tokenizer, records, command: str) -> api.Facts:
+    """The --facts of a command, encoded, cut to --num-facts; skipped facts are reported."""
+    facts = api.encode(backbone, tokenizer, records)
+    if facts.skipped:
+        skipped = facts.skipped
+        print(f"timerome {command}: skipped {len(skipped)} fact(s) whose question does not name its subject: "
+              f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", file=sys.stderr)
+    return facts.take(range(min(args.num_facts, facts.num_facts))) if getattr(args, "num_facts", None) else facts
+
+
+def progress(desc: str, unit: str):
+    from tqdm import tqdm
+
+    return lambda items: tqdm(items, desc=desc, unit=unit, file=sys.stderr, leave=False)
+
+
+def check_trace_arguments(args: argparse.Namespace) -> tracing.TraceConfig:
     if args.facts_per_chunk < 1:
         raise InputError("--facts-per-chunk must be >= 1")
-    facts = read_facts(args.facts)
-    mesh = _mesh.mesh_from_args(args)
-    backbone = backbone or _mesh.backbone_on_mesh(args, args.model)
-    tokenizer = backbone_tokenizer(backbone)
-    encoded, skipped = pipeline.encode_for_tracing(tokenizer, facts, backbone.config.max_seq_len)
-    if skipped:
-        print(f"timerome trace: skipped {len(skipped)} fact(s) whose question does not name its subject: "
-              f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", file=sys.stderr)
-    encoded = encoded[: args.num_facts] if args.num_facts else encoded
-    batch = pipeline.trace_batch(encoded, pad_token_id(tokenizer, backbone))
-    progress = _progress("tracing", unit="chunk")
-    if mesh is None:
-        result, sigma, seconds = pipeline.run_grid(backbone, batch, jax.random.key(args.seed), config,
-                                                   args.facts_per_chunk, progress)
-    else:  # --facts-per-chunk then counts facts per data shard
-        from timerome_jax import distributed
+    return trace_config(args)
 
-        result, sigma, seconds = distributed.run_grid(backbone, batch, jax.random.key(args.seed), config,
-                                                      mesh, args.facts_per_chunk, progress)
-    coordinate = tracing.select_coordinate(result.tie, config.modules, args.k_min)
+
+def trace(args: argparse.Namespace, backbone: ports.Backbone, placement: Placement, records):
+    """Run the grid over the --facts `records`; returns (facts, traced, summary dict)."""
+    config = check_trace_arguments(args)
+    facts = encode_facts(args, backbone, api.tokenizer(backbone), records, "trace")
+    traced = api.trace(backbone, facts, config, seed=args.seed, k_min=args.k_min,   # per data shard on a mesh
+                       facts_per_chunk=args.facts_per_chunk, mesh=placement.mesh, progress=progress("tracing", "chunk"))
+    result, coordinate = traced.result, traced.coordinate
     per_fact = tracing.per_fact_coordinates(result.tie, config.modules, args.k_min)
     mi = config.modules.index(coordinate.module)
     gap_K = (result.clean_lp - result.corrupted_lp).mean(axis=0)
@@ -87,19 +93,19 @@ def trace(args: argparse.Namespace, backbone: ports.Backbone | None = None):
     summary = {
         "coordinate": coordinate.as_dict(),
         "per_fact_coordinates": [c.as_dict() for c in per_fact],
-        "num_facts": len(encoded), "skipped_facts": skipped, "shape": list(result.tie.shape),
-        "modules": list(config.modules), "seconds": round(seconds, 3), "sigma": sigma,
+        "num_facts": facts.num_facts, "skipped_facts": list(facts.skipped), "shape": list(result.tie.shape),
+        "modules": list(config.modules), "seconds": round(traced.seconds, 3), "sigma": traced.sigma,
         "total_effect_by_step": gap_K.tolist(), "best_cell_tie_by_step": best_K.tolist(),
         "best_cell_tie": float(best_K[coordinate.step]),
         "total_effect_at_best_step": float(gap_K[coordinate.step]),
         "best_cell_share_of_total_effect": float(best_K[coordinate.step] / gap_K[coordinate.step])
         if abs(gap_K[coordinate.step]) > 1e-9 else None,
-        "facts": [{"where": e.fact.where, "subject": e.subject} for e in encoded],
+        "facts": [{"where": f.where, "subject": s} for f, s in zip(facts.facts, facts.subjects)],
         "settings": {"model": str(args.model), "fingerprint": backbone.fingerprint(), "steps": config.steps,
                      "noise_samples": config.noise_samples, "noise_scale": config.noise_scale,
                      "window": config.window, "mode": config.mode, "k_min": args.k_min, "seed": args.seed},
     }
-    return backbone, encoded, result, summary
+    return facts, traced, summary
 
 
 def write_trace(out_dir, result: tracing.TraceResult, summary: dict, overwrite: bool = False) -> None:
@@ -114,15 +120,12 @@ def write_trace(out_dir, result: tracing.TraceResult, summary: dict, overwrite: 
                      coordinate=summary["coordinate"])
 
 
-def _progress(desc: str, unit: str):
-    from tqdm import tqdm
-
-    return lambda items: tqdm(items, desc=desc, unit=unit, file=sys.stderr, leave=False)
-
-
 def run(args: argparse.Namespace) -> int:
-    _, _, result, summary = trace(args)
-    write_trace(args.out, result, summary, overwrite=args.overwrite)
+    check_trace_arguments(args)
+    records = read_facts(args)
+    placement = Placement.from_args(args)
+    _, traced, summary = trace(args, placement.load(args.model), placement, records)
+    write_trace(args.out, traced.result, summary, overwrite=args.overwrite)
     c = summary["coordinate"]
     share = summary["best_cell_share_of_total_effect"]
     print(f"traced {summary['num_facts']} facts in {summary['seconds']:.1f} s; coordinate: layer {c['layer']}, "

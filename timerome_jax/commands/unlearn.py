@@ -19,17 +19,14 @@ import math
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 
 import ports
 from ports import checkpoint
 from ports.fileio import atomic_directory
-from timerome_jax import pipeline, resources, tracing, workflow
-from timerome_jax.baselines import inference, suites, training
-from timerome_jax.commands.edit import coordinate_from_trace, parse_coordinate
+from timerome_jax import api, resources, suites, tracing
+from timerome_jax.baselines import inference, training
 from timerome_jax.errors import InputError
-from timerome_jax.tokenization import backbone_tokenizer
 
 DEFAULT_MODEL = "tofu-tiny"
 METHODS = training.TRAINING_METHODS + inference.INFERENCE_METHODS
@@ -141,16 +138,22 @@ def _progress(row: dict) -> None:
 
 
 def run_training(args: argparse.Namespace, backbone: ports.Backbone) -> int:
-    tokenizer = backbone_tokenizer(backbone)
+    tokenizer = api.tokenizer(backbone)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else backbone.config.eos_token_id
     if eos is None:
         raise InputError("the tokenizer and the model config name no end-of-text token")
     config = train_config(args)
     objective = config.objective(backbone.config.n_layers)
-    suite = suites.load_suite(args.suite, tokenizer, int(eos), backbone.config.max_seq_len,
-                              num_retain=args.num_retain if objective.uses_retain or args.monitor_retain else 0,
-                              num_forget=args.num_forget, answer_window=args.answer_window)
-    result = training.train(backbone, suite.forget, suite.retain, config, progress=_progress)
+    needs_retain = objective.uses_retain or args.monitor_retain
+    suite = suites.load_suite(args.suite, num_retain=args.num_retain if needs_retain else 1)
+    rows = dict(tokenizer=tokenizer, eos_id=int(eos), max_len=backbone.config.max_seq_len,
+                answer_window=args.answer_window)
+    forget_records = suite.forget[:args.num_forget] if args.num_forget else suite.forget
+    # row ids name the plain splits (forgetXX, retain90), whose QA pairs these are
+    forget = suites.encode_rows(forget_records, score="answer", where=suites.SUITES[args.suite].removesuffix("_perturbed"),
+                                **rows)
+    retain = suites.encode_rows(suite.retain, score="window", where="retain90", **rows) if needs_retain else None
+    result = training.train(backbone, forget, retain, config, progress=_progress)
     stats = {**result.stats, "suite": args.suite, "model": str(args.model), "fingerprint_before": backbone.fingerprint()}
     model_dir = Path(backbone.source)
     raw = checkpoint.read_config_json(model_dir)
@@ -168,42 +171,38 @@ def run_training(args: argparse.Namespace, backbone: ports.Backbone) -> int:
     return 0
 
 
-def traced_coordinate(args: argparse.Namespace, backbone: ports.Backbone, batch: tracing.TraceBatch) -> tracing.Coordinate:
+def traced_coordinate(args: argparse.Namespace, backbone: ports.Backbone, facts: api.Facts) -> tracing.Coordinate:
     L = backbone.config.n_layers
     if args.coordinate:
-        return parse_coordinate(args.coordinate, L, args.steps)
+        return tracing.Coordinate.parse(args.coordinate, L, args.steps)
     if args.trace:
-        return coordinate_from_trace(args.trace, L)
+        return tracing.Coordinate.from_trace(args.trace, L)
     config = tracing.TraceConfig(steps=args.steps, noise_samples=args.noise_samples, noise_scale=args.noise_scale)
-    result, _, _ = pipeline.run_grid(backbone, batch, jax.random.key(args.seed), config, args.facts_per_chunk)
-    c = tracing.select_coordinate(result.tie, config.modules, args.k_min)
+    c = api.trace(backbone, facts, config, seed=args.seed, k_min=args.k_min, facts_per_chunk=args.facts_per_chunk).coordinate
     print(f"traced: layer {c.layer}, step {c.step}, module {c.module}", file=sys.stderr)
     return c
 
 
 def run_inference(args: argparse.Namespace, backbone: ports.Backbone) -> int:
-    tokenizer = backbone_tokenizer(backbone)
-    facts = suites.forget_facts(args.suite, args.num_forget)
-    encoded = workflow.encode(backbone, tokenizer, facts)
-    batch, fact_ids, skipped = encoded.batch, list(encoded.fact_ids), list(encoded.skipped)
-    if skipped:
-        print(f"timerome unlearn: skipped {len(skipped)} forget fact(s) whose question does not name its subject",
+    facts = api.encode(backbone, api.tokenizer(backbone), suites.forget_facts(args.suite, args.num_forget))
+    if facts.skipped:
+        print(f"timerome unlearn: skipped {len(facts.skipped)} forget fact(s) whose question does not name its subject",
               file=sys.stderr)
     if args.method == "random_memory":
         from timerome_jax import memory as mem
-        mem.check_hyperparameters(args.alpha, args.lam, args.q, batch.num_facts)
+        mem.check_hyperparameters(args.alpha, args.lam, args.q, facts.num_facts)
     with resources.Measure() as cost:
-        coordinate = traced_coordinate(args, backbone, batch)
+        coordinate = traced_coordinate(args, backbone, facts)
         baseline = inference.build_inference_baseline(
-            args.method, backbone, batch, fact_ids, coordinate, seed=args.seed, alpha=args.alpha, lam=args.lam,
+            args.method, backbone, facts, coordinate, seed=args.seed, alpha=args.alpha, lam=args.lam,
             q=args.q, steps=args.steps, noise_samples=args.noise_samples, noise_scale=args.noise_scale,
             facts_per_chunk=args.facts_per_chunk)
-    extra = {"suite": args.suite, "skipped_facts": skipped, "build_cost": cost.as_dict(),
+    extra = {"suite": args.suite, "skipped_facts": list(facts.skipped), "build_cost": cost.as_dict(),
              "device": resources.device_description()}
     inference.save_inference_baseline(baseline, args.out, model=str(Path(backbone.source).absolute()), extra=extra,
                                       overwrite=args.overwrite)
     c = baseline.coordinate
-    print(f"{args.method} on {args.suite} ({len(fact_ids)} facts): layer {c.layer}, module {c.module}, step "
+    print(f"{args.method} on {args.suite} ({facts.num_facts} facts): layer {c.layer}, module {c.module}, step "
           f"{c.step}, α={args.alpha:g}; built in {cost.seconds:.1f} s; wrote {args.out}")
     return 0
 

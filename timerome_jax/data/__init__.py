@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from importlib import resources
 from typing import Any, Sequence
 
@@ -88,18 +87,6 @@ def load_selection(spec: str) -> list[tuple[str, int, dict[str, Any]]]:
     return rows
 
 
-def load_facts(spec: str) -> list:
-    """A data selection (e.g. "forget01_subjects[:8]") as `facts.Fact` records, each identified
-    as 'split:line' (1-based, like a fact file's 'file:line'); an existing JSONL file is read
-    with `facts.read_facts` instead."""
-    from timerome_jax.facts import parse_fact, read_facts
-
-    if spec.endswith(".jsonl") or Path(spec).is_file():
-        return read_facts(spec)
-
-    return [parse_fact(record, f"{name}:{index + 1}") for name, index, record in load_selection(spec)]
-
-
 def format_prompt(question: str) -> str:
     """The prompt text for a question: `"Question: {question}\\nAnswer:"` (question stripped)."""
     return PROMPT_TEMPLATE.format(question=question.strip())
@@ -126,4 +113,4 @@ def decode_answer(tokenizer, answer_ids: Sequence[int], eos_token_id: int | None
 
 
 __all__ = ["PROMPT_TEMPLATE", "decode_answer", "encode_answer", "encode_prompt", "format_prompt",
-           "load_facts", "load_selection", "load_split", "parse_selection", "split_names"]
+           "load_selection", "load_split", "parse_selection", "split_names"]

@@ -1,0 +1,144 @@
+"""The public API: what the `timerome` CLI, the experiments and a user's script call.
+
+    import ports
+    from timerome_jax import api
+
+    bb = ports.load_pretrained("tofu-tiny")
+    tok = api.tokenizer(bb)
+    facts = api.encode(bb, tok, api.load_facts("forget01_subjects"))
+    traced = api.trace(bb, facts.take(range(8)), api.TraceConfig(steps=8, noise_samples=3))
+    record = api.build_memory(bb, tok, facts, traced.coordinate, api.MemorySpec.selective(),
+                              gate_facts=api.load_facts("retain90[40:160]"))
+    edited = bb.with_edits(record.memory)        # every forward of `edited` carries the memory
+
+Each function is a driver over the pure, jitted functions of `tracing`, `memory`, `likelihood`
+and `evaluate`: it chunks facts into equal shapes (one compilation per shape; `mesh` splits them
+over devices) and returns numpy results. A number an experiment reports is computed by the same
+code as the command a user runs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from ports import Backbone
+from timerome_jax import memory as mem
+from timerome_jax import tokenization
+from timerome_jax.errors import InputError
+from timerome_jax.evaluate import GenerationConfig, evaluate_suite, generate_answers, metric_table
+from timerome_jax.facts import Fact, Facts, load_facts, read_facts
+from timerome_jax.facts import encode as _encode
+from timerome_jax.likelihood import Pair, qa_pairs, score_pairs
+from timerome_jax.memory import MemoryRecord, MemorySpec, SamplerCapture, load as load_memory, save as save_memory
+from timerome_jax.suites import Suite, load_suite, suite_from_records
+from timerome_jax.tracing import Coordinate, TraceConfig, Traced
+from timerome_jax.tracing import trace as _trace
+
+
+def tokenizer(backbone: Backbone):
+    """The tokenizer saved with a loaded backbone's checkpoint (never downloaded)."""
+    return tokenization.backbone_tokenizer(backbone)
+
+
+def encode(backbone: Backbone, tokenizer, facts: Sequence[Fact]) -> Facts:
+    """Tokenise facts for this model and locate their subjects (`facts.encode`)."""
+    return _encode(tokenizer, facts, max_length=backbone.config.max_seq_len,
+                   pad_id=tokenization.pad_token_id(tokenizer, backbone))
+
+
+def trace(backbone: Backbone, facts: Facts, config: TraceConfig = TraceConfig(), *, seed: int = 0, k_min: int = 0,
+          facts_per_chunk: int = 4, mesh=None, progress: Callable | None = None) -> Traced:
+    """The TIE grid of the facts (noise keys from `jax.random.key(seed)`) and the coordinate
+    (ℓ*, m*, k* ≥ k_min) it selects."""
+    if facts_per_chunk < 1:
+        raise InputError(f"facts per chunk must be >= 1, got {facts_per_chunk}")
+    return _trace(backbone, facts.batch, config, jax.random.key(seed), k_min=k_min, facts_per_chunk=facts_per_chunk,
+                  mesh=mesh, progress=progress)
+
+
+def _entries(backbone: Backbone, facts: Facts, coordinate: Coordinate, spec: MemorySpec, steps, seed: int,
+             facts_per_chunk: int, mesh) -> mem.Entries:
+    return mem.capture(backbone, facts.batch, coordinate, jax.random.key(seed), steps=steps,
+                       positions=spec.key_positions, sampler_capture=spec.sampler, noise_samples=spec.noise_samples,
+                       noise_scale=spec.noise_scale, facts_per_chunk=facts_per_chunk, mesh=mesh)
+
+
+def build_memory(backbone: Backbone, tokenizer, facts: Facts, coordinate: Coordinate,
+                 spec: MemorySpec = MemorySpec(), *, seed: int = 0, gate_facts: Sequence[Fact] | None = None,
+                 covariance_facts: Sequence[Fact] | None = None, facts_per_chunk: int = 4,
+                 mesh=None, report: Callable[[str, dict], None] | None = None) -> MemoryRecord:
+    """One edit memory of every fact at the coordinate, as `spec` says (noise keys from
+    `jax.random.key(seed)`).
+
+    gate_facts: retain facts that calibrate the gate (needed when `spec.gate_rate` is set).
+    covariance_facts: retain facts whose key second moment C replaces λ̃ I by λ̃ C (the
+    covariance-regularised memory; None: the plain ridge memory). Entries are fact-major and the
+    record's `fact_ids` repeat per entry; `spec.q` counts entries. `report(stage, info)` receives
+    the calibrations' details: ("covariance", `retain_whitening`'s info), ("gate", `retain_gate`'s)."""
+    report = report or (lambda stage, info: None)
+    if (spec.gate_rate is None) != (gate_facts is None):
+        raise InputError("a gate rate and gate facts go together (the rate is measured on those facts)")
+    steps = spec.steps_for(coordinate)
+    sampler_steps = 0 if spec.sampler is None else len(spec.sampler.capture_steps)
+    if spec.key_positions == "last":   # "subject" has at least as many entries: checked after capture
+        mem.check_hyperparameters(spec.alpha, spec.lam, spec.q, facts.num_facts * (len(steps) + sampler_steps))
+    pad_id = None if gate_facts is None and covariance_facts is None else tokenization.pad_token_id(tokenizer, backbone)
+    whitening = None
+    if covariance_facts is not None:
+        whitening, info = mem.retain_whitening(backbone, tokenizer, covariance_facts, coordinate, pad_id=pad_id,
+                                               shrinkage=spec.shrinkage)
+        report("covariance", info)
+    entries = _entries(backbone, facts, coordinate, spec, steps, seed, facts_per_chunk, mesh)
+    mem.check_hyperparameters(spec.alpha, spec.lam, spec.q, len(entries.keys))
+    memory, key_scale = mem.build(entries.keys, entries.deltas, layer=coordinate.layer, module=coordinate.module,
+                                  alpha=spec.alpha, lam=spec.lam, q=spec.q, whitening=whitening)
+    if spec.gate_rate is not None:
+        gate, info = mem.retain_gate(backbone, tokenizer, gate_facts, memory, pad_id=pad_id, rate=spec.gate_rate)
+        memory = mem.with_gate(memory, gate)
+        report("gate", info)
+    ids = facts.ids
+    return MemoryRecord(memory, coordinate, spec.lam, key_scale, tuple(ids[r] for r in entries.rows),
+                        backbone.fingerprint(), steps, spec.key_positions, spec.sampler)
+
+
+def extend_memory(backbone: Backbone, record: MemoryRecord, facts: Facts, *, seed: int = 0, noise_samples: int = 10,
+                  noise_scale: float = 3.0, facts_per_chunk: int = 4, mesh=None) -> MemoryRecord:
+    """Insert facts into a built memory, captured as its own facts were (its coordinate, steps, key
+    positions and sampler capture), one incremental update per entry (`memory.insert`)."""
+    duplicate = [i for i in facts.ids if i in record.fact_ids]
+    if duplicate:
+        raise InputError(f"fact(s) already in the memory: {', '.join(duplicate[:5])}")
+    spec = MemorySpec(key_positions=record.key_positions, sampler=record.sampler_capture,
+                      noise_samples=noise_samples, noise_scale=noise_scale)
+    entries = _entries(backbone, facts, record.coordinate, spec, record.capture_steps, seed, facts_per_chunk, mesh)
+    ids = facts.ids
+    return record.with_memory(mem.insert(record.memory, entries.keys, entries.deltas),
+                              fact_ids=record.fact_ids + tuple(ids[r] for r in entries.rows))
+
+
+def answer_lp(backbone: Backbone, tokenizer, facts: Sequence[Fact], tag: str, *, seeds: Sequence[int],
+              mc_samples: int = 16, estimator: str = "mc_elbo", mesh=None) -> np.ndarray:
+    """Answer log-probability of each fact (nats per answer) [len(seeds), len(facts)]. The MC masks
+    depend on (seed, `tag`/index) only, so two models scored on the same facts and tag see the same
+    masks (paired comparisons)."""
+    return score_pairs(backbone, qa_pairs(tokenizer, facts, tag), list(seeds),
+                       pad_id=tokenization.pad_token_id(tokenizer, backbone), estimator=estimator,
+                       mc_samples=mc_samples, mesh=mesh)
+
+
+def generate(backbone: Backbone, tokenizer, facts: Sequence[Fact], *, gen_length: int = 96, steps: int = 48,
+             block_length: int = 32, batch_size: int = 16) -> list[str]:
+    """Greedy answers to the facts' prompts (in the model's prompt format), decoded and stripped."""
+    prompts = [list(tokenizer(f.texts()[0], add_special_tokens=False)["input_ids"]) for f in facts]
+    return generate_answers(backbone, tokenizer, prompts, gen_length=gen_length, steps=steps,
+                            block_length=block_length, batch_size=batch_size,
+                            pad_id=tokenization.pad_token_id(tokenizer, backbone))
+
+
+__all__ = ["Coordinate", "Fact", "Facts", "GenerationConfig", "MemoryRecord", "MemorySpec", "Pair", "SamplerCapture",
+           "Suite", "TraceConfig", "Traced", "answer_lp", "build_memory", "encode", "evaluate_suite", "extend_memory",
+           "generate", "load_facts", "load_memory", "load_suite", "metric_table", "qa_pairs", "read_facts",
+           "save_memory", "score_pairs", "suite_from_records", "tokenizer", "trace"]
