@@ -1,36 +1,12 @@
-"""Suites: which QA pairs are forgotten, retained and used for utility — for evaluation and for training.
+"""Suites: which QA pairs are forgotten, retained and used for utility — for evaluation and training.
 
 One `Suite` holds the records of the four splits of an evaluation (open-unlearning's TOFU layout):
 forget (with paraphrased_question, paraphrased_answer and perturbed_answer), retain
 (paraphrased_answer, perturbed_answer), real_authors and world_facts (perturbed_answer). The
 shipped suites are `tofu-forget01/05/10` (`load_suite`); a JSON file with the four splits is a
-custom suite (`suite_from_records`). The training-time baselines read the same suite's forget and
-retain records, laid out as training rows (`encode_rows`); the inference-time baselines trace its
-forget facts (`forget_facts`, with explicit subjects where the data ships them).
-
-Row layout (one QA pair per row, all rows of a set share one length T; prompt text and ids from
-`data.format_prompt` / `data.encode_prompt` / `data.encode_answer`, as in training):
-
-    [ prompt ids | answer ids | <|endoftext|> ... ]  attention 1   ...  [pad]  attention 0
-                 |<-------- answer window -------->|
-
-* T = the longest prompt + answer + 1 end-of-text of the set, rounded up to a multiple of 16
-  (`experiments/train_tiny.py` rounds row lengths the same way).
-* Answer window = answer + end-of-text up to T, at most `answer_window` tokens (default 96, the
-  largest window the embedded models were trained with; never fewer than answer + 1). Tokens past
-  the window are padding with attention 0 (LLaDA's key-padding convention). With the embedded
-  tokenizer, 36 of the 40 forget01 windows and all retain90[:40] windows reach T (measured), so
-  rows look like training rows.
-* `noise_mask`: the answer window. The forward process masks these tokens (LLaDA's SFT, where the
-  end-of-text run belongs to the answer span, exactly as `train_tiny.py` trains).
-* `score_mask`: what a loss is computed on. For the forget set: the answer tokens and the first
-  end-of-text (the fact and its end; ascending on the whole end-of-text run would spend the
-  unlearning objective on padding and teach the model never to stop). For the retain set: the
-  whole window (the retain terms are then exactly the SFT loss the model was trained with).
-
-For the convergence estimate (answer log-likelihood, DESIGN §1) the same pairs are also kept as
-left-padded prompts and right-padded answers without end-of-text (`timerome_jax.likelihood`'s
-layout, the one evaluation scores).
+custom suite (`suite_from_records`). The training-time baselines read the same suite's records as
+training rows (`encode_rows`; the row layout, answer window and scored tokens are explained in
+docs/baselines.md, "Data"); the inference-time baselines trace its forget facts (`forget_facts`).
 """
 
 from __future__ import annotations

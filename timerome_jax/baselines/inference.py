@@ -1,37 +1,18 @@
-"""Inference-time baselines (DESIGN.md §5): activation steering, contrastive activation addition
-(CAA) and the random-coordinate memory. Weights are never modified.
+"""Inference-time baselines (DESIGN.md §5; definitions in docs/baselines.md): activation steering,
+contrastive activation addition (CAA) and the random-coordinate memory. Weights are never modified.
 
-All three are built from the forget facts through the tracer's runs (teacher-forced clean
-trajectory, corrupted = Gaussian noise ν σ on the subject embeddings, R draws; `timerome_jax.tracing`)
-at a coordinate (layer ℓ, module m ∈ {resid, attn, mlp}, step k) — normally the traced coordinate
-(ℓ*, m*, k*) of the TimeROME memory they are compared with.
+All three are built from the forget facts through the tracer's runs at a coordinate, normally the
+traced (ℓ*, m*, k*) of the memory they are compared with:
 
-* steer: v = mean_i δ_i, δ_i = mean over draws of (value_corrupted − value_clean) of module m at
-  layer ℓ, at the last subject token, at step k (exactly the δ_i of the edit memory,
-  `memory.capture`). Applied as value ← value + α v.
-* caa:   d = mean_i mean_{k' < K, r, p ∈ S_i ∪ Y_i} (value_clean − value_corrupted) over every step
-  k' of the K-step clean trajectory, every draw r and every subject (S_i) and answer (Y_i)
-  position p: CAA's mean difference between the positive ("knows the fact": clean) and the
-  negative ("subject unknown": corrupted) activations, averaged over the answer and subject
-  positions. To suppress the behaviour, CAA adds it with a negative multiplier: the stored
-  direction is v = −d, applied as value ← value + α v.
-* random_memory: the TimeROME ridge memory (`memory.build`, same α, λ, q and the same facts, hence
-  the same rank) at a coordinate drawn with a seed: a layer drawn uniformly among the layers other
-  than ℓ* (on a one-layer model: the same layer), a module drawn uniformly from
-  {resid, attn, mlp}, the traced step k*. The control that shows what tracing adds.
+* steer: v = mean_i δ_i (the edit memory's deltas, `memory.capture`); value ← value + α v;
+* caa: d = mean over facts of (value_clean − value_corrupted) over every step, draw and subject or
+  answer position; CAA suppresses with a negative multiplier, so v = −d;
+* random_memory: the same ridge memory (same α, λ, q, facts, hence rank) at a seeded random layer
+  other than ℓ* and a random module: the control that shows what tracing adds.
 
-Where steering adds: the output of module m (`'resid'`: the block output; `'attn'`: attention
-output; `'mlp'`: MLP output) at layer ℓ, at every position (prompt, answer, padding) and every
-forward — every denoising step, every likelihood evaluation; eval does not know where subjects
-are, so the vector cannot be restricted to them. α = 0 skips the addition (bit-identical to the
-unedited model).
-
-Persistence (a directory, written atomically): `kind` (one line: steer | caa | random_memory),
-`baseline.json` (format, kind, coordinates, α, fingerprint and name of the model it was built for,
-fact ids, settings, build seconds and peak memory), and `vector.npz` (steer/caa: `vector` [D] = v,
-`difference` [D] = the raw mean difference) or `memory/` (random_memory: a `memory.save`
-directory). `load_inference_baseline(path, backbone)` returns the backbone with the baseline's
-edit attached (`Backbone.with_edits`): a `timerome_jax.edits.Steering` or the random memory.
+Steering adds at every position of every forward (eval does not know where subjects are). A built
+baseline is saved as a directory (`kind`, `baseline.json`, `vector.npz` or `memory/`);
+`load_inference_baseline` returns the backbone with its edit attached (`Backbone.with_edits`).
 """
 
 from __future__ import annotations

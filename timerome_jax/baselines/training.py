@@ -1,70 +1,19 @@
 """Training-time unlearning baselines on the masked-diffusion loss (DESIGN.md §5), with optax.
 
-Notation. A row is a QA pair laid out by `suites.encode_rows`; the forward process
-(`masking.forward_process`, one key) draws t ~ U(0, 1) per row and masks each answer-window
-token with probability p = (1 − ε) t + ε (ε = 1e-3). For parameters θ and a row b:
+The exact objectives, defaults, optimiser, minibatching and convergence rules are in
+docs/baselines.md; the notation used here: a row b is a QA pair laid out by `suites.encode_rows`,
+NLL_θ(b) = Σ_{j masked ∧ scored} −log p_θ(y_j | x_noisy) / p_b over one draw of the forward
+process (`masking.forward_process`), n(b) its number of scored tokens and ℓ_θ(S) = mean_b
+NLL_θ(b) / n(b) (LLaDA's SFT loss). Objectives (γ forget weight, α retain weight):
 
-    NLL_θ(b) = Σ_{j masked ∧ scored} −log p_θ(y_j | x_noisy) / p_b        (nats, a sum over tokens)
-    n(b)     = number of scored tokens
-    ℓ_θ(S)   = mean_b NLL_θ(b) / n(b)        (LLaDA's SFT loss; = `masking.masked_diffusion_loss`
-                                               when scored = noised)
+* gradascent: −γ ℓ_θ(F);  graddiff: −γ ℓ_θ(F) + α ℓ_θ(R);
+* npo: γ (2/β) mean_b softplus(β [NLL_ref(b) − NLL_θ(b)]) + α ℓ_θ(R) (paired masks);
+* simnpo: γ (2/β) mean_b softplus(−β [NLL_θ(b)/n(b) − δ]) + α ℓ_θ(R);
+* rmu: γ A(h_θ(F), c u) + α A(h_θ(R), h_frozen(R)) on layer ℓ's residual stream, training only the
+  weights that write the MLP site of layers ℓ−2..ℓ; c = 2 × the mean activation norm by default.
 
-NLL_θ(b) is the MDLM's sequence-level estimate of −log π_θ(y|x) (LLaDA's ELBO bound, one
-Monte-Carlo draw); NPO's θ and reference terms are computed on the same masks (same key), so
-their difference is paired. F is a forget minibatch, R a retain minibatch, each step with its own
-key (`fold_in(train_key, step)`, split into a forget and a retain key).
-
-Objectives (γ = forget weight, α = retain weight; defaults are open-unlearning's for TOFU, where
-these numbers come from):
-
-* gradascent: L = −γ ℓ_θ(F)                                              γ=1
-* graddiff:   L = −γ ℓ_θ(F) + α ℓ_θ(R)                                    γ=1, α=1
-* npo:        L = γ (2/β) mean_b softplus(β [NLL_ref(b) − NLL_θ(b)]) + α ℓ_θ(R)
-              (= −(2/β) log σ(−β log(π_θ/π_ref)); reference = the unedited model)     β=0.1, γ=1, α=1
-* simnpo:     L = γ (2/β) mean_b softplus(−β [NLL_θ(b)/n(b) − δ]) + α ℓ_θ(R)
-              (= −(2/β) log σ(β (−log π_θ/|y| − δ)); reference-free; open-unlearning's SimNPO, whose
-              γ = 0.125 is the forget weight; δ is the SimNPO paper's margin, default 0)
-                                                                        β=4.5, γ=0.125, δ=0, α=1
-* rmu:        h_θ = residual stream (block output) of layer ℓ on the noised input [B, T, D];
-              u = a fixed random unit vector (u_d ~ U[0, 1), normalised, from the seed);
-              c = 2 · s, s = mean ‖h_frozen‖ over the forget set's scored tokens (the RMU paper's
-              observation that c must follow the layer's activation norm, made scale-free as in
-              Adaptive RMU, c = β‖h_frozen‖; `rmu_scale='absolute'` uses c = 2 as RMU's and
-              open-unlearning's `steering_coeff`: the 5M embedded models have ‖h‖ ≈ 10⁴, where an
-              absolute c = 2 is a target of almost zero norm);
-              A(h, g, m) = mean_b [Σ_t m_bt mean_d (h_btd − g_btd)² / Σ_t m_bt]
-              L = γ A(h_θ(F), c u, scored_F) + α A(h_θ(R), h_frozen(R), scored_R)
-              Only the MLP down-projections of layers ℓ−2..ℓ are trained (RMU's recipe; WMDP and
-              open-unlearning train `layers.(ℓ−2..ℓ).mlp.down_proj`). ℓ = L // 2 by default.
-              The activation MSE is RMU's per-element mean over d (open-unlearning's
-              `compute_activation_loss`); c multiplies the unit vector (the RMU paper's scaling:
-              the target has norm c).                            c=2, γ=1, α=1 (see docs/baselines.md)
-
-Optimiser: clip_by_global_norm(1.0) then `optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8,
-weight_decay=0.01)` at a constant rate (the run length is decided by convergence, so no schedule);
-gradient and update are zeroed outside the trained parameters. Minibatches: each set is read in
-a fresh seeded permutation per epoch, `batch_size` rows per step (wrapping into the next
-permutation), so every step has one shape and one compilation.
-
-Convergence (forget metric): ForgetLP = mean over the forget QA pairs of the MC-ELBO answer
-log-likelihood (`likelihood.answer_log_likelihood`, `mc_samples` copies (default 4), one fixed key
-for the whole run, so successive values differ only through θ; with `monitor_retain` RetainLP is
-recorded the same way, for the curve only). It is evaluated before training and every
-`eval_every` steps (default: one epoch of the forget set). After evaluation e:
-  * 'target':    ForgetLP_0 − ForgetLP_e ≥ target_drop (only when a target is given);
-  * 'plateau':   at least `min_epochs` epochs of the forget set are done (default 5: a slow start,
-                 as RMU's, is not a plateau), e ≥ patience and ForgetLP_{e−patience} − ForgetLP_e
-                 < tol (the last `patience` evaluations lowered ForgetLP by less than `tol` nats
-                 per QA pair);
-  * 'max_steps': the step budget is spent;
-  * 'diverged':  the objective became NaN/inf.
-The first rule that fires stops the run; `stop_reason` records which. GradAscent's ForgetLP has no
-floor, so it typically ends on 'max_steps' or 'target'.
-
-Cost: the step function and the estimator are compiled ahead of time (`.lower().compile()`,
-`compile_seconds`); `wall_clock_seconds` is `time.perf_counter` around the loop (training steps and
-the convergence evaluations, which are part of the method), split into `train_seconds` and
-`eval_seconds`; peak memory is measured (`timerome_jax.resources.Measure`).
+A run stops on the first of 'target', 'plateau' (after `min_epochs`), 'max_steps' or 'diverged',
+judged on ForgetLP (MC-ELBO, one fixed key) every `eval_every` steps; its cost is measured.
 """
 
 from __future__ import annotations

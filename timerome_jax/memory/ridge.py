@@ -1,46 +1,19 @@
-"""The low-rank residual edit memory: closed-form ridge memory injected at every forward.
+"""The ridge algebra of the edit memory (DESIGN.md §3; docs/memory.md derives every step).
 
-Definitions (DESIGN.md §3). At the traced coordinate (layer ℓ*, module m*, step k*):
+Entries are keys k_i [I] and deltas δ_i [D] (`memory.capture`). The dual ridge form: G = K Kᵀ + λ̃ I
+(rows of K are keys), λ̃ = λ · mean_i ‖k_i‖²; for a token with key x, c(x) = G⁻¹ K x, keep the q
+largest |c_j| (q = 0: all), value ← value + α Δᵀ c_q(x). Without sparsification this is value + W x
+with W = α Δᵀ K (KᵀK + λ̃ I)⁻¹. The covariance-regularised variant (λ̃ C instead of λ̃ I) is the same
+memory on whitened keys K̃ = K Mᵀ (C = L Lᵀ, M = L⁻¹), its readout mapped back to raw keys.
 
-* key k_i: the module's input at the last subject token of fact i at step k* of the clean run
-  (mlp: input of the down projection [F]; attn: input of the output projection [N·H];
-  resid: the residual stream itself [D]). For a mixture-of-experts MLP, whose experts have no
-  shared down projection, the key is the mixture's input [D].
-* target delta δ_i: mean over noise draws of (value_corrupted − value_clean) of the module's
-  output at the same place — the change that makes the layer behave as if the subject were
-  unknown. Gradient-free.
-* Dual ridge form: G = K Kᵀ + λ̃ I (n × n, rows of K are keys), λ̃ = λ · mean_i ‖k_i‖².
-  For a token with key x: c(x) = G⁻¹ K x; keep the q largest |c_j| (q = n: all);
-  value ← value + α Δᵀ c_q(x). Without sparsification this is value + W x with
-  W = α Δᵀ G⁻¹ K = α Δᵀ K (KᵀK + λ̃ I)⁻¹ in the primal form.
-
-Covariance-regularised variant (beyond the paper; MEMIT / AlphaEdit's idea): replace λ̃ I in the
-primal by λ̃ C, C the second moment of the module's keys over retain text, so the edit avoids the
-directions retain inputs use. With C = L Lᵀ and whitening M = L⁻¹, KᵀK + λ̃ C = L (K̃ᵀK̃ + λ̃ I) Lᵀ
-for whitened keys K̃ = K Mᵀ, hence W = α Δᵀ K (KᵀK + λ̃ C)⁻¹ = α Δᵀ (K̃K̃ᵀ + λ̃ I)⁻¹ K̃ M: the plain
-dual memory of the whitened keys, with its readout mapped back to raw keys (A = G̃⁻¹ K̃ M). The
-forward is unchanged (c = A x); λ̃ = λ · mean ‖k̃‖² stays scale-free.
-
-Implementation choices (documented in docs/memory.md):
-* The readout A = G⁻¹ K [n, d_k] is solved once (Cholesky, jitted) so a forward costs n·d_k +
-  n·d per token and never solves or inverts anything.
-* Two equal ways to solve it (push-through identity (K Kᵀ + λ̃ I)⁻¹ K = K (Kᵀ K + λ̃ I)⁻¹): the
-  dual form factors the n × n G (O(n² d_k + n³)); the primal form the d_k × d_k Kᵀ K + λ̃ I
-  (O(n d_k² + d_k³): linear in n). `build` picks the smaller system (form "auto"): the dual
-  while the capacity is ≤ d_k, the primal beyond. A dual memory keeps G's Cholesky factor, a
-  primal one P = (Kᵀ K + λ̃ I)⁻¹; each has its own incremental insertion.
-* Buffers have a fixed capacity (a power of two ≥ n) with a validity mask: inserting facts up to
-  the capacity changes array values, not shapes, so jitted forwards do not recompile.
-* λ̃ is fixed when a memory is first built (`key_scale` = mean ‖k‖² of the initial keys, or a
-  value the caller passes) and reused by insertions; an insertion then equals a batch build with
-  the same `key_scale`, and costs O(n² + n·d_k) in the dual form (Schur-complement update of A and
-  the Cholesky factor) or O(n·d_k + d_k²) in the primal (Sherman–Morrison update of P and A)
-  instead of a fresh solve.
-* The memory is an edit (`ports.sites`): its site is (ℓ*, m*), its function value + α Δᵀ c_q(key).
-  `backbone.with_edits(memory)` applies it in every forward; the layer is data and the backbone
-  runs the term under `lax.cond`, so other layers pay nothing.
-
-Capture of keys and deltas: `timerome_jax.memory.capture`; save and load: `memory.storage`.
+Implementation choices:
+* the readout A = G⁻¹ K [C, I] is solved once (jitted Cholesky), so a forward never solves;
+* two equal solves (push-through identity): the dual factors the C × C G, the primal the I × I
+  KᵀK + λ̃ I; `build` picks the smaller ("auto"). Insertion updates either incrementally (Schur
+  complement / Sherman–Morrison) instead of re-solving, with λ̃ fixed at the first build;
+* buffers have a fixed capacity C (a power of two) and a validity mask: insertions change values,
+  not shapes, so jitted forwards do not recompile;
+* an `EditMemory` is an edit (`ports.sites`) at (ℓ*, m*): `backbone.with_edits(memory)`.
 """
 
 from __future__ import annotations

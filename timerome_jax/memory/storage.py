@@ -25,6 +25,9 @@ from timerome_jax.memory.spec import KEY_POSITIONS, SamplerCapture
 from timerome_jax.tracing import Coordinate
 
 MEMORY_FORMAT = "timerome-edit-memory"
+# the EditMemory fields saved as arrays (those that are None are not saved)
+ARRAYS = ("layer", "keys", "deltas", "valid", "readout", "alpha", "ridge", "q", "cholesky", "inverse", "whitening",
+          "gate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,16 +67,7 @@ def save(record: MemoryRecord, out_dir: str | Path, overwrite: bool = False) -> 
     import orbax.checkpoint as ocp
 
     m = record.memory
-    arrays = {"layer": m.layer, "keys": m.keys, "deltas": m.deltas, "valid": m.valid, "readout": m.readout,
-              "alpha": m.alpha, "ridge": m.ridge, "q": m.q}
-    if m.form == "dual":
-        arrays["cholesky"] = m.cholesky
-    else:
-        arrays["inverse"] = m.inverse
-    if m.whitening is not None:
-        arrays["whitening"] = m.whitening
-    if m.gate is not None:
-        arrays["gate"] = m.gate
+    arrays = {name: getattr(m, name) for name in ARRAYS if getattr(m, name) is not None}
     meta = {"format": MEMORY_FORMAT, "version": 1, "module": m.module, "capacity": m.capacity, "form": m.form,
             "covariance_regularised": m.whitening is not None, "gated": m.gate is not None,
             "key_dim": int(m.keys.shape[1]), "value_dim": int(m.deltas.shape[1]),
@@ -117,26 +111,20 @@ def load(path: str | Path, backbone: Backbone | None = None) -> MemoryRecord:
         raise CheckpointError(
             f"the memory in {path} was built for model {meta['fingerprint']}, not for this model "
             f"({backbone.fingerprint()}); rebuild it with `timerome edit` on this model")
-    f32, i32 = jnp.float32, jnp.int32
-    target = {"layer": jax.ShapeDtypeStruct((), i32), "keys": jax.ShapeDtypeStruct((cap, dk), f32),
-              "deltas": jax.ShapeDtypeStruct((cap, dv), f32), "valid": jax.ShapeDtypeStruct((cap,), bool),
-              "readout": jax.ShapeDtypeStruct((cap, dk), f32),
-              "alpha": jax.ShapeDtypeStruct((), f32), "ridge": jax.ShapeDtypeStruct((), f32),
-              "q": jax.ShapeDtypeStruct((), i32)}
-    if form == "dual":
-        target["cholesky"] = jax.ShapeDtypeStruct((cap, cap), f32)
-    else:
-        target["inverse"] = jax.ShapeDtypeStruct((dk, dk), f32)
-    if meta.get("covariance_regularised", False):
-        target["whitening"] = jax.ShapeDtypeStruct((dk, dk), f32)
-    if meta.get("gated", False):
-        target["gate"] = jax.ShapeDtypeStruct((), f32)
+    shapes = {"layer": (), "alpha": (), "ridge": (), "q": (), "gate": (), "valid": (cap,), "keys": (cap, dk),
+              "readout": (cap, dk), "deltas": (cap, dv), "cholesky": (cap, cap), "inverse": (dk, dk),
+              "whitening": (dk, dk)}
+    stored = {"cholesky": form == "dual", "inverse": form == "primal", "gate": meta.get("gated", False),
+              "whitening": meta.get("covariance_regularised", False)}
+    dtypes = {"layer": jnp.int32, "q": jnp.int32, "valid": bool}
+    target = {name: jax.ShapeDtypeStruct(shapes[name], dtypes.get(name, jnp.float32))
+              for name in ARRAYS if stored.get(name, True)}
     try:
         arrays = ocp.StandardCheckpointer().restore((path / "arrays").absolute(), target)
     except Exception as e:  # orbax raises many types for damaged files
         raise CheckpointError(f"the memory arrays in {path} are corrupted or incomplete "
                               f"({type(e).__name__})") from None
-    memory = ridge.EditMemory(module=meta["module"], **{"cholesky": None, **arrays})
+    memory = ridge.EditMemory(module=meta["module"], **{"cholesky": None, "inverse": None, **arrays})
     if memory.size != meta.get("size"):
         raise CheckpointError(f"{path}: memory.json says {meta.get('size')} facts, the arrays hold {memory.size}")
     if backbone is not None:
