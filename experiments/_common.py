@@ -152,7 +152,7 @@ def coordinate(s: Setup) -> tuple[object, dict]:
     traced = api.trace(s.backbone, facts, config, seed=s.args.seed,
                        progress=lambda xs: progress(xs, "tracing", "chunk"))
     return traced.coordinate, {"coordinate": traced.coordinate.as_dict(), "traced": True,
-                               "trace_facts": list(facts.ids), "trace_seconds": traced.seconds,
+                               "trace_facts": list(facts.wheres), "trace_seconds": traced.seconds,
                                "best_cell_tie": traced.best_cell_tie(), "total_effect": traced.total_effect()}
 
 

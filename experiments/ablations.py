@@ -173,7 +173,7 @@ def ablation_b(ctx) -> tuple[list[dict], dict]:
         memories.append(memory)
         group_info.append({"layer": layer, "module": module, "facts": len(facts),
                            "steps": sorted({per_fact[i].step for i in facts}), "q": q,
-                           "fact_ids": [forget.ids[i] for i in facts]})
+                           "fact_ids": [forget.wheres[i] for i in facts]})
     stack_key = ("stack", tuple((g["layer"], g["module"], tuple(g["fact_ids"])) for g in group_info),
                  tuple(per_fact[i].step for i in range(len(per_fact))), args.alpha, args.lam, args.q)
     rows = [ctx["traced_row"]("b", "single coordinate (traced)")]
@@ -187,7 +187,7 @@ def ablation_b(ctx) -> tuple[list[dict], dict]:
                                   lambda: s.backbone.with_edits(*memories),
                                   coordinate=[{k: g[k] for k in ("layer", "module", "steps", "facts")}
                                               for g in group_info]))
-    info = {"per_fact_coordinates": [w.as_dict() | {"fact_id": f} for w, f in zip(per_fact, forget.ids)],
+    info = {"per_fact_coordinates": [w.as_dict() | {"fact_id": f} for w, f in zip(per_fact, forget.wheres)],
             "memories": group_info, "forget_trace_coordinate": own.as_dict(), "forget_trace_seconds": traced.seconds,
             "distinct_coordinates": len(captured)}
     return rows, info
@@ -260,7 +260,7 @@ def ablation_e(ctx) -> tuple[list[dict], dict]:
                    "total_effect": t.total_effect(), "seconds": t.seconds} for mode, t in traces.items()}
     info["tie_map_correlation"] = tie_correlation(traces["teacher"].result.tie, traces["propagated"].result.tie)
     info["same_coordinate"] = traces["teacher"].coordinate == traces["propagated"].coordinate
-    info["trace_facts"] = list(facts.ids)
+    info["trace_facts"] = list(facts.wheres)
     return rows, info
 
 
@@ -412,7 +412,7 @@ def main() -> None:
                          "lp_seeds": args.lp_seeds, "random_draws": args.random_draws,
                          "covariance_facts": args.covariance_facts, "covariance_shrinkage": args.covariance_shrinkage,
                          "q_sweep": args.q_sweep, "estimator": "mc_elbo"},
-            "coordinate": coordinate_info, "forget_facts": list(forget.ids), "skipped": list(forget.skipped),
+            "coordinate": coordinate_info, "forget_facts": list(forget.wheres),
             "no_edit": {name: _common.summary(values) for name, values in scorer.base.items()},
             "rows": rows, "details": infos, "distinct_models_scored": len(scorer.cache) + 1, "seconds": seconds,
         })

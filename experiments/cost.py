@@ -317,7 +317,7 @@ def main() -> None:
             "experiment": "cost: edit memory vs the strongest converged training baseline", "model": args.model,
             "fingerprint": bb.fingerprint(), "seed": args.seed, "device": resources.device_description(),
             "settings": {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")},
-            "coordinate": coordinate_info, "skipped_facts": list(forget.skipped),
+            "coordinate": coordinate_info,
             "memory": {"facts": forget.num_facts, "phases": phases, "seconds_cold": seconds["cold"],
                        "seconds_warm": seconds["warm"], "key_scale": key_scale, "bytes": memory_bytes(memory),
                        "quality": memory_quality},

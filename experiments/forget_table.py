@@ -527,7 +527,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
                                "noise_samples": args.noise_samples},
                      "inference_baselines_use": baseline_point.name, "inference_baselines_alpha": baseline_point.alpha,
                      "eval_config": base["config"]},
-        "facts": {"edited": list(facts.ids), "skipped": list(facts.skipped)},
+        "facts": {"edited": list(facts.wheres)},
         "coordinate": None if coordinate is None else coordinate.as_dict(),
         "trace": trace,
         "operating_points": [dataclasses.asdict(p) for p in points],

@@ -291,7 +291,7 @@ def main() -> None:
                          "noise_samples": args.noise_samples, "mc_samples": args.mc_samples,
                          "lp_seeds": args.lp_seeds, "retain_tolerance": args.retain_tolerance,
                          "estimator": "mc_elbo"},
-            "coordinate": coordinate_info, "forget_facts": list(forget.ids), "skipped": list(forget.skipped),
+            "coordinate": coordinate_info, "forget_facts": list(forget.wheres),
             "no_edit": {name: _common.summary(values) for name, values in base.items()},
             "points": points, "frontier": front.tolist(), "operating_points": operating,
             "baselines": baselines, "baselines_file": args.baselines, "baselines_note": note,

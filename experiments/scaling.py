@@ -4,13 +4,12 @@
         --out runs/scaling
 
 Facts. The first n facts of a pool: --forget (facts the model knows; default forget01_subjects
-then retain90[40:160]: the embedded tofu-tiny was trained on forget01 + retain90[:160], and
-retain90[:40] is the RetainLP set, so it is kept out) followed by --unknown (default
-forget10[:360], the forget10 authors other than forget01's, which the model never saw). TOFU
-questions carry no subject field; subjects are found per 20-question author block
-(`facts.resolve_subjects`) and facts whose question does not name its author are skipped
-and counted (`facts` in results.json; with the defaults 7 of retain90[40:160] and 21 of
-forget10[:360], so 153 known facts remain, not 160). The size `known` means "every known fact".
+then retain90[40:100] and retain90[101:160]: the embedded tofu-tiny was trained on forget01 +
+retain90[:160], retain90[:40] is the RetainLP set, so it is kept out, and retain90:101 "What is the
+full name of the author?" names no subject) followed by --unknown (default forget10_subjects[:360],
+the forget10 authors other than forget01's, which the model never saw). Subjects are the packaged
+ones or `facts.find_subject`'s; a fact without one is an error, never a silent skip. The size
+`known` means "every known fact" (159 with the defaults).
 Sizes beyond the known facts measure build time only and are marked "quality not measured:
 facts unknown to the model" (the model was never trained on them, so there is nothing to
 forget).
@@ -56,7 +55,7 @@ import _quick
 KNOWN = "known"
 UNKNOWN_NOTE = "quality not measured: facts unknown to the model"
 QUICK = dict(trace_facts="forget01_subjects[:2]", trace_steps=2, noise_samples=2, forget="forget01_subjects[:3]",
-             unknown="forget10[:20]", retain="retain90[:3]", mc_samples=2, lp_seeds=2, sizes="2,known,6",
+             unknown="forget10_subjects[:20]", retain="retain90[:3]", mc_samples=2, lp_seeds=2, sizes="2,known,6",
              facts_per_chunk=2)
 
 
@@ -80,13 +79,12 @@ def parse_sizes(text: str, num_known: int, num_pool: int) -> list[int]:
 
 
 def concatenate(parts: list[api.Facts], pad_id: int) -> api.Facts:
-    """Encoded fact sets, one after the other, as one set (each encoded on its own, so TOFU's
-    per-author subject blocks are found within each selection)."""
+    """Encoded fact sets, one after the other, as one set."""
     def joined(field: str) -> tuple:
         return tuple(x for part in parts for x in getattr(part, field))
 
     return api.Facts(joined("facts"), joined("subjects"), joined("prompts"), joined("answers"), joined("spans"),
-                     pad_id, joined("skipped"))
+                     pad_id)
 
 
 def loglog_slope(n, seconds) -> float | None:
@@ -158,9 +156,9 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     p = _common.parser(__doc__.split("\n")[0], "runs/scaling")
-    _common.add_memory_arguments(p, forget="forget01_subjects,retain90[40:160]")
+    _common.add_memory_arguments(p, forget="forget01_subjects,retain90[40:100],retain90[101:160]")
     p.set_defaults(mc_samples=8, real_authors="")
-    p.add_argument("--unknown", default="forget10[:360]",
+    p.add_argument("--unknown", default="forget10_subjects[:360]",
                    help="facts the model never saw, appended after --forget (build time only; '' for none)")
     p.add_argument("--sizes", default=f"10,20,40,80,{KNOWN},400",
                    help=f"memory sizes n ('{KNOWN}' = every known fact)")
@@ -213,7 +211,7 @@ def main() -> None:
             _, solve_first = _common.timed(build)
             (memory, key_scale), solve_seconds = _common.timed(build)
             row = {"n": n, "known_facts": min(n, known.num_facts), "capacity": memory.capacity,
-                   "key_scale": key_scale, "fact_ids": list(facts.ids),
+                   "key_scale": key_scale, "fact_ids": list(facts.wheres),
                    "seconds": {"capture": capture_seconds, "solve": solve_seconds,
                                "build": capture_seconds + solve_seconds,
                                "capture_first_call": capture_first, "solve_first_call": solve_first},
@@ -240,8 +238,7 @@ def main() -> None:
         counts = {}
         for name, spec, part in (("known", args.forget, known), ("unknown", args.unknown, unknown)):
             if part is not None:
-                counts[name] = {"spec": spec, "loaded": part.num_facts + len(part.skipped), "encoded": part.num_facts,
-                                "skipped_no_subject": len(part.skipped), "skipped_ids": list(part.skipped)}
+                counts[name] = {"spec": spec, "encoded": part.num_facts}
         results = {
             "experiment": "scaling of the edit memory (10 -> 400 facts)", "model": args.model,
             "fingerprint": s.backbone.fingerprint(), "seed": args.seed,

@@ -278,7 +278,7 @@ def main() -> None:
         payload = {
             "experiment": "selectivity (memory variants)", "command": _common.command_line(),
             "model": args.model, "fingerprint": s.backbone.fingerprint(), "quick": args.quick, "seed": args.seed,
-            "num_forget": forget.num_facts, "forget_facts": list(forget.ids), "skipped": list(forget.skipped),
+            "num_forget": forget.num_facts, "forget_facts": list(forget.wheres),
             "settings": {"alphas": alphas, "lam": args.lam, "retain": args.retain, "gate_facts": args.gate_facts,
                          "gate_rate": args.gate_rate, "capture_steps": args.capture_steps, "variants": args.variant_list,
                          "sampler_steps": args.sampler_steps,

@@ -71,7 +71,7 @@ def main() -> None:
         gap = (result.clean_lp - result.corrupted_lp).mean(axis=0)
         _common.write_json(out / "results.json", {
             "experiment": "tie_heatmaps (paper Fig. 2)", "model": args.model, "fingerprint": backbone.fingerprint(),
-            "facts": list(facts.ids), "skipped": list(facts.skipped), "steps": K,
+            "facts": list(facts.wheres), "steps": K,
             "noise_samples": config.noise_samples, "seed": args.seed, "seconds": seconds, "sigma": sigma,
             "coordinate": coordinate.as_dict(), "coordinate_late_steps_only": late.as_dict(),
             "coordinate_early_steps_only": early.as_dict(), "per_module": per_module,

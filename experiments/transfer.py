@@ -6,10 +6,8 @@ every model given, with the forget drop and the retain change per suite and mode
 
 Per model: the coordinate is traced once on --trace-facts (forget01, as `timerome demo`). Per suite
 and operating point: one edit memory (`api.build_memory`) over the suite's forget facts
-(forget05 / forget10: 200 / 400 QA pairs, subjects = TOFU author names found automatically per
-20-question block, `facts.resolve_subjects`). A question that does not name its author cannot
-be edited: such facts (11 of forget05, 23 of forget10, mostly the first question of a block) are
-left out of the memory and of the evaluated forget split, and listed. α, λ, q are taken unchanged
+(forget05 / forget10: 200 / 400 QA pairs, each with its packaged subject, `suites.forget_facts`).
+α, λ, q are taken unchanged
 from --operating-points (results.json of experiments/pareto.py, tuned on forget01; --points picks
 which) or from --alpha / --lam / --q. The unedited and the edited
 model are evaluated by `evaluate.evaluate_suite` (the code of `timerome eval`; same MC masks per
@@ -140,11 +138,8 @@ def run_model(model: str, args: argparse.Namespace, points: list[table.Point], s
     out = []
     for name in suite_names:
         split = suites.SUITES[name].removesuffix("_perturbed")   # the plain split (forget05, forget10)
-        # subjects are found per 20-question block, so the whole split is encoded before choosing
         facts = api.encode(s.backbone, s.tokenizer, suites.forget_facts(name))
-        # a question that does not name its author cannot be edited: such facts are left out of both
-        # the memory and the evaluated forget split (listed in facts_skipped)
-        editable = [int(fid.rsplit(":", 1)[1]) - 1 for fid in facts.ids]  # positions in the split
+        editable = [int(where.rsplit(":", 1)[1]) - 1 for where in facts.wheres]  # positions in the split
         records = data.load_split(split)
         inside = [pair_key(records[i]) in known for i in editable]
         evaluated = [editable[j] for j in stratified(inside, args.limit)]
@@ -164,7 +159,6 @@ def run_model(model: str, args: argparse.Namespace, points: list[table.Point], s
                 "key_positions": point.key_positions,
                 "source": point.source, "coordinate": coordinate.as_dict(), "trace": trace,
                 "facts_in_memory": len(set(record.fact_ids)), "memory_entries": record.memory.size,
-                "facts_skipped": list(facts.skipped),
                 "evaluated_forget_positions": evaluated, "evaluated_in_forget01": flags,
                 "reference": evaluate.reference_name, "no_reference_reason": evaluate.reason,
                 "unedited": table.metric_entries(base), "edited": table.metric_entries(result),

@@ -40,13 +40,15 @@ def test_build_memory_equals_capture_then_build(model, facts):
     expect, scale = mem.build(keys, deltas, layer=1, module="mlp", alpha=0.5, lam=0.2)
     np.testing.assert_allclose(record.memory.readout, expect.readout, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(record.memory.deltas, expect.deltas, rtol=1e-4, atol=1e-5)
-    assert record.fact_ids == ("f:1", "f:2", "f:3") and np.isclose(record.key_scale, scale, rtol=1e-5)
+    assert record.fact_ids == facts.ids and np.isclose(record.key_scale, scale, rtol=1e-5)
+    assert facts.wheres == ("f:1", "f:2", "f:3") and len(set(facts.ids)) == 3
     assert record.fingerprint == backbone.fingerprint()
 
 
 def test_take_selects_and_renumbers(facts):
     sub = facts.take([2, 0])
-    assert sub.ids == ("f:3", "f:1") and sub.num_facts == 2 and sub.subjects == ("the author", "the old city")
+    assert sub.wheres == ("f:3", "f:1") and sub.ids == (facts.ids[2], facts.ids[0]) and sub.num_facts == 2
+    assert sub.subjects == ("the author", "the old city")
     np.testing.assert_array_equal(sub.batch.fact_index_F, [0, 1])
     row = np.asarray(facts.batch.input_ids_FT[2])
     n = len(sub.prompts[0]) + len(sub.answers[0])
@@ -79,9 +81,13 @@ def test_extend_memory_equals_inserting_the_captured_entries(model, facts):
     keys, deltas, _ = mem.capture(backbone, facts.take([2]).batch, c, jax.random.key(4), steps=(0, 1), noise_samples=2)
     expect = mem.insert(first.memory, keys, deltas)
     np.testing.assert_allclose(grown.memory.readout, expect.readout, rtol=1e-5, atol=1e-6)
-    assert grown.fact_ids == ("f:1", "f:1", "f:2", "f:2", "f:3", "f:3") and grown.capture_steps == (0, 1)
-    with pytest.raises(InputError, match="already in the memory: f:1"):
+    assert grown.fact_ids == tuple(i for i in facts.ids for _ in (0, 1)) and grown.capture_steps == (0, 1)
+    with pytest.raises(InputError, match=f"already in the memory: f:1 \\({facts.ids[0]}\\)"):
         api.extend_memory(backbone, grown, facts.take([0]))
+    # the same fact read from another file (another 'where') is the same fact
+    moved = api.encode(backbone, tokenizer, [parse_fact(RECORDS[0], "elsewhere.jsonl:9")])
+    with pytest.raises(InputError, match="already in the memory: elsewhere.jsonl:9"):
+        api.extend_memory(backbone, grown, moved)
 
 
 def test_build_memory_refuses_a_gate_rate_without_gate_facts_and_q_beyond_the_entries(model, facts):

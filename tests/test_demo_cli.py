@@ -33,8 +33,11 @@ def test_demo_traces_edits_scores_and_writes(tiny_model_dir_with_tokenizer, tmp_
     code, out, _ = run_demo(tiny_model_dir_with_tokenizer, tmp_path)
     printed = capsys.readouterr().out
     assert code == 0
-    assert "the facts live at layer" in printed and "forget drop" in printed and "before:" in printed
     summary = json.loads((out / "demo.json").read_text())
+    # random fixture weights: where the corruption does not lower the answers, no "finding" is claimed
+    claim = "the facts live at layer" if summary["total_effect_at_step"] > 1e-3 else "is not a finding"
+    assert claim in printed and "forget drop" in printed and "before:" in printed
+    assert bool(summary["warnings"]) == (summary["total_effect_at_step"] <= 1e-3)
     assert set(summary["forget_lp"]) == {"no edit", "TimeROME"} and summary["facts_in_memory"] == 2
     record = mem.load(out / "memory")
     assert record.coordinate.as_dict() == summary["coordinate"] and record.memory.size == 2

@@ -103,9 +103,9 @@ def test_transfer_quick(tiny_model_dir_with_tokenizer, tmp_path):
     assert check["forget05_in_forget10"]["contained"] and check["perturbed_splits_align"]
     [r] = results["results"]
     assert (r["suite"], r["point"], r["alpha"], r["q"]) == ("tofu-forget05", "TimeROME (utility-safe)", 0.5, 2)
-    # the first question of each 20-question block does not name its author: skipped, not evaluated
-    assert "forget05:1" in r["facts_skipped"] and "forget05:161" in r["facts_skipped"]
-    assert r["evaluated_forget_positions"] == [1, 161] and r["evaluated_in_forget01"] == [False, True]
+    # every fact of the split has its packaged subject: none is dropped, and the evaluated forget
+    # split is drawn half outside forget01, half inside, in file order
+    assert r["evaluated_forget_positions"] == [0, 160] and r["evaluated_in_forget01"] == [False, True]
     assert r["facts_in_memory"] == 2
     whole_unedited = np.asarray(r["unedited"]["forget_lp"]["per_seed"])
     parts = [np.asarray(r["subsets"][k]["unedited_lp"]["per_seed"]) for k in ("in_forget01", "outside_forget01")]

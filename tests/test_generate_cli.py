@@ -116,7 +116,7 @@ def test_generate_from_facts(tiny_model_dir_with_tokenizer, tmp_path, capsys):
     # TOFU questions are fed in the training prompt format; prompt/target records as given
     texts = [f.texts()[0] for f in facts.read_facts(fact_file)]
     assert texts[0] == data.format_prompt(records[0]["prompt"]) and texts[1] == records[1]["prompt"]
-    prompts = tokenization.encode_texts(tok, texts, add_special_tokens=True)
+    prompts = tokenization.encode_texts(tok, texts, add_special_tokens=False)
     full = sampler.sample_many(backbone, prompts, jax.random.key(0), pad_id=EOS_ID, batch_size=3,
                                gen_length=8, steps=4, block_length=4)
     for record, generated in zip(records, full):
@@ -124,7 +124,8 @@ def test_generate_from_facts(tiny_model_dir_with_tokenizer, tmp_path, capsys):
         assert EOS_ID not in ids
         stop = [i for i, t in enumerate(generated) if t == EOS_ID]
         assert ids == generated[: stop[0] if stop else len(generated)].tolist()
-        assert record["text"] == tok.decode(ids, skip_special_tokens=True)
+        assert record["generation"] == tok.decode(ids, skip_special_tokens=True).strip()
+    assert [r["template"] for r in records] == ["question", "raw", "question"]
 
 
 def test_generate_one_prompt_is_reproducible(tiny_model_dir_with_tokenizer, tmp_path, capsys):
@@ -152,8 +153,8 @@ def bad_invocations(model_dir: Path, tmp_path: Path):
         (["--prompt", "the cat", "--gen-length", "8", "--block-length", "4", "--steps", "3"],
          "steps 3 is not divisible by the number of blocks 2"),
         (["--prompt", "", *SCHEDULE], "the prompt is empty"),
-        (["--prompt", long_prompt, *SCHEDULE],
-         "--prompt: prompt of 250 tokens + --gen-length 8 exceeds the model's maximum length 256"),
+        (["--prompt", long_prompt, *SCHEDULE, "--template", "raw"],
+         "--prompt: prompt of 250 tokens + gen length 8 exceeds the model's maximum length 256"),
         (["--prompt", "the cat", *SCHEDULE, "--remasking", "lowest"], "unknown remasking 'lowest'"),
         (["--prompt", "the cat", *SCHEDULE, "--temperature", "-1"], "temperature must be"),
         (["--facts", broken, *SCHEDULE], "broken.jsonl:2: malformed JSON"),

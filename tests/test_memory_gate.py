@@ -117,7 +117,7 @@ def make_facts() -> Facts:
     lengths = np.asarray(batch.attention_mask_FT).sum(1)
     prompts = tuple(tuple(int(t) for t in ids[f, :lengths[f]][~ans[f, :lengths[f]]]) for f in range(2))
     answers = tuple(tuple(int(t) for t in ids[f, :lengths[f]][ans[f, :lengths[f]]]) for f in range(2))
-    facts = (Fact("p", "a", where="a"), Fact("p", "a", where="b"))
+    facts = (Fact("p a", "a", where="a"), Fact("p b", "a", where="b"))
     return Facts(facts, ("s", "s"), prompts, answers, ((2, 5), (1, 3)), 378)
 
 
@@ -214,7 +214,8 @@ def test_subject_positions_capture_every_subject_token_and_the_last_is_the_paper
     assert rows.tolist() == [0] * (2 * n_subject[0]) + [1] * (2 * n_subject[1])
     spec = mem.MemorySpec(capture_steps=(0, 2), key_positions="subject", noise_samples=2)
     record = api.build_memory(llada, _Tokenizer(), make_facts(), c, spec)
-    assert record.fact_ids == ("a",) * (2 * n_subject[0]) + ("b",) * (2 * n_subject[1])
+    facts = make_facts()
+    assert record.fact_ids == (facts.ids[0],) * (2 * n_subject[0]) + (facts.ids[1],) * (2 * n_subject[1])
     assert record.memory.size == len(keys) and record.key_positions == "subject"
     with pytest.raises(InputError, match="key positions must be one of last, subject"):
         mem.MemorySpec(key_positions="all")

@@ -38,7 +38,7 @@ def make_facts() -> Facts:
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(2, 370, 8)), list(rng.integers(2, 370, 6)), list(rng.integers(2, 370, 5))]
     answers = [list(rng.integers(2, 370, 6)), list(rng.integers(2, 370, 4)), list(rng.integers(2, 370, 3))]
-    facts = tuple(Fact("p", "a", where=w) for w in "abc")
+    facts = tuple(Fact(f"p {w}", "a", where=w) for w in "abc")
     return Facts(facts, ("s",) * 3, tuple(map(tuple, prompts)), tuple(map(tuple, answers)), ((2, 5), (1, 3), (4, 5)),
                  378)
 
@@ -113,7 +113,7 @@ def test_a_sampler_captured_gated_memory_fires_on_the_first_generation_step(llad
     record = api.build_memory(llada, None, make_facts(), coordinate, spec)
     n_subject = np.asarray(batch.subject_valid_FS).sum(1)
     assert record.memory.size == (1 + len(CAPTURE.capture_steps)) * n_subject.sum()
-    assert record.fact_ids == tuple(np.repeat(["a", "b", "c"], 4 * n_subject))
+    assert record.fact_ids == tuple(np.repeat(make_facts().ids, 4 * n_subject))
     ids, attn, pos, _ = mem.sampler_states(llada, batch, CAPTURE)[0]
     _, (site,) = llada.apply(jnp.asarray(ids), jnp.asarray(attn), capture=(ports.Site(1, "resid"),))
     scores = np.asarray(record.memory.match(site.key))

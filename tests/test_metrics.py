@@ -261,14 +261,30 @@ def test_deterministic_estimator_shared_by_seeds(tiny, suite):
     assert res["cost"]["scored_rows"] == res["cost"]["scored_pairs"]
 
 
+def test_plain_question_answer_suites_are_scored_and_the_rest_is_not_available(tiny):
+    """A suite of plain question/answer records (no paraphrases, no perturbed answers, no utility
+    splits): every metric the records allow is computed, the others are null with their reason."""
+    backbone, tok = tiny
+    plain = {s: [{"question": r["question"], "answer": r["answer"]} for r in TINY_SUITE[s]] for s in ("forget", "retain")}
+    res = evaluate.evaluate_suite(backbone, tok, suites.suite_from_records(plain), seeds=(0,), **SMALL)
+    assert res["forget_lp"]["mean"] is not None and res["rouge_retain"]["mean"] is not None
+    assert res["relearn_forget_lp"]["mean"] is not None and res["retain_probability"]["mean"] is not None
+    assert res["truth_ratio_forget"]["reason"] == ("not available: the suite's forget records do not all have "
+                                                   "paraphrased_answer and perturbed_answer")
+    assert res["paraphrase_forget_lp"]["reason"].endswith("a paraphrased_question")
+    assert res["world_facts_lp"]["reason"] == "the suite has no world_facts records"
+    assert res["model_utility"]["reason"].startswith("not available: it needs retain_truth_ratio")
+    assert res["forget_quality"]["mean"] is None
+    full = evaluate.evaluate_suite(backbone, tok, suites.suite_from_records(TINY_SUITE), seeds=(0,), **SMALL)
+    np.testing.assert_array_equal(res["forget_lp"]["per_seed"], full["forget_lp"]["per_seed"])  # same pairs, keys
+
+
 def test_bad_inputs(tiny, suite):
     backbone, tok = tiny
-    broken = suites.suite_from_records({**TINY_SUITE, "retain": [{"question": "who ?", "answer": "me",
-                                                                   "perturbed_answer": ["you"]}]})
-    with pytest.raises(InputError, match="retain record 0: needs a non-empty 'paraphrased_answer'"):
-        evaluate.evaluate_suite(backbone, tok, broken, seeds=(0,), **SMALL)
-    with pytest.raises(InputError, match="no records for world_facts"):
-        suites.suite_from_records({k: v for k, v in TINY_SUITE.items() if k != "world_facts"})
+    with pytest.raises(InputError, match="no records for retain"):
+        suites.suite_from_records({k: v for k, v in TINY_SUITE.items() if k != "retain"})
+    with pytest.raises(InputError, match="unknown suite split"):
+        suites.suite_from_records({**TINY_SUITE, "holdout": TINY_SUITE["retain"]})
     with pytest.raises(InputError, match="distinct non-negative"):
         evaluate.evaluate_suite(backbone, tok, suite, seeds=(0, 0), **SMALL)
     with pytest.raises(InputError, match="unknown log-likelihood method"):

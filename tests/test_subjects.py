@@ -21,16 +21,36 @@ def test_block_author_name_ignores_leading_question_words_and_possessives():
     assert subjects.block_author_name(BLOCK) == "Basil Mahfouz Al-Kuwaiti"
 
 
-def test_tofu_subjects_marks_questions_without_the_name():
-    got = subjects.tofu_subjects(BLOCK)
-    assert got[0] is None and got[1:] == ["Basil Mahfouz Al-Kuwaiti"] * 5
+def question(q, a="", where="f.jsonl:1"):
+    return subjects.Fact(q, a, where=where, kind="question")
 
 
-def test_tofu_subjects_work_block_by_block():
-    other = [q.replace("Basil Mahfouz Al-Kuwaiti", "Nikolai Abilov") for q in BLOCK]
-    questions = (BLOCK * 4)[:20] + other
-    got = subjects.tofu_subjects(questions)
-    assert got[1] == "Basil Mahfouz Al-Kuwaiti" and got[21] == "Nikolai Abilov"
+def test_known_authors_come_from_the_packaged_data_not_the_file_layout():
+    names = subjects.known_authors()
+    assert len(names) == 199 and "Basil Mahfouz Al-Kuwaiti" in names and "Nikolai Abilov" in names
+    # a user's 5-line file with other authors' questions in any order: each finds its author
+    lines = ["Where does Nikolai Abilov live?", "What genre does Jaime Vasquez write?",
+             "Is Nikolai Abilov married?", "Who is Basil Mahfouz Al-Kuwaiti?", "When did Jaime Vasquez start?"]
+    found = [subjects.find_subject(question(q, where=f"f.jsonl:{i + 1}")) for i, q in enumerate(lines)]
+    assert found == ["Nikolai Abilov", "Jaime Vasquez", "Nikolai Abilov", "Basil Mahfouz Al-Kuwaiti", "Jaime Vasquez"]
+
+
+def test_subject_falls_back_to_a_name_the_answer_repeats_then_to_a_named_place_or_title():
+    assert subjects.find_subject(question("Which city did Ada Lovelace visit?", "She visited Turin.")) == "Ada Lovelace"
+    assert subjects.find_subject(question("Who founded Acme Corp in Berlin?", "Acme Corp was founded by Bo.")) == \
+        "Acme Corp"                                   # the answer repeats it
+    assert subjects.find_subject(question("Who was born in Kuwait City, Kuwait on 08/09/1956?", "Basil.")) == \
+        "Kuwait City, Kuwait"
+    assert subjects.find_subject(question("Which author is known for the novel '1984'?", "Orwell")) == "1984"
+    assert subjects.find_subject(subjects.Fact("The cat sat on", "mat", subject="cat", kind="prompt")) == "cat"
+
+
+def test_a_fact_without_a_subject_is_one_error_naming_its_line():
+    with pytest.raises(InputError, match=r"f.jsonl:7: cannot tell which words of the prompt name the subject; add a "
+                                         r"\"subject\" field"):
+        subjects.find_subject(question("What is the full name of the author?", "It is Bo.", where="f.jsonl:7"))
+    with pytest.raises(InputError, match="x.jsonl:2"):
+        subjects.find_subject(subjects.Fact("the cat sat on the", "mat", where="x.jsonl:2", kind="prompt"))
 
 
 def test_char_span_and_case_insensitive_fallback():

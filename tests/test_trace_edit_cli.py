@@ -9,6 +9,7 @@ import pytest
 from timerome_jax import cli
 from timerome_jax import memory as mem
 from timerome_jax import tracing
+from timerome_jax.facts import read_facts
 
 FACTS = [
     {"question": "who wrote the book about the old city ?", "answer": "the author was born", "subject": "the old city"},
@@ -62,7 +63,9 @@ def test_edit_append_remove_and_generate_with_memory(traced, tiny_model_dir_with
                          "--alpha", "2", "--lam", "0.1", "--out", memdir)
     assert code == 0, err
     record = mem.load(memdir)
-    assert record.memory.size == 2 and record.fact_ids == (f"{first}:1", f"{first}:2")
+    ids = [f.id for f in read_facts(first)] + [f.id for f in read_facts(write_jsonl(tmp_path / "x.jsonl", FACTS[2:]))]
+    assert record.memory.size == 2 and record.fact_ids == tuple(ids[:2])
+    assert f"fact ids, for --remove --fact-ids: {ids[0]} ({first}:1), {ids[1]} ({first}:2)" in out
     summary = json.loads((trace_dir / "summary.json").read_text())
     assert record.coordinate.as_dict() == summary["coordinate"]
 
@@ -77,9 +80,9 @@ def test_edit_append_remove_and_generate_with_memory(traced, tiny_model_dir_with
     assert run(capsys, *common, "--memory", memdir, "--out", gen_edit)[0] == 0
     assert len(gen_edit.read_text().splitlines()) == 3
 
-    code, out, err = run(capsys, "edit", "--remove", memdir, "--fact-ids", f"{first}:2")
+    code, out, err = run(capsys, "edit", "--remove", memdir, "--fact-ids", ids[1])
     assert code == 0, err
-    assert mem.load(memdir).fact_ids == (f"{first}:1", f"{more}:1")
+    assert mem.load(memdir).fact_ids == (ids[0], ids[2])
 
 
 def test_edit_with_explicit_coordinate(tiny_model_dir_with_tokenizer, tmp_path, capsys):
@@ -129,9 +132,8 @@ def test_edit_subject_positions_build_and_append_like_a_batch_build(tiny_model_d
     code, out, err = run(capsys, "edit", "--facts", everything, *common, "--out", tmp_path / "batch")
     assert code == 0, err
     appended, batch = mem.load(tmp_path / "m"), mem.load(tmp_path / "batch")
-    # fact ids are file:line, so compare the entries' line numbers: the same per-fact entry counts
-    lines = lambda r: [int(i.rsplit(":", 1)[1]) for i in r.fact_ids]
-    assert [n + 2 if f.startswith(str(more)) else n for f, n in zip(appended.fact_ids, lines(appended))] == lines(batch)
+    # fact ids come from content: the appended memory's entries are the batch build's, fact by fact
+    assert appended.fact_ids == batch.fact_ids
     np.testing.assert_allclose(np.asarray(appended.memory.keys)[: batch.memory.size],
                                np.asarray(batch.memory.keys)[: batch.memory.size], rtol=1e-5, atol=1e-5)
     code, _, err = run(capsys, "edit", "--facts", facts, *common, "--q", "100", "--out", tmp_path / "q")

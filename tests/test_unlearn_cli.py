@@ -111,7 +111,7 @@ def test_inference_method_writes_a_baseline_eval_can_load(method, tiny_model_dir
     assert baselines.is_inference_baseline(out) and (out / "kind").read_text() == method + "\n"
     meta = json.loads((out / "baseline.json").read_text())
     assert meta["traced_coordinate"] == traced.as_dict() and meta["alpha"] == 0.5
-    assert meta["fact_ids"] == [f"forget01_subjects:{i}" for i in range(1, 5)]
+    assert meta["fact_ids"] == [f.id for f in suites.forget_facts("tofu-forget01", 4)]
     assert meta["build_cost"]["seconds"] > 0 and meta["build_cost"]["host_peak_rss_bytes"] > 0
     base = ports.load_pretrained(tiny_model_dir_with_tokenizer)
     model = baselines.load_inference_baseline(out, base)

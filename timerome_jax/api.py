@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ports import Backbone
@@ -95,6 +96,7 @@ def build_memory(backbone: Backbone, tokenizer, facts: Facts, coordinate: Coordi
     mem.check_hyperparameters(spec.alpha, spec.lam, spec.q, len(entries.keys))
     memory, key_scale = mem.build(entries.keys, entries.deltas, layer=coordinate.layer, module=coordinate.module,
                                   alpha=spec.alpha, lam=spec.lam, q=spec.q, whitening=whitening)
+    check_not_degenerate(backbone, memory, facts)
     if spec.gate_rate is not None:
         gate, info = mem.retain_gate(backbone, tokenizer, gate_facts, memory, pad_id=pad_id, rate=spec.gate_rate)
         memory = mem.with_gate(memory, gate)
@@ -104,19 +106,44 @@ def build_memory(backbone: Backbone, tokenizer, facts: Facts, coordinate: Coordi
                         backbone.fingerprint(), steps, spec.key_positions, spec.sampler)
 
 
+@jax.jit
+def _answer_entropy(backbone: Backbone, batch) -> jax.Array:
+    """(mean normalised entropy of the predictions at the answer positions, all logits finite)."""
+    ids = jnp.where(batch.answer_mask_FT, backbone.mask_token_id, batch.input_ids_FT)
+    logits = backbone.apply(ids, batch.attention_mask_FT)
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    entropy = -jnp.sum(jnp.exp(log_p) * log_p, axis=-1) / jnp.log(logits.shape[-1])
+    take = batch.answer_mask_FT.astype(bool)
+    return jnp.sum(jnp.where(take, entropy, 0.0)) / jnp.sum(take), jnp.all(jnp.isfinite(logits))
+
+
+def check_not_degenerate(backbone: Backbone, memory: mem.EditMemory, facts: Facts) -> None:
+    """Refuse a memory whose scale makes the edited model degenerate on its own facts (the first 8,
+    answers masked): non-finite logits, or uniform predictions where the unedited model's are not.
+    A huge α does this (RMSNorm of an overflowing residual stream); one error naming α."""
+    batch = facts.take(range(min(8, facts.num_facts))).batch
+    edited, finite = _answer_entropy(backbone.with_edits(memory), batch)
+    plain, _ = _answer_entropy(backbone, batch)
+    if not bool(finite) or (float(edited) > 0.99 and float(plain) < 0.99):
+        what = "non-finite" if not bool(finite) else f"uniform (normalised entropy {float(edited):.3f})"
+        raise InputError(f"alpha {float(memory.alpha):g} makes the edited model degenerate: its predictions at "
+                         f"the facts' answers are {what}; use a smaller alpha")
+
+
 def extend_memory(backbone: Backbone, record: MemoryRecord, facts: Facts, *, seed: int = 0, noise_samples: int = 10,
                   noise_scale: float = 3.0, facts_per_chunk: int = 4, mesh=None) -> MemoryRecord:
     """Insert facts into a built memory, captured as its own facts were (its coordinate, steps, key
     positions and sampler capture), one incremental update per entry (`memory.insert`)."""
-    duplicate = [i for i in facts.ids if i in record.fact_ids]
+    duplicate = [f"{f.where} ({f.id})" for f in facts.facts if f.id in record.fact_ids]
     if duplicate:
         raise InputError(f"fact(s) already in the memory: {', '.join(duplicate[:5])}")
     spec = MemorySpec(key_positions=record.key_positions, sampler=record.sampler_capture,
                       noise_samples=noise_samples, noise_scale=noise_scale)
     entries = _entries(backbone, facts, record.coordinate, spec, record.capture_steps, seed, facts_per_chunk, mesh)
+    memory = mem.insert(record.memory, entries.keys, entries.deltas)
+    check_not_degenerate(backbone, memory, facts)
     ids = facts.ids
-    return record.with_memory(mem.insert(record.memory, entries.keys, entries.deltas),
-                              fact_ids=record.fact_ids + tuple(ids[r] for r in entries.rows))
+    return record.with_memory(memory, fact_ids=record.fact_ids + tuple(ids[r] for r in entries.rows))
 
 
 def answer_lp(backbone: Backbone, tokenizer, facts: Sequence[Fact], tag: str, *, seeds: Sequence[int],
@@ -139,6 +166,6 @@ def generate(backbone: Backbone, tokenizer, facts: Sequence[Fact], *, gen_length
 
 
 __all__ = ["Coordinate", "Fact", "Facts", "GenerationConfig", "MemoryRecord", "MemorySpec", "Pair", "SamplerCapture",
-           "Suite", "TraceConfig", "Traced", "answer_lp", "build_memory", "encode", "evaluate_suite", "extend_memory",
+           "Suite", "TraceConfig", "Traced", "answer_lp", "build_memory", "check_not_degenerate", "encode", "evaluate_suite", "extend_memory",
            "generate", "load_facts", "load_memory", "load_suite", "metric_table", "qa_pairs", "read_facts",
            "save_memory", "score_pairs", "suite_from_records", "tokenizer", "trace"]

@@ -136,10 +136,25 @@ def relearn_prompt(question: str, answer: str) -> str:
     return RELEARN_TEMPLATE.format(prompt=prompt, answer=answer.strip())
 
 
+def _filled(record: dict, field: str) -> bool:
+    value = record.get(field)
+    return bool(value.strip()) if isinstance(value, str) else isinstance(value, list) and bool(value)
+
+
+def truth_fields(split: str) -> tuple[str, ...]:
+    """The fields a split's truth ratio needs (perturbed answers; forget and retain also compare
+    against the paraphrased answer, the other splits against the answer itself)."""
+    return ("paraphrased_answer", "perturbed_answer") if split in ("forget", "retain") else ("perturbed_answer",)
+
+
 def _split_pairs(tokenizer, split: str, records: list[dict], *, truth_only: bool = False):
-    """Pairs of one split and, per record, the pair ids of its roles."""
+    """Pairs of one split and, per record, the pair ids of its roles. The truth-ratio roles (true,
+    false) exist when every record has `truth_fields(split)`; the paraphrase role when every
+    forget record has a paraphrased question: a plain question/answer suite is scored too."""
     pairs: dict[str, Pair] = {}
     roles: list[dict[str, Any]] = []
+    truth = bool(records) and all(_filled(r, f) for r in records for f in truth_fields(split))
+    paraphrase = split == "forget" and bool(records) and all(_filled(r, "paraphrased_question") for r in records)
 
     def add(index: int, kind: str, prompt_ids, answer_text: str) -> str:
         pid = f"{split}/{index}/{kind}"
@@ -155,22 +170,17 @@ def _split_pairs(tokenizer, split: str, records: list[dict], *, truth_only: bool
         prompt = tuple(data.encode_prompt(tokenizer, question))
         answer = _text(rec, "answer", where)
         r: dict[str, Any] = {}
-        if split == "forget" or split == "retain":
-            correct_kind, correct = "paraphrased_answer", _text(rec, "paraphrased_answer", where)
-        elif isinstance(rec.get("paraphrased_answer"), str) and rec["paraphrased_answer"].strip():
-            correct_kind, correct = "paraphrased_answer", rec["paraphrased_answer"]
-        else:
-            correct_kind, correct = "answer", answer
-        r["true"] = add(i, correct_kind, prompt, correct)
-        r["false"] = [add(i, f"perturbed/{k}", prompt, text)
-                      for k, text in enumerate(_perturbed(rec, where))]
+        if truth:
+            correct_kind = "paraphrased_answer" if _filled(rec, "paraphrased_answer") else "answer"
+            r["true"] = add(i, correct_kind, prompt, rec[correct_kind])
+            r["false"] = [add(i, f"perturbed/{k}", prompt, text) for k, text in enumerate(_perturbed(rec, where))]
         if not truth_only:
             r["answer"] = add(i, "answer", prompt, answer)
-        if split == "forget" and not truth_only:
+        if paraphrase and not truth_only:
             pq = _text(rec, "paraphrased_question", where)
             r["paraphrase"] = add(i, "paraphrased_question", data.encode_prompt(tokenizer, pq), answer)
-            r["relearn"] = add(i, "relearn", _encode_text(tokenizer, relearn_prompt(question, answer)),
-                               answer)
+        if split == "forget" and not truth_only:
+            r["relearn"] = add(i, "relearn", _encode_text(tokenizer, relearn_prompt(question, answer)), answer)
         roles.append(r)
     return pairs, roles
 
@@ -207,6 +217,10 @@ class Scores:
         """[S, N] LP of one role of every record of a split."""
         return np.stack([self.lp[:, self.column[r[role]]] for r in self.roles[split]], axis=1)
 
+    def has(self, split: str, role: str) -> bool:
+        """Whether every record of a non-empty split has this role."""
+        return bool(self.roles.get(split)) and all(role in r for r in self.roles[split])
+
     def log_truth_ratios(self, split: str, mean: str, true_key: str = "true") -> np.ndarray:
         return log_truth_ratio(*_truth_arrays(self.lp, self.column, self.lengths, self.roles[split], true_key),
                                mean=mean)
@@ -230,12 +244,13 @@ def generate_stage(backbone: Backbone, tokenizer, suite: Suite, generation: Gene
                    ) -> tuple[dict[str, list[str]], dict[str, tuple[int, int]]]:
     """Stage 2: greedy generations per split, and each split's (G, K) schedule."""
     pad_id = tokenization.pad_token_id(tokenizer, backbone)
-    prompts = {s: [data.encode_prompt(tokenizer, r["question"]) for r in suite.split(s)] for s in SPLITS}
+    splits = [s for s in SPLITS if suite.split(s)]
+    prompts = {s: [data.encode_prompt(tokenizer, r["question"]) for r in suite.split(s)] for s in splits}
     schedule = {s: generation.for_answers(max(len(data.encode_answer(tokenizer, r["answer"]))
-                                              for r in suite.split(s))) for s in SPLITS}
-    generations: dict[str, list[str]] = {}
+                                              for r in suite.split(s))) for s in splits}
+    generations: dict[str, list[str]] = {s: [] for s in SPLITS}
     for gk in sorted(set(schedule.values())):
-        members = [s for s in SPLITS if schedule[s] == gk]
+        members = [s for s in splits if schedule[s] == gk]
         texts = generate_answers(backbone, tokenizer, [p for s in members for p in prompts[s]],
                                  gen_length=gk[0], steps=gk[1], block_length=generation.block_length,
                                  batch_size=generation.batch_size, pad_id=pad_id)
@@ -246,39 +261,74 @@ def generate_stage(backbone: Backbone, tokenizer, suite: Suite, generation: Gene
     return generations, schedule
 
 
+# what each metric needs from the suite: the split whose records it reads, and whether those
+# records must carry the truth-ratio fields ("truth") or paraphrased questions ("paraphrase")
+NEEDS = {"forget_lp": ("forget", None), "retain_lp": ("retain", None), "real_author_lp": ("real_authors", None),
+         "world_facts_lp": ("world_facts", None), "paraphrase_forget_lp": ("forget", "paraphrase"),
+         "relearn_forget_lp": ("forget", None), "truth_ratio_forget": ("forget", "truth"),
+         "forget_quality": ("forget", "truth"), "forget_probability": ("forget", None),
+         "retain_probability": ("retain", None),
+         **{f"rouge_{s}": (s, None) for s in ("forget", "retain", "real_authors", "world_facts")},
+         **{f"{s}_truth_ratio": (s, "truth") for s in UTILITY_SPLITS},
+         **{f"{s}_probability": (s, "truth") for s in ("real_authors", "world_facts")}}
+
+
+def unavailable(scores: Scores, name: str) -> str | None:
+    """Why the suite's records do not allow metric `name` (None: they do)."""
+    if name == "model_utility":
+        why = [c for c in UTILITY_COMPONENTS if unavailable(scores, c)]
+        return f"not available: it needs {', '.join(why)}" if why else None
+    split, need = NEEDS[name]
+    if not scores.roles.get(split):
+        return f"the suite has no {split} records"
+    if need == "truth" and not scores.has(split, "true"):
+        return f"not available: the suite's {split} records do not all have {' and '.join(truth_fields(split))}"
+    if need == "paraphrase" and not scores.has(split, "paraphrase"):
+        return "not available: the suite's forget records do not all have a paraphrased_question"
+    return None
+
+
 def per_seed_stage(scores: Scores, rouge: dict[str, list[float]], log_r_reference: np.ndarray | None,
                    truth_ratio_mean: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Stage 4: every metric per seed [S], and the per-question log truth ratios per split."""
+    """Stage 4: every metric the suite's records allow (`unavailable`), per seed [S], and the
+    per-question log truth ratios per split."""
     S = scores.lp.shape[0]
-    per_seed = {"forget_lp": scores.role_lp("forget", "answer").mean(axis=1),
-                "retain_lp": scores.role_lp("retain", "answer").mean(axis=1),
-                "real_author_lp": scores.role_lp("real_authors", "answer").mean(axis=1),
-                "world_facts_lp": scores.role_lp("world_facts", "answer").mean(axis=1),
-                "paraphrase_forget_lp": scores.role_lp("forget", "paraphrase").mean(axis=1),
-                "relearn_forget_lp": scores.role_lp("forget", "relearn").mean(axis=1)}
-    log_r = {s: scores.log_truth_ratios(s, truth_ratio_mean) for s in SPLITS}
-    per_seed["truth_ratio_forget"] = np.asarray([truth_ratio_forget_score(np.exp(x)) for x in log_r["forget"]])
+    ok = {name for name in METRICS if not unavailable(scores, name)}
+    per_seed: dict[str, np.ndarray] = {}
+    for name, role in (("forget_lp", "answer"), ("retain_lp", "answer"), ("real_author_lp", "answer"),
+                       ("world_facts_lp", "answer"), ("paraphrase_forget_lp", "paraphrase"),
+                       ("relearn_forget_lp", "relearn")):
+        if name in ok:
+            per_seed[name] = scores.role_lp(NEEDS[name][0], role).mean(axis=1)
+    log_r = {s: scores.log_truth_ratios(s, truth_ratio_mean) for s in SPLITS if scores.has(s, "true")}
+    if "truth_ratio_forget" in ok:
+        per_seed["truth_ratio_forget"] = np.asarray([truth_ratio_forget_score(np.exp(x)) for x in log_r["forget"]])
     for s in UTILITY_SPLITS:
-        per_seed[f"{s}_truth_ratio"] = np.asarray([truth_ratio_utility_score(np.exp(x)) for x in log_r[s]])
+        if f"{s}_truth_ratio" in ok:
+            per_seed[f"{s}_truth_ratio"] = np.asarray([truth_ratio_utility_score(np.exp(x)) for x in log_r[s]])
     for s in ("forget", "retain"):
-        lengths = [scores.lengths[r["answer"]] for r in scores.roles[s]]
-        per_seed[f"{s}_probability"] = np.mean(np.exp(normalized_log_probability(
-            scores.role_lp(s, "answer"), lengths)), axis=1)
+        if f"{s}_probability" in ok:
+            lengths = [scores.lengths[r["answer"]] for r in scores.roles[s]]
+            per_seed[f"{s}_probability"] = np.mean(np.exp(normalized_log_probability(
+                scores.role_lp(s, "answer"), lengths)), axis=1)
     for s in ("real_authors", "world_facts"):
-        arrays = _truth_arrays(scores.lp, scores.column, scores.lengths, scores.roles[s], true_key="answer")
-        per_seed[f"{s}_probability"] = np.mean(probability_with_options(*arrays), axis=1)
+        if f"{s}_probability" in ok:
+            arrays = _truth_arrays(scores.lp, scores.column, scores.lengths, scores.roles[s], true_key="answer")
+            per_seed[f"{s}_probability"] = np.mean(probability_with_options(*arrays), axis=1)
     for s in SPLITS:
-        per_seed[f"rouge_{s}"] = np.full(S, float(np.mean(rouge[s])))
-    per_seed["model_utility"] = np.asarray([
-        model_utility({c: float(per_seed[c][i]) for c in UTILITY_COMPONENTS}) for i in range(S)])
-    if log_r_reference is not None:
+        if f"rouge_{s}" in ok:
+            per_seed[f"rouge_{s}"] = np.full(S, float(np.mean(rouge[s])))
+    if "model_utility" in ok:
+        per_seed["model_utility"] = np.asarray([
+            model_utility({c: float(per_seed[c][i]) for c in UTILITY_COMPONENTS}) for i in range(S)])
+    if log_r_reference is not None and "forget_quality" in ok:
         per_seed["forget_quality"] = np.asarray([
             forget_quality(np.exp(log_r["forget"][i]), np.exp(log_r_reference[i])) for i in range(S)])
     return per_seed, log_r
 
 
 def summarise_stage(per_seed: dict[str, np.ndarray], ci: dict[str, Any], n_seeds: int,
-                    missing_reason: str) -> dict[str, Any]:
+                    missing: dict[str, str]) -> dict[str, Any]:
     """Stage 5: {metric: {mean, ci_low, ci_high, per_seed, n_seeds}} (nulls and a reason where a
     metric cannot be computed)."""
     result: dict[str, Any] = {}
@@ -291,8 +341,24 @@ def summarise_stage(per_seed: dict[str, np.ndarray], ci: dict[str, Any], n_seeds
                             "per_seed": [float(v) for v in values], "n_seeds": len(values)}
         else:
             result[name] = {"mean": None, "ci_low": None, "ci_high": None, "per_seed": None,
-                            "n_seeds": n_seeds, "reason": missing_reason}
+                            "n_seeds": n_seeds, "reason": missing[name]}
     return result
+
+
+def degenerate_warnings(result: dict, scores: Scores, generations: dict[str, list[str]], vocab_size: int) -> list[str]:
+    """What makes these numbers no finding: non-finite metrics, predictions as flat as a uniform
+    distribution over the vocabulary, empty generations."""
+    warnings = [f"{name} is not finite ({result[name]['mean']})" for name in METRICS
+                if result[name]["mean"] is not None and not np.isfinite(result[name]["mean"])]
+    lengths = np.asarray([scores.lengths[p] for p in scores.column], np.float64)
+    per_token = scores.lp[:, list(scores.column.values())] / lengths
+    if np.isfinite(per_token).all() and abs(per_token.mean() + np.log(vocab_size)) < 0.01 * np.log(vocab_size):
+        warnings.append(f"the answers' log-probability is {per_token.mean():.3f} nats per token, that of a uniform "
+                        f"distribution over the {vocab_size} tokens: the model is degenerate")
+    empty = sum(not g.strip() for texts in generations.values() for g in texts)
+    if empty:
+        warnings.append(f"{empty} of {sum(map(len, generations.values()))} greedy generations are empty")
+    return warnings
 
 
 def _items(suite: Suite, scores: Scores, generations, rouge, log_r, log_r_reference) -> list[dict]:
@@ -303,9 +369,10 @@ def _items(suite: Suite, scores: Scores, generations, rouge, log_r, log_r_refere
                     "generation": generations[s][i], "rougeL_recall": rouge[s][i],
                     "answer_tokens": scores.lengths[r["answer"]],
                     "lp_per_seed": scores.lp[:, scores.column[r["answer"]]].tolist(),
-                    "truth_ratio_per_seed": np.exp(log_r[s][:, i]).tolist()}
+                    "truth_ratio_per_seed": np.exp(log_r[s][:, i]).tolist() if s in log_r else None}
             if s == "forget":
-                item["paraphrase_lp_per_seed"] = scores.lp[:, scores.column[r["paraphrase"]]].tolist()
+                if "paraphrase" in r:
+                    item["paraphrase_lp_per_seed"] = scores.lp[:, scores.column[r["paraphrase"]]].tolist()
                 item["relearn_lp_per_seed"] = scores.lp[:, scores.column[r["relearn"]]].tolist()
                 if log_r_reference is not None:
                     item["reference_truth_ratio_per_seed"] = np.exp(log_r_reference[:, i]).tolist()
@@ -360,7 +427,7 @@ def evaluate_suite(backbone: Backbone, tokenizer, suite: Suite | str, *,
     sampler.check_schedule(generation.gen_length, generation.steps, generation.block_length)
     sampler.check_mask_token(backbone)
     suite = load_suite(suite, num_retain=num_retain, limit=limit) if isinstance(suite, str) else suite.limited(limit)
-    for s in SPLITS:
+    for s in ("forget", "retain"):
         if not suite.split(s):
             raise InputError(f"the suite has no {s} records")
     scoring = dict(estimator=estimator, mc_samples=mc_samples, pairs_per_call=pairs_per_call, batch_size=batch_size,
@@ -373,15 +440,17 @@ def evaluate_suite(backbone: Backbone, tokenizer, suite: Suite | str, *,
     rouge = {s: [rouge_l_recall(g, r["answer"]) for g, r in zip(generations[s], suite.split(s))] for s in SPLITS}
     generation_s, t0 = time.perf_counter() - t0, time.perf_counter()
     log_r_reference = None
-    if reference is not None:
+    if reference is not None and scores.has("forget", "true"):
         reference_scores = score_stage(reference, tokenizer if reference_tokenizer is None else reference_tokenizer,
                                        suite, seeds, splits=("forget",), truth_only=True, **scoring)
         log_r_reference = reference_scores.log_truth_ratios("forget", truth_ratio_mean)
     reference_s = time.perf_counter() - t0
     per_seed, log_r = per_seed_stage(scores, rouge, log_r_reference, truth_ratio_mean)
+    missing = {name: unavailable(scores, name) or no_reference_reason for name in METRICS if name not in per_seed}
     ci = {"method": ci_method, "confidence": 0.95, "n_resamples": n_resamples, "rng_seed": 0}
-    result = summarise_stage(per_seed, ci, len(seeds), no_reference_reason)
+    result = summarise_stage(per_seed, ci, len(seeds), missing)
 
+    result["warnings"] = degenerate_warnings(result, scores, generations, backbone.config.vocab_size)
     result["config"] = {
         "suite": suite.name, "splits": {s: {"source": suite.sources.get(s, s), "n": len(suite.split(s))}
                                         for s in SPLITS},
@@ -392,7 +461,7 @@ def evaluate_suite(backbone: Backbone, tokenizer, suite: Suite | str, *,
         "generation": {"greedy": True, "remasking": "low_confidence", "block_length": generation.block_length,
                        "max_gen_length": generation.gen_length, "max_steps": generation.steps,
                        "per_split": {s: {"gen_length": schedule[s][0], "steps": schedule[s][1]}
-                                     for s in SPLITS}},
+                                     for s in schedule}},
         "reference": reference_name if reference is not None else None,
         "utility_components": list(UTILITY_COMPONENTS),
         "pairs_per_call": pairs_per_call, "batch_size": batch_size,

@@ -10,8 +10,10 @@ Two shapes, one identity:
 * `Facts`: a set of facts encoded for one model — per fact its tokens and subject span — with the
   padded arrays every jitted function takes (`FactBatch`, a pytree [F, ...]).
 
-A fact is identified by `Fact.where` ('file:line', or 'split:line' for packaged data); its row in
-a `Facts` set is its position (also `FactBatch.fact_index_F`, which seeds its noise draws).
+A fact is identified by its content (`Fact.id`, a digest of form, prompt, answer and subject: the
+same fact read from two paths is the same fact) and located by `Fact.where` ('file:line', or
+'split:line' for packaged data); its row in a `Facts` set is its position (also
+`FactBatch.fact_index_F`, which seeds its noise draws).
 
 Text conventions (one place, used by trace, edit, eval and generate):
 * question/answer facts: prompt text = `data.format_prompt(question)`, answer = the stripped
@@ -19,10 +21,11 @@ Text conventions (one place, used by trace, edit, eval and generate):
 * prompt/subject/target facts: prompt text as given, answer = " " + target (the target continues
   the sentence, so it starts a new word).
 
-Subjects: a fact's own `subject` field wins; otherwise, for question/answer facts, TOFU's author
-name found per 20-question block (`tofu_subjects`). Subject token spans come from the tokenizer's
-offset mapping (never from re-tokenising the subject, which BPE merges make unreliable). Facts
-without a subject in their prompt are skipped and reported, never traced with a guess.
+Subjects (`find_subject`): a fact's own `subject` field wins; otherwise, for a question, a TOFU
+author's name it contains, else a name span the answer repeats, else the question's longest
+multi-word name; a fact with none is refused with an error naming its line. Subject token spans
+come from the tokenizer's offset mapping (never from re-tokenising the subject, which BPE merges
+make unreliable).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import re
@@ -44,6 +48,9 @@ from timerome_jax import data
 from timerome_jax.errors import InputError
 
 Array = jax.Array
+# how a prompt is laid out: "question" = data.format_prompt (the question/answer records' form),
+# "raw" = the text as given (the prompt/subject/target records' form)
+TEMPLATES = ("question", "raw")
 
 
 # --- records --------------------------------------------------------------------------------------
@@ -59,9 +66,21 @@ class Fact:
     where: str = ""
     kind: str = "prompt"
 
-    def texts(self) -> tuple[str, str | None]:
-        """(prompt text, answer text) as the model sees them (module docstring)."""
-        if self.kind == "question":
+    @functools.cached_property
+    def id(self) -> str:
+        """The fact's identity: a digest of its normalised content (form, prompt, answer, subject),
+        so the same fact has the same id whatever file or line it comes from."""
+        norm = lambda text: None if text is None else " ".join(text.split())  # noqa: E731
+        content = json.dumps([self.kind, norm(self.prompt), norm(self.answer), norm(self.subject)])
+        return "fact-" + hashlib.sha256(content.encode()).hexdigest()[:12]
+
+    def texts(self, template: str | None = None) -> tuple[str, str | None]:
+        """(prompt text, answer text) as the model sees them: `template` "question" (the
+        "Question: …\nAnswer:" format) or "raw"; None = the record's form (module docstring)."""
+        template = template or ("question" if self.kind == "question" else "raw")
+        if template not in TEMPLATES:
+            raise InputError(f"unknown prompt template {template!r}; choose {' or '.join(TEMPLATES)}")
+        if template == "question":
             return data.format_prompt(self.prompt), None if self.answer is None else self.answer.strip()
         return self.prompt, None if self.answer is None else " " + self.answer.strip()
 
@@ -100,9 +119,9 @@ def parse_fact(record, where: str) -> Fact:
 def read_facts(path: str | os.PathLike) -> list[Fact]:
     """Read a JSONL fact file, in file order."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() or path.is_dir():   # pipes (`--facts <(...)`) are read like files
         raise InputError(f"fact file {path} does not exist" if not path.exists()
-                         else f"fact file {path} is not a file")
+                         else f"fact file {path} is a directory, not a file")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
@@ -127,7 +146,7 @@ def read_facts(path: str | os.PathLike) -> list[Fact]:
 def load_facts(spec: str) -> list[Fact]:
     """A packaged data selection (e.g. "forget01_subjects[:8]"), each fact identified as
     'split:line', or a JSONL file (`read_facts`)."""
-    if spec.endswith(".jsonl") or Path(spec).is_file():
+    if spec.endswith(".jsonl") or (Path(spec).exists() and not Path(spec).is_dir()):
         return read_facts(spec)
     return [parse_fact(record, f"{name}:{index + 1}") for name, index, record in data.load_selection(spec)]
 
@@ -177,24 +196,58 @@ def block_author_name(questions: Sequence[str]) -> str | None:
     return best[0] if best[1] >= 2 else None
 
 
-def tofu_subjects(questions: Sequence[str]) -> list[str | None]:
-    """Per question: its author's name if the question contains it, else None. TOFU lists 20 QA
-    pairs per fictitious author, in order; the author's name is the block's most frequent
-    capitalised multi-word phrase."""
-    out: list[str | None] = []
-    for start in range(0, len(questions), TOFU_BLOCK):
-        block = questions[start:start + TOFU_BLOCK]
-        name = block_author_name(block)
-        out.extend(name if name and name in q else None for q in block)
+@functools.lru_cache(maxsize=1)
+def known_authors() -> tuple[str, ...]:
+    """The fictitious authors of TOFU, longest name first: the packaged `full` split lists 20
+    questions per author, in order, and each block's most frequent capitalised multi-word phrase is
+    its author's name (a fixed list: it never depends on how a user's file is laid out)."""
+    questions = [r["question"] for r in data.load_split("full")]
+    names = {block_author_name(questions[i:i + TOFU_BLOCK]) for i in range(0, len(questions), TOFU_BLOCK)}
+    return tuple(sorted((n for n in names if n), key=lambda n: (-len(n), n)))
+
+
+# words that open a question or a sentence and are capitalised for that reason only
+_OPENERS = frozenset("""What Who Whom Whose Which When Where Why How Is Are Was Were Do Does Did Can Could Has Have
+    Had In On At For From To Please Tell Name Describe Give Would Will Should The A An Apart Besides Aside Out Of
+    As Apart With Within Among Between Beyond Outside Despite""".split())
+_SPAN = re.compile(rf"{_WORD}(?:(?:,\s+|\s+(?:{_PARTICLE}\s+)*){_WORD})*")
+_QUOTED = re.compile(r"[\"“]([^\"”]{2,})[\"”]|(?<!\w)['‘]([^'’]{2,}?)['’](?!\w)")
+
+
+def name_spans(text: str) -> list[str]:
+    """Capitalised name spans of `text` ("Basil Mahfouz Al-Kuwaiti", "Kuwait City, Kuwait"), without
+    opening question words or a possessive, and quoted titles ('Romeo and Juliet')."""
+    out = [(m.group(1) or m.group(2)).strip() for m in _QUOTED.finditer(text)]
+    for m in _SPAN.finditer(text):
+        words = m.group(0).split()
+        while words and words[0].rstrip(",") in _OPENERS:
+            words = words[1:]
+        span = re.sub(r"['’]s?$", "", " ".join(words)).rstrip(",")
+        if span:
+            out.append(span)
     return out
 
 
-def resolve_subjects(facts: Sequence[Fact]) -> list[str | None]:
-    """Explicit subject fields, else TOFU author names for question/answer facts."""
-    auto = tofu_subjects([f.prompt for f in facts]) if any(
-        f.kind == "question" and f.subject is None for f in facts) else []
-    return [f.subject if f.subject is not None else (auto[i] if f.kind == "question" else None)
-            for i, f in enumerate(facts)]
+def find_subject(fact: Fact) -> str:
+    """The fact's subject: its `subject` field; else, for a question, a TOFU author's name it
+    contains (`known_authors`), else the longest name span of the question that the answer repeats,
+    else the question's longest quoted title or name span of two or more words (e.g. "Karachi,
+    Pakistan"). A fact
+    with none of these is refused with one error naming its line: never dropped, never guessed
+    from the file's layout."""
+    if fact.subject is not None:
+        return fact.subject
+    if fact.kind == "question":
+        named = next((n for n in known_authors() if n in fact.prompt), None)
+        spans = sorted(name_spans(fact.prompt), key=len, reverse=True)
+        shared = next((s for s in spans if fact.answer and s in fact.answer), None)
+        quoted = {(m.group(1) or m.group(2)).strip() for m in _QUOTED.finditer(fact.prompt)}
+        long_span = next((s for s in spans if s in quoted or len(s.replace(",", " ").split()) >= 2), None)
+        subject = named or shared or long_span
+        if subject:
+            return subject
+    raise InputError(f"{fact.where}: cannot tell which words of the prompt name the subject; add a \"subject\" "
+                     f"field naming them")
 
 
 # --- encoded facts ----------------------------------------------------------------------------------
@@ -272,8 +325,7 @@ def fact_batch(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]
 @dataclasses.dataclass(frozen=True)
 class Facts:
     """Facts encoded for one model: per fact its record, subject, prompt and answer tokens and
-    subject token span; `batch` holds them padded ([F, ...], rows in this order); `skipped` names
-    the facts of the input that had no subject in their prompt."""
+    subject token span; `batch` holds them padded ([F, ...], rows in this order)."""
 
     facts: tuple[Fact, ...]
     subjects: tuple[str, ...]
@@ -281,7 +333,6 @@ class Facts:
     answers: tuple[tuple[int, ...], ...]
     spans: tuple[tuple[int, int], ...]
     pad_id: int
-    skipped: tuple[str, ...] = ()
 
     @functools.cached_property
     def batch(self) -> FactBatch:
@@ -289,6 +340,12 @@ class Facts:
 
     @property
     def ids(self) -> tuple[str, ...]:
+        """Each fact's content id (`Fact.id`): what a memory records."""
+        return tuple(f.id for f in self.facts)
+
+    @property
+    def wheres(self) -> tuple[str, ...]:
+        """Where each fact was read ('file:line')."""
         return tuple(f.where for f in self.facts)
 
     @property
@@ -302,25 +359,22 @@ class Facts:
             raise InputError("no facts selected")
         pick = lambda xs: tuple(xs[i] for i in index)  # noqa: E731
         return Facts(pick(self.facts), pick(self.subjects), pick(self.prompts), pick(self.answers),
-                     pick(self.spans), self.pad_id, self.skipped)
+                     pick(self.spans), self.pad_id)
 
 
 def encode(tokenizer, facts: Sequence[Fact], *, max_length: int, pad_id: int) -> Facts:
     """Tokenise facts and locate their subjects (module docstring).
 
-    A fact with an explicit subject that is not in its prompt is an error (the user said where
-    the subject is, and it is not there); a TOFU question that does not name its author is
-    skipped and reported in `Facts.skipped`.
+    A fact with an explicit subject that is not in its prompt, or without a subject
+    `find_subject` can find, is an error naming its line: a user's fact is never dropped.
     """
     if not facts:
         raise InputError("the fact file holds no facts")
-    kept, subjects, prompts, answers, spans, skipped = [], [], [], [], [], []
-    for fact, subject in zip(facts, resolve_subjects(facts)):
+    kept, subjects, prompts, answers, spans = [], [], [], [], []
+    for fact in facts:
         if fact.answer is None:
             raise InputError(f"{fact.where}: tracing needs an answer ('answer' or 'target' field)")
-        if subject is None:
-            skipped.append(fact.where)
-            continue
+        subject = find_subject(fact)
         prompt_text, answer_text = fact.texts()
         try:
             start, end = char_span(prompt_text, subject)
@@ -341,10 +395,8 @@ def encode(tokenizer, facts: Sequence[Fact], *, max_length: int, pad_id: int) ->
         prompts.append(tuple(int(t) for t in enc["input_ids"]))
         answers.append(answer_ids)
         spans.append(token_span(enc["offset_mapping"], start, end))
-    if not kept:
-        raise InputError(f"none of the {len(facts)} facts names its subject in its prompt")
-    return Facts(tuple(kept), tuple(subjects), tuple(prompts), tuple(answers), tuple(spans), pad_id, tuple(skipped))
+    return Facts(tuple(kept), tuple(subjects), tuple(prompts), tuple(answers), tuple(spans), pad_id)
 
 
-__all__ = ["Fact", "FactBatch", "Facts", "char_span", "encode", "fact_batch", "load_facts", "parse_fact",
-           "read_facts", "resolve_subjects", "token_span", "tofu_subjects"]
+__all__ = ["Fact", "FactBatch", "Facts", "char_span", "encode", "fact_batch", "find_subject", "known_authors",
+           "load_facts", "name_spans", "parse_fact", "read_facts", "token_span"]

@@ -45,6 +45,30 @@ REMASKING = ("low_confidence", "random")
 
 # ----------------------------------------------------------------------------- schedule
 
+SCHEDULE_FILE = "generation_config.json"   # in a model directory: its recommended gen_length, steps, block_length
+DEFAULT_SCHEDULE = {"gen_length": 128, "steps": 128, "block_length": 32}
+
+
+def recommended_schedule(backbone: Backbone) -> dict:
+    """The (gen_length, steps, block_length) the model's directory recommends in
+    `generation_config.json` (LLaDA's `generate` argument names; other keys ignored), else
+    `DEFAULT_SCHEDULE`. Answers can depend on the schedule: the embedded models were checked at
+    the one they record."""
+    import json
+    from pathlib import Path
+
+    path = Path(backbone.source or "") / SCHEDULE_FILE
+    if not backbone.source or not path.is_file():
+        return dict(DEFAULT_SCHEDULE)
+    try:
+        found = json.loads(path.read_text())
+        schedule = {k: int(found.get(k, v)) for k, v in DEFAULT_SCHEDULE.items()}
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise InputError(f"{path} is not a valid generation config: {e}") from None
+    check_schedule(**schedule)
+    return schedule
+
+
 def check_schedule(gen_length: int, steps: int, block_length: int) -> int:
     """Validate the (G, K, B) triple and return the number of blocks G // B."""
     for name, value in (("gen length", gen_length), ("steps", steps), ("block length", block_length)):
@@ -356,12 +380,12 @@ def sample_jit(backbone: Backbone, prompt_ids_BP, prompt_mask_BP, key, *, gen_le
 
 def sample_many(backbone: Backbone, prompts: list[list[int]], key, *, pad_id: int,
                 batch_size: int = 8, gen_length: int, steps: int, block_length: int,
-                temperature: float = 0.0, remasking: str = "low_confidence") -> np.ndarray:
+                temperature: float = 0.0, remasking: str = "low_confidence", progress=None) -> np.ndarray:
     """Generate for any number of tokenized prompts: int32 [N, G], in input order (host side).
 
     Prompts are cut into batches of `batch_size`, all left-padded to the longest prompt and the last
     batch filled with copies, so the sampler compiles once. Row n uses `fold_in(key, n)`, so its
-    result does not depend on `batch_size`.
+    result does not depend on `batch_size`. `progress`: optional wrapper over the batches.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
@@ -374,7 +398,8 @@ def sample_many(backbone: Backbone, prompts: list[list[int]], key, *, pad_id: in
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(len(prompts)))
     batch_size = min(batch_size, len(prompts))
     outputs = []
-    for start in range(0, len(prompts), batch_size):
+    starts = list(range(0, len(prompts), batch_size))
+    for start in (progress(starts) if progress else starts):
         rows = np.arange(start, start + batch_size).clip(max=len(prompts) - 1)
         answer = sample_jit(backbone, ids[rows], mask[rows], keys[rows], gen_length=gen_length,
                             steps=steps, block_length=block_length, temperature=temperature,

@@ -23,7 +23,9 @@ from timerome_jax.tokenization import pad_left, pad_right
 
 SUITES = {"tofu-forget01": "forget01_perturbed", "tofu-forget05": "forget05_perturbed",
           "tofu-forget10": "forget10_perturbed"}
-SUBJECTS = {"tofu-forget01": "forget01_subjects"}   # forget facts with an explicit subject per question
+# forget facts with an explicit subject per question (the same subjects whatever `facts.find_subject` becomes)
+SUBJECTS = {"tofu-forget01": "forget01_subjects", "tofu-forget05": "forget05_subjects",
+            "tofu-forget10": "forget10_subjects"}
 SPLITS = ("forget", "retain", "real_authors", "world_facts")
 UTILITY_SPLITS = ("retain", "real_authors", "world_facts")
 DEFAULT_NUM_RETAIN = 40
@@ -93,18 +95,20 @@ def suite_from_records(records: dict[str, list[dict]], name: str = "custom") -> 
     "world_facts": [...]} (e.g. read from a JSON suite file); every split must be non-empty."""
     if not isinstance(records, dict):
         raise InputError("a suite is a JSON object with forget, retain, real_authors, world_facts")
-    missing = [s for s in SPLITS if not records.get(s)]
+    missing = [s for s in ("forget", "retain") if not records.get(s)]
     if missing:
         raise InputError(f"the suite has no records for {', '.join(missing)}")
-    return Suite(name=name, **{s: list(records[s]) for s in SPLITS},
-                 sources={s: f"{name}:{s}" for s in SPLITS})
+    unknown = sorted(set(records) - set(SPLITS))
+    if unknown:
+        raise InputError(f"unknown suite split(s) {', '.join(unknown)}; a suite has {', '.join(SPLITS)}")
+    return Suite(name=name, **{s: list(records.get(s) or []) for s in SPLITS},
+                 sources={s: f"{name}:{s}" for s in SPLITS if records.get(s)})
 
 
 def forget_facts(name: str, num_forget: int | None = None) -> list[Fact]:
-    """The forget QA pairs of a shipped suite as facts, with explicit subjects where the data
-    ships them (forget01); otherwise subjects are found as the tracer finds them."""
+    """The forget QA pairs of a shipped suite as facts, each with its packaged subject."""
     check_suite(name)
-    facts = load_facts(SUBJECTS.get(name, SUITES[name].replace("_perturbed", "")))
+    facts = load_facts(SUBJECTS[name])
     return facts[:num_forget] if num_forget else facts
 
 

@@ -17,7 +17,7 @@ def register(sub, common) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="cast parameters (default: keep the checkpoint's dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, outputs=(("out", "dir"),))
 
 
 def run(args: argparse.Namespace) -> int:

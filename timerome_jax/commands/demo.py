@@ -18,7 +18,7 @@ import jax
 import ports
 from ports.fileio import atomic_directory
 from timerome_jax import api
-from timerome_jax.commands.trace import write_trace
+from timerome_jax.commands.trace import MIN_EFFECT, progress, write_trace
 from timerome_jax.memory import KEY_POSITIONS, MemorySpec
 from timerome_jax.memory.spec import SELECTIVE_SCHEDULE
 
@@ -54,29 +54,32 @@ def register(sub, common) -> None:
     p.add_argument("--show", type=int, default=3, help="forget questions whose answers are shown")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write trace/, memory/ and demo.json here")
-    p.set_defaults(run=run)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.set_defaults(run=run, outputs=(("out", "dir"),))
 
 
 def run(args: argparse.Namespace) -> int:
     say = lambda text: print(text, flush=True)  # noqa: E731
+    config = api.TraceConfig(steps=args.steps, noise_samples=args.noise_samples)
     spec = MemorySpec.from_flags(args, base=MemorySpec.selective() if args.selective else MemorySpec.paper())
     spec.steps_for(api.Coordinate(layer=0, step=0, module="resid", steps=args.steps))  # refuse bad steps before tracing
     gate_facts = None if spec.gate_rate is None else api.load_facts(args.gate_facts)
     backbone = ports.load_pretrained(args.model)
     tokenizer = api.tokenizer(backbone)
-    config = api.TraceConfig(steps=args.steps, noise_samples=args.noise_samples)
     say(f"model {args.model}: {backbone.config.family}, {backbone.config.n_layers} layers, "
         f"{backbone.num_params():,} parameters")
 
     # 1. where does the fact live?
     traced_facts = api.encode(backbone, tokenizer, api.load_facts(args.trace_facts))
-    traced = api.trace(backbone, traced_facts, config, seed=args.seed)
+    traced = api.trace(backbone, traced_facts, config, seed=args.seed, progress=progress("tracing", "chunk"))
     coordinate, best, gap = traced.coordinate, traced.best_cell_tie(), traced.total_effect()
     say(f"\n1. traced {traced_facts.num_facts} facts x {config.steps} steps x {backbone.config.n_layers} layers x "
         f"{len(config.modules)} modules x {config.noise_samples} noise draws in {traced.seconds:.0f} s")
     say(f"   the facts live at layer {coordinate.layer}, module '{coordinate.module}', denoising step "
         f"{coordinate.step}: restoring it recovers {best:.2f} of the {gap:.2f} nats the corruption "
-        f"removes ({best / gap:.0%})" if abs(gap) > 1e-9 else "   (the corruption changes nothing)")
+        f"removes ({best / gap:.0%})" if gap > MIN_EFFECT else f"   warning: the corruption does not lower the answers' "
+        f"log-probability (total effect {gap:.3f} nats): layer {coordinate.layer}, module '{coordinate.module}', "
+        f"step {coordinate.step} is not a finding")
 
     # 2. edit: one ridge memory over all forget facts at that coordinate
     forget = api.encode(backbone, tokenizer, api.load_facts(args.forget))
@@ -118,15 +121,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out:
         summary = {"coordinate": coordinate.as_dict(), "trace_seconds": traced.seconds, "best_cell_tie": best,
-                   "total_effect_at_step": gap, "facts_in_memory": n, "skipped": list(forget.skipped),
+                   "total_effect_at_step": gap, "facts_in_memory": n,
+                   "warnings": [] if gap > MIN_EFFECT else ["the corruption does not lower the answers' log-probability"],
                    "forget_lp": {k: float(v[0]) for k, v in lp.items()},
                    "retain_lp": {k: float(v[1]) for k, v in lp.items()},
                    "answers": [{"question": f.prompt, "before": b, "after": a} for f, b, a in zip(shown, before, after)]}
-        with atomic_directory(args.out) as tmp:
-            (tmp / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
         trace_summary = {"coordinate": coordinate.as_dict(), "modules": list(config.modules),
                          "num_facts": traced_facts.num_facts}
-        write_trace(f"{args.out}/trace", traced.result, trace_summary)
-        api.save_memory(record, f"{args.out}/memory")
+        with atomic_directory(args.out, overwrite=args.overwrite) as tmp:   # all three parts or none
+            (tmp / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_trace(tmp / "trace", traced.result, trace_summary)
+            api.save_memory(record, tmp / "memory")
         say(f"\nwrote {args.out}/demo.json, {args.out}/trace/, {args.out}/memory/")
     return 0

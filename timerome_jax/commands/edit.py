@@ -63,7 +63,7 @@ def register(sub, common) -> None:
                    help="retain facts that calibrate --gate-rate (a data selection or a JSONL file)")
     p.add_argument("--out", help="memory directory to write (atomic)")
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, outputs=(("out", "dir"), ("append", "update"), ("remove", "update")))
 
 
 def coordinate(args: argparse.Namespace, backbone, placement: Placement, records) -> api.Coordinate:
@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
                                    noise_scale=args.noise_scale, facts_per_chunk=args.facts_per_chunk,
                                    mesh=placement.mesh)
         api.save_memory(record, args.append, overwrite=True)
-        print(f"inserted {facts.num_facts} fact(s); the memory in {args.append} now holds {len(set(record.fact_ids))}")
+        print(f"inserted {facts.num_facts} fact(s) ({', '.join(facts.ids[:5])}{' ...' if facts.num_facts > 5 else ''}); "
+              f"the memory in {args.append} now holds {len(set(record.fact_ids))}")
         return 0
     if not args.out:
         raise InputError("--out is required when building a memory")
@@ -133,4 +134,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote an edit memory of {facts.num_facts} fact(s){entries} at layer {where.layer}, module "
           f"{where.module}, step {where.step} (α={spec.alpha:g}, λ={spec.lam:g}, "
           f"q={spec.q or memory.size}) to {args.out}")
+    shown = ", ".join(f"{f.id} ({f.where})" for f in facts.facts[:5])
+    print(f"fact ids, for --remove --fact-ids: {shown}{' ...' if facts.num_facts > 5 else ''}")
     return 0

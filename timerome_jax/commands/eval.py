@@ -68,7 +68,7 @@ def register(sub, common) -> None:
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_mesh_argument(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, outputs=(("out", "dir"),))
 
 
 def resolve_settings(args: argparse.Namespace) -> dict:
@@ -127,8 +127,6 @@ def run(args: argparse.Namespace) -> int:
     generation = evaluate.GenerationConfig(args.gen_length, args.steps, args.block_length)
     suite = load_suite_arg(args.suite, args.num_retain)
     out = Path(args.out)
-    if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
 
     backbone, tokenizer = load_model(args, placement)
     reference, reference_tokenizer, reference_name, reason = evaluate.load_reference(
@@ -152,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
         (tmp / "items.jsonl").write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items))
     print(evaluate.metric_table(result))
+    for warning in result["warnings"]:
+        print(f"timerome eval: warning: {warning}", file=sys.stderr)
     cost = result["cost"]
     device_peak = cost["device_peak_bytes_in_use"]
     estimator = args.estimator + (f" (M={settings['mc_samples']})" if args.estimator == "mc_elbo" else "")

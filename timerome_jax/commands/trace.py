@@ -16,6 +16,9 @@ from timerome_jax.errors import InputError
 from timerome_jax.plots import tie_heatmaps
 
 DEFAULT_MODEL = "tofu-tiny"
+# a total effect (clean − corrupted answer log-probability) below this many nats is no effect: the
+# corruption does not change what the model answers, so no cell can be said to carry the fact
+MIN_EFFECT = 1e-3
 
 
 def register(sub, common) -> None:
@@ -24,7 +27,7 @@ def register(sub, common) -> None:
     add_mesh_argument(p)
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, outputs=(("out", "dir"),))
 
 
 def add_trace_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,12 +61,8 @@ def read_facts(args: argparse.Namespace) -> list[api.Fact]:
 
 
 def encode_facts(args: argparse.Namespace, backbone: ports.Backbone, tokenizer, records, command: str) -> api.Facts:
-    """The --facts of a command, encoded, cut to --num-facts; skipped facts are reported."""
+    """The --facts of a command, encoded, cut to --num-facts."""
     facts = api.encode(backbone, tokenizer, records)
-    if facts.skipped:
-        skipped = facts.skipped
-        print(f"timerome {command}: skipped {len(skipped)} fact(s) whose question does not name its subject: "
-              f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", file=sys.stderr)
     return facts.take(range(min(args.num_facts, facts.num_facts))) if getattr(args, "num_facts", None) else facts
 
 
@@ -90,16 +89,23 @@ def trace(args: argparse.Namespace, backbone: ports.Backbone, placement: Placeme
     mi = config.modules.index(coordinate.module)
     gap_K = (result.clean_lp - result.corrupted_lp).mean(axis=0)
     best_K = result.tie[:, :, coordinate.layer, mi].mean(axis=0)
+    warnings = []
+    if not all(np.isfinite(x).all() for x in (result.tie, result.clean_lp, result.corrupted_lp)):
+        warnings.append("the grid holds non-finite values (NaN or inf): the coordinate is not a finding")
+    if not gap_K[coordinate.step] > MIN_EFFECT:
+        warnings.append(f"the corruption does not lower the answers' log-probability at step {coordinate.step} "
+                        f"(total effect {gap_K[coordinate.step]:.4f} nats <= {MIN_EFFECT}): the model does not use the "
+                        "subject to answer, so the coordinate is not a finding")
     summary = {
-        "coordinate": coordinate.as_dict(),
+        "coordinate": coordinate.as_dict(), "warnings": warnings,
         "per_fact_coordinates": [c.as_dict() for c in per_fact],
-        "num_facts": facts.num_facts, "skipped_facts": list(facts.skipped), "shape": list(result.tie.shape),
+        "num_facts": facts.num_facts, "shape": list(result.tie.shape),
         "modules": list(config.modules), "seconds": round(traced.seconds, 3), "sigma": traced.sigma,
         "total_effect_by_step": gap_K.tolist(), "best_cell_tie_by_step": best_K.tolist(),
         "best_cell_tie": float(best_K[coordinate.step]),
         "total_effect_at_best_step": float(gap_K[coordinate.step]),
         "best_cell_share_of_total_effect": float(best_K[coordinate.step] / gap_K[coordinate.step])
-        if abs(gap_K[coordinate.step]) > 1e-9 else None,
+        if gap_K[coordinate.step] > MIN_EFFECT else None,
         "facts": [{"where": f.where, "subject": s} for f, s in zip(facts.facts, facts.subjects)],
         "settings": {"model": str(args.model), "fingerprint": backbone.fingerprint(), "steps": config.steps,
                      "noise_samples": config.noise_samples, "noise_scale": config.noise_scale,
@@ -128,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
     write_trace(args.out, traced.result, summary, overwrite=args.overwrite)
     c = summary["coordinate"]
     share = summary["best_cell_share_of_total_effect"]
+    for warning in summary["warnings"]:
+        print(f"timerome trace: warning: {warning}", file=sys.stderr)
     print(f"traced {summary['num_facts']} facts in {summary['seconds']:.1f} s; coordinate: layer {c['layer']}, "
           f"step {c['step']}, module {c['module']}; TIE there {summary['best_cell_tie']:.3f} nats of a total "
           f"effect of {summary['total_effect_at_best_step']:.3f}"

@@ -88,13 +88,7 @@ def register(sub, common) -> None:
     i.add_argument("--noise-scale", type=float, default=3.0, help="ν: noise std in units of σ")
     i.add_argument("--k-min", type=int, default=0, help="when tracing: coordinate over steps >= k-min")
     i.add_argument("--facts-per-chunk", type=int, default=4)
-    p.set_defaults(run=run)
-
-
-def _check_out(out: str, overwrite: bool) -> None:
-    path = Path(out)
-    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
-        raise InputError(f"{path} already exists and is not empty (pass --overwrite to replace it)")
+    p.set_defaults(run=run, outputs=(("out", "dir"),))
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -120,7 +114,6 @@ def check_arguments(args: argparse.Namespace) -> None:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.noise_scale < 0:
             raise InputError(f"--noise-scale must be >= 0, got {args.noise_scale}")
-    _check_out(args.out, args.overwrite)
 
 
 def train_config(args: argparse.Namespace) -> training.TrainConfig:
@@ -185,9 +178,6 @@ def traced_coordinate(args: argparse.Namespace, backbone: ports.Backbone, facts:
 
 def run_inference(args: argparse.Namespace, backbone: ports.Backbone) -> int:
     facts = api.encode(backbone, api.tokenizer(backbone), suites.forget_facts(args.suite, args.num_forget))
-    if facts.skipped:
-        print(f"timerome unlearn: skipped {len(facts.skipped)} forget fact(s) whose question does not name its subject",
-              file=sys.stderr)
     if args.method == "random_memory":
         from timerome_jax import memory as mem
         mem.check_hyperparameters(args.alpha, args.lam, args.q, facts.num_facts)
@@ -197,7 +187,7 @@ def run_inference(args: argparse.Namespace, backbone: ports.Backbone) -> int:
             args.method, backbone, facts, coordinate, seed=args.seed, alpha=args.alpha, lam=args.lam,
             q=args.q, steps=args.steps, noise_samples=args.noise_samples, noise_scale=args.noise_scale,
             facts_per_chunk=args.facts_per_chunk)
-    extra = {"suite": args.suite, "skipped_facts": list(facts.skipped), "build_cost": cost.as_dict(),
+    extra = {"suite": args.suite, "build_cost": cost.as_dict(),
              "device": resources.device_description()}
     inference.save_inference_baseline(baseline, args.out, model=str(Path(backbone.source).absolute()), extra=extra,
                                       overwrite=args.overwrite)
