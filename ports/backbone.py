@@ -79,19 +79,22 @@ class Backbone:
 
     def apply(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None,
               positions_BT: jax.Array | None = None, *, capture: Sequence[Site] = (),
-              edits: Sequence = (), params: Any = None):
+              edits: Sequence = (), params: Any = None, logit_rows_BA: jax.Array | None = None):
         """The pure forward (call it inside your own jit/vmap): float32 logits [B, T, V].
 
         `edits` act in this call after the backbone's own. With `capture` (sites), returns
-        (logits, tuple of `Captured(key, value)`, one per site; see `ports.sites`).
+        (logits, tuple of `Captured(key, value)`, one per site; see `ports.sites`). With
+        `logit_rows_BA`, the head runs only at those rows and the logits are [B, A, V] (row a is
+        the raw logit row `logit_rows_BA[:, a]`, unshifted): a read-out that needs a few
+        positions skips the largest matmul at the others.
         """
         variables = {"params": self.params if params is None else params}
         capture = tuple(capture)
         with self._intercepting(edits, capture):
             if not capture:
-                return self._module.apply(variables, input_ids_BT, attention_mask_BT, positions_BT)
+                return self._module.apply(variables, input_ids_BT, attention_mask_BT, positions_BT, logit_rows_BA)
             logits, state = self._module.apply(variables, input_ids_BT, attention_mask_BT, positions_BT,
-                                               mutable=["intermediates"])
+                                               logit_rows_BA, mutable=["intermediates"])
         return logits, sites.read_captures(state["intermediates"], capture)
 
     # --- the forward in pieces: embed -> layer(0) ... layer(L-1) -> head ----------------------

@@ -281,7 +281,7 @@ class Transformer(nn.Module):
         return logits.astype(jnp.float32)
 
     def __call__(self, input_ids_BT: Array, attention_mask_BT: Array | None = None,
-                 positions_BT: Array | None = None):
+                 positions_BT: Array | None = None, logit_rows_BA: Array | None = None):
         c = self.config
         B, T = input_ids_BT.shape
         if positions_BT is None:
@@ -289,4 +289,6 @@ class Transformer(nn.Module):
         allowed_BQK = attention_allowed(attention_mask_BT, c.padding)
         x, _ = self.blocks(self.embed(input_ids_BT), allowed_BQK, positions_BT,
                            jnp.arange(c.n_layers, dtype=jnp.int32))
+        if logit_rows_BA is not None:   # the head is per token: gather first, skip the other rows
+            x = jnp.take_along_axis(x, logit_rows_BA[..., None].astype(jnp.int32), axis=1)
         return self.unembed(x)

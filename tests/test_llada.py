@@ -144,3 +144,14 @@ def test_forward_in_pieces_equals_apply(llada, golden, padded):
         return bb.head(x)
 
     np.testing.assert_allclose(pieces(llada, ids, mask), llada.logits(ids, mask), atol=1e-5)
+
+
+def test_logits_at_chosen_rows_equal_the_full_logits_there(llada, golden):
+    """`logit_rows_BA` runs the head at a few rows only: those rows of the full logits, unshifted."""
+    ids = jnp.asarray(golden["input_ids"])
+    B, T = ids.shape
+    rows = jnp.asarray(np.stack([np.array([T - 1, 0, 3]) if b % 2 else np.array([2, 2, T - 2]) for b in range(B)]))
+    full = llada.apply(ids)
+    some = llada.apply(ids, logit_rows_BA=rows)
+    assert some.shape == (B, 3, llada.config.vocab_size)
+    np.testing.assert_allclose(some, np.take_along_axis(np.asarray(full), np.asarray(rows)[..., None], axis=1), atol=1e-5)
