@@ -155,7 +155,7 @@ def ablation_b(ctx) -> tuple[list[dict], dict]:
     config = tracing.TraceConfig(steps=args.trace_steps, noise_samples=args.noise_samples)
     traced = api.trace(s.backbone, forget, config, seed=args.seed,
                        progress=lambda xs: _common.progress(xs, "tracing the forget facts", "chunk"))
-    per_fact = tracing.per_fact_coordinates(traced.result.tie, config.modules)
+    per_fact = tracing.per_fact_coordinates(tracing.selection_grid(traced.result), config.modules)
     key = jax.random.key(args.seed)
     captured = {}
     for where in sorted(set(per_fact), key=lambda x: (x.layer, x.module, x.step)):

@@ -54,6 +54,26 @@ def test_trace_writes_arrays_summary_and_heatmaps(traced):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
 
 
+def test_trace_hybrid_records_estimates_and_confirmed_cells(traced, tiny_model_dir_with_tokenizer, tmp_path):
+    facts, exact_out = traced
+    out = tmp_path / "hybrid"
+    assert cli.main(["trace", "--model", str(tiny_model_dir_with_tokenizer), "--facts", str(facts), *FAST,
+                     "--method", "hybrid", "--confirm-top", "2", "--out", str(out)]) == 0
+    arrays, exact = np.load(out / "tie.npz"), np.load(exact_out / "tie.npz")
+    confirmed = arrays["confirmed"]
+    assert confirmed.shape == arrays["estimated_tie"].shape == (3, 2, 3, 3)
+    assert (confirmed.sum(axis=(1, 2, 3)) == 2 * 2).all()                 # 2 columns x K = 2 steps
+    np.testing.assert_allclose(arrays["tie"][confirmed], exact["tie"][confirmed], atol=1e-5)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "hybrid" and summary["settings"]["confirm_top"] == 2
+    assert summary["confirmed_cells_per_fact"] == 4
+    assert {"estimated_tie", "confirmed_facts"} <= set(summary["coordinate"])
+    for f, c in enumerate(summary["per_fact_coordinates"]):
+        assert c["confirmed"] and {"tie", "estimated_tie"} <= set(c)
+        cell = (f, c["step"], c["layer"], ["resid", "attn", "mlp"].index(c["module"]))
+        assert c["tie"] == pytest.approx(float(exact["tie"][cell]), abs=1e-5)
+
+
 def test_edit_append_remove_and_generate_with_memory(traced, tiny_model_dir_with_tokenizer, tmp_path, capsys):
     facts, trace_dir = traced
     model = tiny_model_dir_with_tokenizer
@@ -191,6 +211,8 @@ def test_edit_covariance_regularised_builds_appends_and_differs(tiny_model_dir_w
     ([FACTS[0], "{not json"], [], "f.jsonl:2"),
     ([FACTS[0]], ["--modules", "resid,ffn"], "unknown module name(s) ffn"),
     ([FACTS[0]], ["--steps", "0"], "steps must be an integer >= 1"),
+    ([FACTS[0]], ["--method", "hybrid", "--confirm-top", "0"], "confirm-top must be an integer >= 1"),
+    ([FACTS[0]], ["--method", "atp", "--mode", "propagated"], "needs the teacher-forced mode"),
 ])
 def test_trace_bad_inputs_one_line_and_no_output(rows, extra, message, tiny_model_dir_with_tokenizer, tmp_path, capsys):
     facts = write_jsonl(tmp_path / "f.jsonl", rows) if rows else (tmp_path / "f.jsonl")

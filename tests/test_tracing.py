@@ -1,6 +1,7 @@
 """TIE grid: equals a plain Python loop over cells, invariants, determinism, batching."""
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import jax
@@ -56,39 +57,54 @@ class SetRows:
         return value.at[0, self.pos].set(new.astype(value.dtype))
 
 
+def reference_clean_run(bb, batch, f, K):
+    """Fact f's teacher-forced clean trajectory, from DESIGN.md §2 in plain numpy: per step the
+    state, the still-masked answer positions, every module's value at the subject [L, S, D], and
+    the read-out."""
+    true_ids, am = batch.input_ids_FT[f], batch.attention_mask_FT[f]
+    answer = np.asarray(batch.answer_mask_FT[f])
+    pos = np.asarray(batch.subject_pos_FS[f])[np.asarray(batch.subject_valid_FS[f])]
+    n = int(answer.sum())
+    counts = [n // K + (k < n % K) for k in range(K)]
+    cur = np.where(answer, bb.mask_token_id, np.asarray(true_ids))
+    masked = answer.copy()
+    states, masks, cleans, lps = [], [], [], []
+    for k in range(K):
+        logits, acts = activations(bb, jnp.asarray(cur)[None], am[None])
+        logp = np.asarray(jax.nn.log_softmax(logits[0], -1))
+        lps.append(sum(logp[j, int(true_ids[j])] for j in np.flatnonzero(masked)))
+        probs = np.asarray(jax.nn.softmax(logits[0], -1))
+        conf = probs.max(-1)
+        candidates = sorted(np.flatnonzero(masked), key=lambda j: (-conf[j], j))[: counts[k]]
+        cleans.append({m: np.asarray(acts[m][:, 0])[:, pos] for m in MODULES})   # [L, S, D]
+        states.append(cur.copy()); masks.append(masked.copy())
+        cur[candidates] = np.asarray(true_ids)[candidates]
+        masked[candidates] = False
+    return states, masks, cleans, lps
+
+
+def reference_noise(batch, key, f, r, sigma, cfg, n_pos, D):
+    S = batch.subject_pos_FS.shape[1]
+    noise = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, int(batch.fact_index_F[f])), r), (S, D))
+    return noise[:n_pos] * cfg.noise_scale * sigma
+
+
 def reference_grid(bb, batch, sigma, key, cfg):
     """Plain Python loops, one jitted forward per cell, written from the definitions (DESIGN.md §2)
     without tie_grid's vmaps or the tracer's edits."""
     L, D, K, R = bb.config.n_layers, bb.config.d_model, cfg.steps, cfg.noise_samples
-    F, S = batch.subject_pos_FS.shape
+    F = batch.subject_pos_FS.shape[0]
     forward = jax.jit(lambda bb, ids, am, edits: bb.apply(ids[None], am[None], edits=edits)[0])
     tie = np.zeros((F, K, L, len(cfg.modules)))
     clean_lp, corrupted_lp = np.zeros((F, K)), np.zeros((F, K))
     for f in range(F):
         true_ids, am = batch.input_ids_FT[f], batch.attention_mask_FT[f]
-        answer = np.asarray(batch.answer_mask_FT[f])
         pos = np.asarray(batch.subject_pos_FS[f])[np.asarray(batch.subject_valid_FS[f])]
-        n = int(answer.sum())
-        counts = [n // K + (k < n % K) for k in range(K)]
-        cur = np.where(answer, bb.mask_token_id, np.asarray(true_ids))
-        masked = answer.copy()
-        states, masks, cleans = [], [], []
-        for k in range(K):
-            logits, acts = activations(bb, jnp.asarray(cur)[None], am[None])
-            logp = np.asarray(jax.nn.log_softmax(logits[0], -1))
-            clean_lp[f, k] = sum(logp[j, int(true_ids[j])] for j in np.flatnonzero(masked))
-            probs = np.asarray(jax.nn.softmax(logits[0], -1))
-            conf = probs.max(-1)
-            candidates = sorted(np.flatnonzero(masked), key=lambda j: (-conf[j], j))[: counts[k]]
-            cleans.append({m: np.asarray(acts[m][:, 0])[:, pos] for m in MODULES})   # [L, S, D]
-            states.append(cur.copy()); masks.append(masked.copy())
-            cur[candidates] = np.asarray(true_ids)[candidates]
-            masked[candidates] = False
+        states, masks, cleans, clean_lp[f] = reference_clean_run(bb, batch, f, K)
         for k in range(K):
             corrupted = []
             for r in range(R):
-                noise = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, int(batch.fact_index_F[f])), r), (S, D))
-                noise = noise[: len(pos)] * cfg.noise_scale * sigma
+                noise = reference_noise(batch, key, f, r, sigma, cfg, len(pos), D)
                 corrupt = SetRows(Site(None, "embed"), jnp.asarray(pos), noise, add=True)
                 def lp(*patch):
                     logp = np.asarray(jax.nn.log_softmax(forward(bb, jnp.asarray(states[k]), am, (corrupt, *patch)), -1))
@@ -265,3 +281,105 @@ def test_coordinate_parse_and_from_trace(tmp_path):
     assert tr.Coordinate.from_trace(tmp_path, n_layers=3) == tr.Coordinate(1, 0, "attn", 2)
     with pytest.raises(InputError, match="cannot read a coordinate"):
         tr.Coordinate.from_trace(tmp_path / "missing", n_layers=3)
+
+
+# --- attribution patching (method 'atp') and the hybrid -------------------------------------------
+
+def test_attribution_patching_is_exact_for_a_linear_readout():
+    """y = Σ w·(value + δ): restoring site x changes y by exactly w_x·(clean_x − corrupted_x)."""
+    rng = np.random.default_rng(0)
+    w, corrupted, clean = (jnp.asarray(rng.normal(size=(4, 3, 5)), jnp.float32) for _ in range(3))
+    valid = jnp.asarray([True, True, False])
+
+    def forward(delta):
+        return jnp.sum(w * (corrupted + delta)), (corrupted, None)
+
+    y, _, estimate = tr.attribution_patching(forward, clean, valid)
+    exact = jnp.stack([jnp.sum(w[x] * (clean[x] - corrupted[x]) * valid[:, None]) for x in range(4)])
+    np.testing.assert_allclose(estimate, exact, rtol=1e-5)
+    np.testing.assert_allclose(y, jnp.sum(w * corrupted), rtol=1e-5)
+
+    def squared(delta):   # not linear: the estimate is the tangent, not the difference
+        return jnp.sum((w * (corrupted + delta)) ** 2), (corrupted, None)
+
+    _, _, estimate = tr.attribution_patching(squared, clean, valid)
+    change = [jnp.sum((w[x] * jnp.where(valid[:, None], clean[x], corrupted[x])) ** 2 - (w[x] * corrupted[x]) ** 2)
+              for x in range(4)]
+    assert not np.allclose(estimate, change, rtol=1e-2)
+
+
+def test_atp_equals_the_derivative_along_clean_minus_corrupted(llada, batch):
+    """One draw: each cell's estimate is d/dα of the read-out with the site's subject rows moved
+    by α·(clean − corrupted), at α = 0 (`jax.jvp` of the reference's own edit)."""
+    cfg = tr.TraceConfig(steps=2, noise_samples=1, method="atp")
+    sigma = tr.subject_embedding_std(llada, batch)
+    key = jax.random.key(7)
+    result = tr.tie_grid(llada, batch, sigma, key, cfg)
+    L, D = llada.config.n_layers, llada.config.d_model
+
+    @functools.partial(jax.jit, static_argnames="module")
+    def derivative(ids, am, true_ids, read, pos, corrupt, direction, layer, module):
+        def readout(alpha):
+            move = SetRows(Site(layer, module), pos, alpha * direction, add=True)
+            logp = jax.nn.log_softmax(llada.apply(ids, am[None], edits=(corrupt, move))[0], -1)
+            return jnp.sum(jnp.where(read, jnp.take_along_axis(logp, true_ids[:, None], -1)[:, 0], 0.0))
+        return jax.jvp(readout, (jnp.float32(0.0),), (jnp.float32(1.0),))[1]
+
+    for f in range(batch.num_facts):
+        true_ids, am = batch.input_ids_FT[f], batch.attention_mask_FT[f]
+        pos = jnp.asarray(np.asarray(batch.subject_pos_FS[f])[np.asarray(batch.subject_valid_FS[f])])
+        states, masks, cleans, _ = reference_clean_run(llada, batch, f, cfg.steps)
+        corrupt = SetRows(Site(None, "embed"), pos, reference_noise(batch, key, f, 0, sigma, cfg, len(pos), D), add=True)
+        for k in range(cfg.steps):
+            ids = jnp.asarray(states[k])[None]
+            _, captured = llada.apply(ids, am[None], capture=tuple(Site(None, m) for m in MODULES), edits=(corrupt,))
+            for layer in range(L):
+                for mi, m in enumerate(cfg.modules):
+                    direction = jnp.asarray(cleans[k][m][layer]) - captured[MODULES.index(m)].value[layer, 0][pos]
+                    expected = derivative(ids, am, true_ids, jnp.asarray(masks[k]), pos, corrupt, direction,
+                                          jnp.int32(layer), m)
+                    np.testing.assert_allclose(result.tie[f, k, layer, mi], expected, rtol=2e-3, atol=2e-3)
+    assert np.abs(result.tie).max() > 1e-2
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_hybrid_confirming_every_column_equals_exact(llada, batch, window):
+    cfg = dataclasses.replace(CFG, window=window)
+    sigma = tr.subject_embedding_std(llada, batch)
+    exact = tr.tie_grid(llada, batch, sigma, jax.random.key(2), cfg)
+    hybrid = tr.tie_grid(llada, batch, sigma, jax.random.key(2),
+                         dataclasses.replace(cfg, method="hybrid", confirm_top=llada.config.n_layers * len(MODULES)))
+    assert np.asarray(hybrid.confirmed).all()
+    np.testing.assert_allclose(hybrid.tie, exact.tie, atol=1e-5)
+    np.testing.assert_allclose(hybrid.corrupted_lp, exact.corrupted_lp, atol=1e-5)
+    atp = tr.tie_grid(llada, batch, sigma, jax.random.key(2), dataclasses.replace(cfg, method="atp"))
+    np.testing.assert_allclose(hybrid.estimated_tie, atp.tie, atol=1e-5)
+
+
+def test_hybrid_confirms_the_best_estimated_columns_exactly(llada, batch):
+    sigma = tr.subject_embedding_std(llada, batch)
+    exact = tr.tie_grid(llada, batch, sigma, jax.random.key(3), CFG)
+    hybrid = tr.tie_grid(llada, batch, sigma, jax.random.key(3), dataclasses.replace(CFG, method="hybrid", confirm_top=2))
+    confirmed, estimated = np.asarray(hybrid.confirmed), np.asarray(hybrid.estimated_tie)
+    F, K, L, M = confirmed.shape
+    assert (confirmed.sum(axis=(1, 2, 3)) == 2 * K).all()
+    for f in range(F):
+        columns = confirmed[f].all(axis=0)                      # whole columns, every step
+        assert columns.sum() == 2 and (confirmed[f].any(axis=0) == columns).all()
+        best = np.argsort(-estimated[f].mean(axis=0).ravel())[:2]
+        assert set(np.flatnonzero(columns.ravel())) == set(best)
+    np.testing.assert_allclose(np.where(confirmed, hybrid.tie, 0), np.where(confirmed, exact.tie, 0), atol=1e-5)
+    np.testing.assert_allclose(np.where(confirmed, 0, hybrid.tie), np.where(confirmed, 0, estimated), atol=1e-6)
+    # the coordinate comes from confirmed cells: an unconfirmed column never outranks them
+    grid = tr.selection_grid(hybrid)
+    for f, c in enumerate(tr.per_fact_coordinates(grid, CFG.modules)):
+        assert confirmed[f, c.step, c.layer, CFG.modules.index(c.module)]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="fast"), "unknown trace method"), (dict(method="atp", mode="propagated"), "teacher-forced"),
+    (dict(method="hybrid", confirm_top=0), "confirm-top"),
+])
+def test_bad_method_settings(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        tr.TraceConfig(**kwargs)

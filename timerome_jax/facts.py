@@ -264,6 +264,8 @@ class FactBatch:
     subject_valid_FS:    True where subject_pos_FS is a real subject position.
     fact_index_F:        index of each fact in its set (seeds its noise draws; -1 excludes a row
                          from σ).
+    answer_pos_FA:       the answer's token positions, in order, padded to A with its last one.
+    answer_valid_FA:     True where answer_pos_FA is a real answer position.
     """
 
     input_ids_FT: Array
@@ -272,6 +274,8 @@ class FactBatch:
     subject_pos_FS: Array
     subject_valid_FS: Array
     fact_index_F: Array
+    answer_pos_FA: Array
+    answer_valid_FA: Array
 
     @property
     def num_facts(self) -> int:
@@ -287,11 +291,13 @@ class FactBatch:
 
 def fact_batch(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
                subject_spans: Sequence[tuple[int, int]], pad_id: int, fact_index: Sequence[int] | None = None,
-               length: int | None = None, subject_length: int | None = None) -> FactBatch:
+               length: int | None = None, subject_length: int | None = None,
+               answer_length: int | None = None) -> FactBatch:
     """Token-level facts -> a right-padded FactBatch ([prompt][answer][pad...]).
 
-    subject_spans are [start, end) token indices into each prompt. `length` / `subject_length`
-    pad T / S further (e.g. to a shape shared by every chunk, so one compilation serves all).
+    subject_spans are [start, end) token indices into each prompt. `length` / `subject_length` /
+    `answer_length` pad T / S / A further (e.g. to a shape shared by every chunk, so one
+    compilation serves all).
     """
     if not prompts:
         raise InputError("no facts to trace")
@@ -304,7 +310,10 @@ def fact_batch(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]
             raise InputError(f"fact {i}: subject span [{s0}, {s1}) is not inside its {len(p)}-token prompt")
     T = max(max(len(p) + len(a) for p, a in zip(prompts, answers)), length or 0)
     S = max(max(s1 - s0 for s0, s1 in subject_spans), subject_length or 0)
+    A = max(max(len(a) for a in answers), answer_length or 0)
     F = len(prompts)
+    answer_pos = np.zeros((F, A), np.int32)
+    answer_valid = np.zeros((F, A), bool)
     ids = np.full((F, T), pad_id, np.int32)
     attn = np.zeros((F, T), np.int32)
     ans = np.zeros((F, T), bool)
@@ -317,9 +326,11 @@ def fact_batch(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]
         ans[i, len(p):n] = True
         pos[i, : s1 - s0] = np.arange(s0, s1)
         valid[i, : s1 - s0] = True
+        answer_pos[i] = len(p) + np.minimum(np.arange(A), len(a) - 1)
+        answer_valid[i, : len(a)] = True
     index = np.arange(F, dtype=np.int32) if fact_index is None else np.asarray(fact_index, np.int32)
     return FactBatch(jnp.asarray(ids), jnp.asarray(attn), jnp.asarray(ans), jnp.asarray(pos),
-                     jnp.asarray(valid), jnp.asarray(index))
+                     jnp.asarray(valid), jnp.asarray(index), jnp.asarray(answer_pos), jnp.asarray(answer_valid))
 
 
 @dataclasses.dataclass(frozen=True)

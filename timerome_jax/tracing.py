@@ -32,7 +32,7 @@ import functools
 import json
 import time
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +62,10 @@ class TraceConfig:
     share_prefix: teacher mode only — start each patched cell from the corrupted run's cached
     residual stream at its window's first layer instead of recomputing the layers below
     (same result, about half the layer work; costs a [F·K·R, L, T, D] cache per chunk).
+    method: 'exact' (every cell patched), 'atp' (attribution patching: every cell estimated
+    from one corrupted forward and one backward per (fact, step, draw)) or 'hybrid' (atp, then
+    each fact's `confirm_top` (layer, module) columns of highest estimated step-mean TIE patched
+    exactly at every step: confirm_top·K cells per fact). Teacher mode only.
     """
 
     steps: int = 8
@@ -72,6 +76,8 @@ class TraceConfig:
     mode: Literal["teacher", "propagated"] = "teacher"
     cells_per_batch: int = 64
     share_prefix: bool = True
+    method: Literal["exact", "atp", "hybrid"] = "exact"
+    confirm_top: int = 3
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -91,29 +97,53 @@ class TraceConfig:
             raise InputError(f"unknown trace mode {self.mode!r}; choose 'teacher' or 'propagated'")
         if self.cells_per_batch < 1:
             raise InputError("cells_per_batch must be >= 1")
+        if self.method not in ("exact", "atp", "hybrid"):
+            raise InputError(f"unknown trace method {self.method!r}; choose 'exact', 'atp' or 'hybrid'")
+        if self.method != "exact" and self.mode != "teacher":
+            raise InputError(f"trace method {self.method!r} needs the teacher-forced mode (the estimate "
+                             "differentiates one read-out; the propagated mode's reveals are discrete)")
+        if not isinstance(self.confirm_top, int) or self.confirm_top < 1:
+            raise InputError(f"confirm-top must be an integer >= 1, got {self.confirm_top!r}")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TraceResult:
     """tie [F, K, L, M]; clean_lp [F, K]; corrupted_lp [F, K] (mean over draws);
-    patched_lp [F, K, L, M] (mean over draws); in propagated mode also
-    tie_by_readout [F, K, K', L, M] (zero where k' < k)."""
+    patched_lp [F, K, L, M] (mean over draws; corrupted_lp + tie); in propagated mode also
+    tie_by_readout [F, K, K', L, M] (zero where k' < k). Methods 'atp' and 'hybrid' also give
+    estimated_tie [F, K, L, M] (the attribution estimate; `tie` for 'atp'), and 'hybrid'
+    confirmed [F, K, L, M] (True where `tie` is the exact value, else it is the estimate)."""
 
     tie: Array
     clean_lp: Array
     corrupted_lp: Array
     patched_lp: Array
     tie_by_readout: Array | None = None
+    estimated_tie: Array | None = None
+    confirmed: Array | None = None
 
 
 # --- read-out and the teacher-forced schedule ----------------------------------------------------
 
-def answer_readout(logits_TV: Array, true_ids_T: Array, still_masked_T: Array, logit_shift: int) -> Array:
-    """Σ over still-masked answer positions of log p(true token) — nats, float32 scalar."""
-    logp = jax.nn.log_softmax(align_logits(logits_TV[None], logit_shift)[0], axis=-1)
-    token_lp = jnp.take_along_axis(logp, true_ids_T[:, None], axis=-1)[:, 0]
-    return jnp.sum(jnp.where(still_masked_T, token_lp, 0.0))
+def answer_readout(logits_XV: Array, true_ids_X: Array, still_masked_X: Array) -> Array:
+    """Σ over rows still masked of log p(true token) — nats, float32 scalar. Rows X are
+    positions (all T, or the answer's A) with their aligned logits (row i predicts token i)."""
+    logp = jax.nn.log_softmax(logits_XV, axis=-1)
+    token_lp = jnp.take_along_axis(logp, true_ids_X[:, None], axis=-1)[:, 0]
+    return jnp.sum(jnp.where(still_masked_X, token_lp, 0.0))
+
+
+def logit_rows(batch: FactBatch, f, logit_shift: int) -> Array:
+    """The raw logit rows [A] that predict fact f's answer tokens (row p − shift predicts p; row
+    0 predicts itself, as `align_logits` does)."""
+    return jnp.maximum(batch.answer_pos_FA[f] - logit_shift, 0)
+
+
+def readout_at_answer(logits_AV: Array, batch: FactBatch, f, still_masked_T: Array) -> Array:
+    """`answer_readout` from logits at fact f's `logit_rows` only ([A, V])."""
+    pos = batch.answer_pos_FA[f]
+    return answer_readout(logits_AV, batch.input_ids_FT[f][pos], still_masked_T[pos] & batch.answer_valid_FA[f])
 
 
 def _reveal(confidence_T: Array, still_masked_T: Array, count: Array) -> Array:
@@ -169,7 +199,7 @@ def clean_run(backbone: Backbone, ids_T: Array, mask_T: Array, answer_T: Array, 
     def step(carry, count):
         cur_ids, masked = carry
         logits, captured = backbone.apply(cur_ids[None], mask_T[None], capture=CLEAN_SITES)
-        lp = answer_readout(logits[0], ids_T, masked, shift)
+        lp = answer_readout(align_logits(logits, shift)[0], ids_T, masked)
         _, confidence = _proposals(logits[0], shift)
         reveal = _reveal(confidence, masked, count)
         stacked = jnp.stack([c.value[:, 0] for c in captured], axis=1)  # [L, M, T, D]
@@ -191,7 +221,7 @@ def _propagate(backbone: Backbone, true_ids_T, mask_T, state_ids_T, masked_T, co
         cur, masked = carry
         active = k_prime >= start_step
         logits = backbone.apply(cur[None], mask_T[None], edits=(noise, *patch(k_prime == start_step)))[0]
-        lp = answer_readout(logits, true_ids_T, masked, shift)
+        lp = answer_readout(align_logits(logits[None], shift)[0], true_ids_T, masked)
         proposal, confidence = _proposals(logits, shift)
         reveal = _reveal(confidence, masked, counts_K[k_prime]) & active
         return (jnp.where(reveal, proposal, cur), masked & ~reveal), jnp.where(active, lp, 0.0)
@@ -225,7 +255,8 @@ def tie_grid(backbone: Backbone, batch: FactBatch, sigma: Array, key: Array,
 
     Pure and jitted once per (batch shape, config). `sigma` is the subject-embedding std of the
     fact set (`subject_embedding_std`), passed in so that chunks of one set share it. Cells are
-    vmapped in chunks of `config.cells_per_batch` with `jax.lax.map`.
+    vmapped in chunks of `config.cells_per_batch` with `jax.lax.map`. `config.method` chooses
+    the exact grid, its attribution-patching estimate, or both (docs/tracing.md).
     """
     K, R, W = config.steps, config.noise_samples, config.window
     L, D = backbone.config.n_layers, backbone.config.d_model
@@ -244,14 +275,20 @@ def tie_grid(backbone: Backbone, batch: FactBatch, sigma: Array, key: Array,
         centre = jnp.where(patched, layer, -1)
         return noise_edit(pos, valid, noise[f, r]), patch_edits(clean[f, k], pos, valid, centre, module, W)
 
+    runs = _Runs(states, masked, clean, clean_lp, edits, module_index)
+    if config.mode == "teacher" and (config.share_prefix or config.method != "exact"):
+        return _teacher_grid(backbone, batch, config, runs)
+
     counts = jax.vmap(lambda a: linear_counts(jnp.sum(a), K))(batch.answer_mask_FT.astype(jnp.int32))
+    shift = backbone.config.logit_shift
 
     def run_cell(f, k, r, layer, module):
         ids, am = states[f, k], batch.attention_mask_FT[f]
         if config.mode == "teacher":
             noised, patch = edits(f, k, r, layer, module)
-            logits = backbone.apply(ids[None], am[None], edits=(noised, *patch))[0]
-            return answer_readout(logits, batch.input_ids_FT[f], masked[f, k], backbone.config.logit_shift)
+            logits = backbone.apply(ids[None], am[None], edits=(noised, *patch),
+                                    logit_rows_BA=logit_rows(batch, f, shift)[None])[0]
+            return readout_at_answer(logits, batch, f, masked[f, k])
         noised, _ = edits(f, k, r, layer, module)
         return _propagate(backbone, batch.input_ids_FT[f], am, ids, masked[f, k], counts[f], k, noised,
                           lambda now: edits(f, k, r, layer, module, now)[1], K)
@@ -261,9 +298,6 @@ def tie_grid(backbone: Backbone, batch: FactBatch, sigma: Array, key: Array,
 
     # corrupted run: every (f, k, r) with no patch (layer -1)
     f_i, k_i, r_i = (a.reshape(-1) for a in jnp.meshgrid(jnp.arange(F), jnp.arange(K), jnp.arange(R), indexing="ij"))
-    if config.mode == "teacher" and config.share_prefix:
-        return _teacher_grid_from_cached_prefix(backbone, batch, config, states, masked, clean_lp, edits,
-                                                (f_i, k_i, r_i), module_index)
     minus_one = jnp.full_like(f_i, -1)
     corrupted = grid_over((f_i, k_i, r_i, minus_one, jnp.zeros_like(f_i)))
     corrupted = corrupted.reshape((F, K, R) + corrupted.shape[1:])
@@ -287,56 +321,160 @@ def tie_grid(backbone: Backbone, batch: FactBatch, sigma: Array, key: Array,
                        tie_by_readout=jnp.moveaxis(effect, -1, 2))
 
 
-def _teacher_grid_from_cached_prefix(backbone: Backbone, batch: FactBatch, config: TraceConfig, states, masked,
-                                     clean_lp, edits, frk, module_index) -> TraceResult:
-    """Teacher-forced grid that never recomputes what the corrupted run already computed.
+class _Runs(NamedTuple):
+    """What every teacher-forced cell shares: the clean trajectory (states_FKT, masked_FKT,
+    clean_FKLMSD over all MODULES, clean_lp_FK), `edits(f, k, r, layer, module)` -> (noise,
+    patch), and the traced modules' indices into MODULES."""
 
-    Below its restoration window a patched cell equals the corrupted run, so each corrupted
-    forward keeps the residual stream entering every layer, and a cell with window start s runs
-    only layers s..L-1 from that cache. Cells are grouped by patch layer (`lax.map` over layers,
-    so the start layer is one scalar per group) and each group runs a `fori_loop` with a dynamic
-    trip count: one compilation, and the layer work is the minimal Σ_s (L − s) per cell column
-    instead of L² (≈ half for large L). The cache holds [F·K·R, L, T, D] floats.
+    states: Array
+    masked: Array
+    clean: Array
+    clean_lp: Array
+    edits: Callable
+    module_index: Array
+
+
+def _teacher_grid(backbone: Backbone, batch: FactBatch, config: TraceConfig, runs: _Runs) -> TraceResult:
+    """The teacher-forced grid by `config.method`.
+
+    One corrupted forward per (fact, step, draw) keeps the residual stream entering every layer;
+    with 'atp'/'hybrid' it is also differentiated (one backward) for the attribution estimate of
+    every cell. 'exact' then runs every patched cell from that cache (`_patched_readouts`);
+    'hybrid' runs only the cells of each fact's `confirm_top` best-estimated columns.
     """
-    K, R, W = config.steps, config.noise_samples, config.window
-    L = backbone.config.n_layers
+    K, R = config.steps, config.noise_samples
+    L, M, F = backbone.config.n_layers, len(config.modules), batch.num_facts
+    f_i, k_i, r_i = (a.reshape(-1) for a in jnp.meshgrid(jnp.arange(F), jnp.arange(K), jnp.arange(R), indexing="ij"))
+    gradient = config.method != "exact"
+    corrupted, entering, estimate = jax.lax.map(
+        lambda c: _corrupted_cell(backbone, batch, config, runs, *c, gradient=gradient), (f_i, k_i, r_i),
+        batch_size=config.cells_per_batch)
+    corrupted = corrupted.reshape(F, K, R)
+    corrupted_lp = corrupted.mean(axis=2)
+    if config.method == "atp":
+        tie = estimate.reshape(F, K, R, L, M).mean(axis=2)
+        return TraceResult(tie=tie, clean_lp=runs.clean_lp, corrupted_lp=corrupted_lp,
+                           patched_lp=corrupted_lp[..., None, None] + tie, estimated_tie=tie)
+    if config.method == "exact":   # every cell, layer-major so that a batch of cells shares its layers
+        l_i, frk_i, m_i = (a.reshape(-1) for a in jnp.meshgrid(jnp.arange(L), jnp.arange(F * K * R), jnp.arange(M),
+                                                               indexing="ij"))
+        patched = _patched_readouts(backbone, batch, config, runs, entering, (f_i, k_i, r_i), frk_i, l_i, m_i)
+        patched = patched.reshape(L, F, K, R, M).transpose(1, 2, 3, 0, 4)  # [F, K, R, L, M]
+        effect = patched - corrupted[:, :, :, None, None]
+        return TraceResult(tie=effect.mean(axis=2), clean_lp=runs.clean_lp, corrupted_lp=corrupted_lp,
+                           patched_lp=patched.mean(axis=2))
+    # hybrid: each fact's `confirm_top` best-estimated (layer, module) columns, patched exactly at
+    # every step and draw (the coordinate rule picks a column by its step-mean, then a step)
+    estimated = estimate.reshape(F, K, R, L, M).mean(axis=2)
+    N = min(config.confirm_top, L * M)
+    _, top_FN = jax.lax.top_k(estimated.mean(axis=1).reshape(F, L * M), N)
+    l_FN, m_FN = jnp.unravel_index(top_FN, (L, M))
+    f_c, n_c, k_c, r_c = (a.reshape(-1) for a in jnp.meshgrid(jnp.arange(F), jnp.arange(N), jnp.arange(K),
+                                                               jnp.arange(R), indexing="ij"))
+    l_c, m_c = l_FN[f_c, n_c], m_FN[f_c, n_c]
+    order = jnp.argsort(l_c, stable=True)           # group cells by layer (see _patched_readouts)
+    frk_c = (f_c * K + k_c) * R + r_c
+    patched = _patched_readouts(backbone, batch, config, runs, entering, (f_i, k_i, r_i),
+                                frk_c[order], l_c[order], m_c[order])
+    patched = jnp.zeros_like(patched).at[order].set(patched).reshape(F, N, K, R).mean(axis=3)   # [F, N, K]
+    fact, step = jnp.arange(F)[:, None, None], jnp.arange(K)[None, None, :]
+    layer, module = l_FN[:, :, None], m_FN[:, :, None]
+    confirmed = jnp.zeros((F, K, L, M), bool).at[fact, step, layer, module].set(True)
+    exact = jnp.zeros((F, K, L, M)).at[fact, step, layer, module].set(patched - corrupted_lp[:, None, :])
+    tie = jnp.where(confirmed, exact, estimated)
+    return TraceResult(tie=tie, clean_lp=runs.clean_lp, corrupted_lp=corrupted_lp,
+                       patched_lp=corrupted_lp[..., None, None] + tie, estimated_tie=estimated, confirmed=confirmed)
+
+
+def _corrupted_cell(backbone: Backbone, batch: FactBatch, config: TraceConfig, runs: _Runs, f, k, r, *,
+                    gradient: bool):
+    """The corrupted forward of (fact f, step k, draw r): (read-out, residual stream entering
+    every layer [L, T, D], attribution estimate [L, M] of every cell (zeros without `gradient`)).
+
+    Attribution patching: every traced site (layer l, module m) gets a zero perturbation δ added
+    at the subject positions; the estimate of patching it is Σ_{s,d} (clean − corrupted)·∂y/∂δ at
+    δ = 0, the first-order Taylor term of the patched read-out. A window of W layers sums its
+    layers' terms (the first-order term of restoring them together)."""
+    L, W = backbone.config.n_layers, config.window
     M = len(config.modules)
-    F = batch.num_facts
-    f_i, k_i, r_i = frk
+    pos, valid = batch.subject_pos_FS[f], batch.subject_valid_FS[f]
+    noised, _ = runs.edits(f, k, r, jnp.int32(-1), jnp.int32(0), patched=False)
+    sites = (Site(None, "embed"), Site(None, "resid")) + tuple(Site(None, m) for m in config.modules if m != "resid")
+    rows = logit_rows(batch, f, backbone.config.logit_shift)
+
+    def forward(delta_LMSD):
+        perturb = tuple(RowEdit(Site(jnp.int32(layer), m), pos, valid, delta_LMSD[layer, j], add=True)
+                        for layer in range(L) for j, m in enumerate(config.modules)) if gradient else ()
+        logits, captured = backbone.apply(runs.states[f, k][None], batch.attention_mask_FT[f][None], capture=sites,
+                                          edits=(noised, *perturb), logit_rows_BA=rows[None])
+        values = {site.module: c.value for site, c in zip(sites, captured)}
+        entering = jnp.concatenate([values["embed"], values["resid"][:-1, 0]], axis=0)  # [L, T, D]
+        corrupted_LMSD = jnp.stack([values[m][:, 0][:, pos] for m in config.modules], axis=1).astype(jnp.float32)
+        return readout_at_answer(logits[0], batch, f, runs.masked[f, k]), (corrupted_LMSD, entering)
+
+    if not gradient:
+        lp, (_, entering) = forward(jnp.zeros((L, M) + pos.shape + (backbone.config.d_model,), jnp.float32))
+        return lp, entering, jnp.zeros((L, M), jnp.float32)
+    lp, entering, single_LM = attribution_patching(forward, runs.clean[f, k][:, runs.module_index], valid)
+    window = jnp.arange(L)[:, None] - W // 2 + jnp.arange(W)[None, :]       # [L, W] layers restored
+    inside = (window >= 0) & (window < L)
+    estimate = jnp.sum(jnp.where(inside[..., None], single_LM[jnp.clip(window, 0, L - 1)], 0.0), axis=1)
+    return lp, entering, estimate
+
+
+def attribution_patching(forward: Callable, clean_XSD: Array, valid_S: Array):
+    """Attribution patching (Nanda 2023; Kramár et al. 2024) of sites X at once.
+
+    `forward(delta_XSD)` runs the corrupted model with `delta_XSD[x]` added to site x's value at
+    S positions and returns (read-out y, (corrupted values [X, S, D] it saw, aux)). The estimate
+    of restoring site x to `clean_XSD[x]` is Σ_{s valid, d} (clean − corrupted)·∂y/∂δ at δ = 0:
+    exact for a read-out linear in the site, its first-order Taylor term otherwise. One forward
+    and one backward give every site's estimate. Returns (y, aux, estimate [X])."""
+    delta = jnp.zeros(clean_XSD.shape, jnp.float32)
+    (y, (corrupted_XSD, aux)), grad_XSD = jax.value_and_grad(forward, has_aux=True)(delta)
+    terms = jnp.where(valid_S[:, None], (clean_XSD - corrupted_XSD) * grad_XSD, 0.0)
+    return y, aux, jnp.sum(terms, axis=(-2, -1))
+
+
+def _patched_readouts(backbone: Backbone, batch: FactBatch, config: TraceConfig, runs: _Runs, entering, frk,
+                      frk_N: Array, layer_N: Array, m_N: Array) -> Array:
+    """Read-outs [N] of patched cells (corrupted run `frk_N` = index into (f, k, r) = `frk`;
+    patch at `layer_N`, module `config.modules[m_N]`), each started from the corrupted run's
+    cached stream, so layers below its window are never recomputed.
+
+    Cells run `cells_per_batch` at a time; a batch runs layers lo..L-1, lo = its lowest window
+    start (one scalar, so every cell of the batch uses the same weights at each layer; a cell
+    starting higher repeats its unpatched corrupted layers). Callers order cells by layer, which
+    makes lo the window start of nearly every cell: the layer work is Σ (L − start) per cell.
+    """
+    N = frk_N.shape[0]
+    L, W, B = backbone.config.n_layers, config.window, min(config.cells_per_batch, N)
+    pad = (-N) % B
+    cells = tuple(jnp.concatenate([x, jnp.repeat(x[-1:], pad)]).reshape(-1, B) for x in (frk_N, layer_N, m_N))
+    f_all, k_all, r_all = frk
     shift = backbone.config.logit_shift
 
-    def corrupted_cell(f, k, r):
-        noised, _ = edits(f, k, r, jnp.int32(-1), jnp.int32(0), patched=False)
-        logits, (embedded, resid) = backbone.apply(states[f, k][None], batch.attention_mask_FT[f][None],
-                                                   capture=(Site(None, "embed"), Site(None, "resid")), edits=(noised,))
-        lp = answer_readout(logits[0], batch.input_ids_FT[f], masked[f, k], shift)
-        entering = jnp.concatenate([embedded.value, resid.value[:-1, 0]], axis=0)  # [L, T, D]
-        return lp, entering
+    def one_batch(c):
+        idx_B, layer_B, m_B = c
+        f_B, k_B, r_B = f_all[idx_B], k_all[idx_B], r_all[idx_B]
+        lo = jnp.min(jnp.maximum(layer_B - W // 2, 0))
+        patch_B = jax.vmap(lambda f, k, r, layer, m: runs.edits(f, k, r, layer, runs.module_index[m])[1])(
+            f_B, k_B, r_B, layer_B, m_B)
+        mask_B = batch.attention_mask_FT[f_B]
 
-    corrupted, entering = jax.lax.map(lambda c: corrupted_cell(*c), (f_i, k_i, r_i),
-                                      batch_size=config.cells_per_batch)
-    cell_frk, cell_m = (a.reshape(-1) for a in jnp.meshgrid(jnp.arange(F * K * R), jnp.arange(M), indexing="ij"))
+        def layer_step(j, x_BTD):
+            return jax.vmap(lambda x, patch, mask: backbone.layer(x[None], j, mask[None], edits=patch)[0])(
+                x_BTD, patch_B, mask_B)
 
-    def layer_group(layer):
-        start = jnp.maximum(layer - W // 2, 0)
+        x_BTD = jax.lax.fori_loop(lo, L, layer_step, jax.vmap(lambda i: jax.lax.dynamic_index_in_dim(
+            entering[i], lo, keepdims=False))(idx_B))
 
-        def cell(c):
-            idx, m = c
-            f, k, r = f_i[idx], k_i[idx], r_i[idx]
-            _, patch = edits(f, k, r, layer, module_index[m])
-            mask = batch.attention_mask_FT[f][None]
-            x = jax.lax.dynamic_index_in_dim(entering[idx], start, keepdims=False)[None]
-            x = jax.lax.fori_loop(start, L, lambda j, x: backbone.layer(x, j, mask, edits=patch), x)
-            return answer_readout(backbone.head(x)[0], batch.input_ids_FT[f], masked[f, k], shift)
+        def readout(x_TD, f, k):
+            return readout_at_answer(backbone.head(x_TD[logit_rows(batch, f, shift)][None])[0], batch, f, runs.masked[f, k])
 
-        return jax.lax.map(cell, (cell_frk, cell_m), batch_size=config.cells_per_batch)
+        return jax.vmap(readout)(x_BTD, f_B, k_B)
 
-    patched = jax.lax.map(layer_group, jnp.arange(L))           # [L, F*K*R*M]
-    patched = patched.reshape(L, F, K, R, M).transpose(1, 2, 3, 0, 4)  # [F, K, R, L, M]
-    corrupted = corrupted.reshape(F, K, R)
-    effect = patched - corrupted[:, :, :, None, None]
-    return TraceResult(tie=effect.mean(axis=2), clean_lp=clean_lp, corrupted_lp=corrupted.mean(axis=2),
-                       patched_lp=patched.mean(axis=2))
+    return jax.lax.map(one_batch, cells).reshape(-1)[:N]
 
 
 # --- coordinate selection -----------------------------------------------------------------------
@@ -396,6 +534,22 @@ class Coordinate:
             raise InputError(f"cannot read a coordinate from {path}: {e}") from None
 
 
+CAP_MARGIN = 1e-6   # nats: an unconfirmed hybrid cell stays strictly below every confirmed column
+
+
+def selection_grid(result: TraceResult) -> np.ndarray:
+    """The grid a coordinate is chosen from: `tie`, except in a hybrid trace, where a cell the
+    exact grid did not confirm is capped below its fact's lowest confirmed column mean, so that
+    it cannot outrank a confirmed column (the estimate ranked it lower; its value is unchecked)."""
+    tie = np.asarray(result.tie, np.float64)
+    if result.confirmed is None:
+        return tie
+    confirmed = np.asarray(result.confirmed)
+    columns = np.where(confirmed, tie, 0.0).sum(axis=1) / np.maximum(confirmed.sum(axis=1), 1)   # [F, L, M]
+    floor = np.where(confirmed.any(axis=1), columns, np.inf).min(axis=(1, 2))[:, None, None, None] - CAP_MARGIN
+    return np.where(confirmed, tie, np.minimum(np.asarray(result.estimated_tie, np.float64), floor))
+
+
 def select_coordinate(tie_FKLM: np.ndarray, modules: tuple[str, ...], k_min: int = 0) -> Coordinate:
     """(ℓ*, m*) = argmax over (layer, module) of TIE averaged over facts and steps k >= k_min;
     k* = argmax over steps k >= k_min at (ℓ*, m*) (averaged over facts)."""
@@ -442,5 +596,5 @@ def trace(backbone: Backbone, batch: FactBatch, config: TraceConfig, key: Array,
     sigma = subject_embedding_std(backbone, batch)
     result = distributed.map_chunks(tie_grid, batch, chunk_size=facts_per_chunk, before=(backbone,),
                                     after=(sigma, key), static={"config": config}, mesh=mesh, progress=progress)
-    coordinate = select_coordinate(result.tie, config.modules, k_min=k_min)
+    coordinate = select_coordinate(selection_grid(result), config.modules, k_min=k_min)
     return Traced(result, coordinate, config, float(sigma), time.perf_counter() - start)

@@ -197,6 +197,21 @@ def test_data_parallel_grid_equals_single_device(setting, single_device_grid):
     assert np.abs(single.tie).max() > 1e-3  # the grid is not trivially zero
 
 
+@pytest.mark.parametrize("method", ["atp", "hybrid"])
+def test_attribution_and_hybrid_grids_on_a_mesh_equal_single_device(setting, method):
+    """The estimate (one backward per fact, step and draw) and the hybrid's confirmation shard
+    over facts like the exact grid."""
+    _, _, single_bb, sharded, mesh, batch = setting
+    config = tracing.TraceConfig(steps=STEPS, noise_samples=DRAWS, method=method, confirm_top=2)
+    single = tracing.trace(single_bb, batch, config, jax.random.key(SEED), facts_per_chunk=PER_CHUNK).result
+    parallel = tracing.trace(sharded, batch, config, jax.random.key(SEED), facts_per_chunk=PER_CHUNK, mesh=mesh).result
+    for name in ("tie", "corrupted_lp", "estimated_tie"):
+        np.testing.assert_allclose(getattr(parallel, name), getattr(single, name), **TOL, err_msg=name)
+    if method == "hybrid":
+        np.testing.assert_array_equal(parallel.confirmed, single.confirmed)
+    assert np.abs(single.estimated_tie).max() > 1e-3
+
+
 @pytest.fixture(scope="module")
 def single_device_memory(setting):
     _, _, single, _, _, batch = setting

@@ -40,6 +40,11 @@ def add_trace_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modules", default="resid,attn,mlp", help="comma-separated: resid, attn, mlp")
     p.add_argument("--window", type=int, default=1, help="consecutive layers restored")
     p.add_argument("--mode", choices=("teacher", "propagated"), default="teacher")
+    p.add_argument("--method", choices=("exact", "atp", "hybrid"), default="exact",
+                   help="exact: patch every cell; atp: attribution-patching estimate of every cell (one "
+                        "backward per fact, step and draw); hybrid: atp, then each fact's --confirm-top best "
+                        "(layer, module) columns patched exactly")
+    p.add_argument("--confirm-top", type=int, default=3, help="hybrid: columns confirmed exactly per fact")
     p.add_argument("--k-min", type=int, default=0, help="coordinate averages TIE over steps >= k-min")
     p.add_argument("--facts-per-chunk", type=int, default=4)
     p.add_argument("--cells-per-batch", type=int, default=64)
@@ -50,7 +55,8 @@ def trace_config(args: argparse.Namespace) -> tracing.TraceConfig:
     modules = tuple(m.strip() for m in args.modules.split(",") if m.strip())
     return tracing.TraceConfig(steps=args.steps, noise_samples=args.noise_samples, noise_scale=args.noise_scale,
                                modules=modules, window=args.window, mode=args.mode,
-                               cells_per_batch=args.cells_per_batch)
+                               cells_per_batch=args.cells_per_batch, method=getattr(args, "method", "exact"),
+                               confirm_top=getattr(args, "confirm_top", 3))
 
 
 def read_facts(args: argparse.Namespace) -> list[api.Fact]:
@@ -85,7 +91,7 @@ def trace(args: argparse.Namespace, backbone: ports.Backbone, placement: Placeme
     traced = api.trace(backbone, facts, config, seed=args.seed, k_min=args.k_min,   # per data shard on a mesh
                        facts_per_chunk=args.facts_per_chunk, mesh=placement.mesh, progress=progress("tracing", "chunk"))
     result, coordinate = traced.result, traced.coordinate
-    per_fact = tracing.per_fact_coordinates(result.tie, config.modules, args.k_min)
+    per_fact = tracing.per_fact_coordinates(tracing.selection_grid(result), config.modules, args.k_min)
     mi = config.modules.index(coordinate.module)
     gap_K = (result.clean_lp - result.corrupted_lp).mean(axis=0)
     best_K = result.tie[:, :, coordinate.layer, mi].mean(axis=0)
@@ -98,7 +104,8 @@ def trace(args: argparse.Namespace, backbone: ports.Backbone, placement: Placeme
                         "subject to answer, so the coordinate is not a finding")
     summary = {
         "coordinate": coordinate.as_dict(), "warnings": warnings,
-        "per_fact_coordinates": [c.as_dict() for c in per_fact],
+        "per_fact_coordinates": [c.as_dict() | _cell_values(result, f, c, config.modules)
+                                 for f, c in enumerate(per_fact)],
         "num_facts": facts.num_facts, "shape": list(result.tie.shape),
         "modules": list(config.modules), "seconds": round(traced.seconds, 3), "sigma": traced.sigma,
         "total_effect_by_step": gap_K.tolist(), "best_cell_tie_by_step": best_K.tolist(),
@@ -107,19 +114,40 @@ def trace(args: argparse.Namespace, backbone: ports.Backbone, placement: Placeme
         "best_cell_share_of_total_effect": float(best_K[coordinate.step] / gap_K[coordinate.step])
         if gap_K[coordinate.step] > MIN_EFFECT else None,
         "facts": [{"where": f.where, "subject": s} for f, s in zip(facts.facts, facts.subjects)],
+        "method": config.method,
         "settings": {"model": str(args.model), "fingerprint": backbone.fingerprint(), "steps": config.steps,
                      "noise_samples": config.noise_samples, "noise_scale": config.noise_scale,
-                     "window": config.window, "mode": config.mode, "k_min": args.k_min, "seed": args.seed},
+                     "window": config.window, "mode": config.mode, "k_min": args.k_min, "seed": args.seed,
+                     "method": config.method} | ({"confirm_top": config.confirm_top} if config.method == "hybrid" else {}),
     }
+    if result.estimated_tie is not None:   # the estimate beside what the exact grid confirmed
+        summary["coordinate"] |= {
+            "estimated_tie": float(result.estimated_tie[:, coordinate.step, coordinate.layer, mi].mean())}
+    if result.confirmed is not None:
+        confirmed = np.asarray(result.confirmed)
+        summary["coordinate"]["confirmed_facts"] = int(confirmed[:, coordinate.step, coordinate.layer, mi].sum())
+        summary["confirmed_cells_per_fact"] = int(confirmed[0].sum())
     return facts, traced, summary
+
+
+def _cell_values(result: tracing.TraceResult, f: int, c: tracing.Coordinate, modules) -> dict:
+    """A per-fact coordinate's TIE (exact where computed) and, for atp / hybrid, its estimate."""
+    cell = (f, c.step, c.layer, modules.index(c.module))
+    out = {"tie": float(result.tie[cell])}
+    if result.estimated_tie is not None:
+        out["estimated_tie"] = float(result.estimated_tie[cell])
+    if result.confirmed is not None:
+        out["confirmed"] = bool(result.confirmed[cell])
+    return out
 
 
 def write_trace(out_dir, result: tracing.TraceResult, summary: dict, overwrite: bool = False) -> None:
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         arrays = {"tie": result.tie, "clean_lp": result.clean_lp, "corrupted_lp": result.corrupted_lp,
                   "patched_lp": result.patched_lp, "modules": np.asarray(summary["modules"])}
-        if result.tie_by_readout is not None:
-            arrays["tie_by_readout"] = result.tie_by_readout
+        for name in ("tie_by_readout", "estimated_tie", "confirmed"):
+            if getattr(result, name) is not None:
+                arrays[name] = getattr(result, name)
         np.savez(tmp / "tie.npz", **arrays)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         tie_heatmaps(result.tie.mean(axis=0), summary["modules"], tmp, num_facts=summary["num_facts"],
@@ -136,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     share = summary["best_cell_share_of_total_effect"]
     for warning in summary["warnings"]:
         print(f"timerome trace: warning: {warning}", file=sys.stderr)
-    print(f"traced {summary['num_facts']} facts in {summary['seconds']:.1f} s; coordinate: layer {c['layer']}, "
+    print(f"traced {summary['num_facts']} facts ({summary['method']}) in {summary['seconds']:.1f} s; coordinate: layer {c['layer']}, "
           f"step {c['step']}, module {c['module']}; TIE there {summary['best_cell_tie']:.3f} nats of a total "
           f"effect of {summary['total_effect_at_best_step']:.3f}"
           + (f" ({share:.0%})" if share is not None else "") + f"; wrote {args.out}")
