@@ -11,9 +11,10 @@ downloaded, nothing passes through the host). Every shape can be reduced for a s
         --steps 2 --noise-samples 1 --answer-len 8            # CPU smoke run (seconds)
     python benchmarks/tie_grid_8b.py ... --json out.json      # also write the numbers as JSON
 
-Model FLOPs are the matmul FLOPs the grid needs (`tie_grid.py`'s per-layer and head counts):
-the clean and corrupted forwards in full, and for every patched cell the layers from its window
-upward plus the head (the rest equals the corrupted run, which `share_prefix` reuses). MFU divides
+Model FLOPs are the matmul FLOPs the grid needs (`tie_grid.grid_flops`): the clean forwards, the
+corrupted forwards (with their backward for atp / hybrid), and for every patched cell the layers
+from its window upward plus the head at the answer rows (the rest equals the corrupted run, which
+is reused). `--methods exact,atp,hybrid` times each on the same facts. MFU divides
 the achieved rate by the device's peak: the vendor's dense bf16 figure where the device kind is
 known (table below), and always by a matmul peak measured here in the same dtype.
 """
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tie_grid import forward_flops, head_flops, layer_flops, time_call  # noqa: E402
+from tie_grid import METHODS, grid_flops, time_call  # noqa: E402
 
 from ports import Backbone, Transformer, abstract_params, presets, sharding  # noqa: E402
 from timerome_jax import distributed, tracing  # noqa: E402
@@ -87,16 +88,6 @@ def random_backbone_on_devices(config, dtype, mesh=None, rules=None, seed: int =
     return Backbone(config=config, params=params, mask_token_id=config.mask_token_id, dtype=dtype)
 
 
-def needed_flops(c, tokens: int, facts: int, cfg: tracing.TraceConfig) -> float:
-    """Matmul FLOPs the grid needs (see the module docstring)."""
-    K, R, L, M, W = cfg.steps, cfg.noise_samples, c.n_layers, len(cfg.modules), cfg.window
-    full = forward_flops(c, tokens)
-    base = (facts * K + facts * K * R) * full  # clean + corrupted forwards
-    columns = facts * K * R * M  # patched cells per patch layer
-    starts = [max(0, layer - W // 2) for layer in range(L)]
-    return base + columns * sum((L - s) * layer_flops(c, tokens) + head_flops(c, tokens) for s in starts)
-
-
 def measured_matmul_peak(dtype, n: int, repeats: int = 5) -> float:
     """Best FLOP/s of an n x n x n matmul in `dtype` on the first device."""
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
@@ -119,6 +110,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=8, help="K")
     ap.add_argument("--noise-samples", type=int, default=2, help="R")
     ap.add_argument("--cells-per-batch", type=int, default=64)
+    ap.add_argument("--methods", default="exact", help=f"comma-separated, of {', '.join(METHODS)}")
+    ap.add_argument("--confirm-top", type=int, default=3, help="hybrid: columns confirmed per fact")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs after the compiling one (best kept)")
     ap.add_argument("--matmul-size", type=int, default=None, help="default 8192 on accelerators, 1024 on CPU")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -142,55 +135,62 @@ def main(argv=None) -> dict:
     prompts = [list(rng.integers(0, vocab_ok, args.prompt_len)) for _ in range(facts)]
     answers = [list(rng.integers(0, vocab_ok, args.answer_len)) for _ in range(facts)]
     batch = fact_batch(prompts, answers, [(2, 6)] * facts, pad_id=config.pad_token_id)
-    cfg = tracing.TraceConfig(steps=args.steps, noise_samples=args.noise_samples,
-                              cells_per_batch=args.cells_per_batch)
     sigma = tracing.subject_embedding_std(backbone, batch)
     key = jax.random.key(0)
-    run = lambda: distributed.map_chunks(tracing.tie_grid, batch, chunk_size=facts, before=(backbone,),  # noqa: E731
-                                         after=(sigma, key), static={"config": cfg}, mesh=mesh).tie
-
-    start = time.perf_counter()
-    jax.block_until_ready(run())
-    first_seconds = time.perf_counter() - start  # compile + one run
-    seconds = time_call(run, args.repeats)
-
     c = config
     T = args.prompt_len + args.answer_len
-    L, M = c.n_layers, len(cfg.modules)
-    cells = facts * cfg.steps * cfg.noise_samples * L * M
-    flops = needed_flops(c, T, facts, cfg)
+    L = c.n_layers
     device = jax.devices()[0]
     n_devices = mesh.size if mesh is not None else 1
     n = args.matmul_size or (1024 if device.platform == "cpu" else 8192)
     measured = measured_matmul_peak(dtype, n)
     vendor = vendor_peak(device.device_kind) if dtype == jnp.bfloat16 else None
-    achieved = flops / seconds
     result = {
         "device_kind": device.device_kind, "platform": device.platform, "devices": n_devices,
         "mesh": profile.name if profile else None, "dtype": args.dtype,
         "model": {"n_layers": L, "d_model": c.d_model, "n_heads": c.n_heads, "mlp_hidden": c.mlp_hidden,
                   "vocab_size": c.vocab_size, "params": int(sum(x.size for x in jax.tree.leaves(backbone.params)))},
-        "grid": {"facts": facts, "steps": cfg.steps, "noise_samples": cfg.noise_samples, "layers": L,
-                 "modules": M, "tokens": T, "cells": cells, "cells_per_batch": cfg.cells_per_batch},
-        "init_seconds": init_seconds, "compile_and_first_run_seconds": first_seconds, "seconds": seconds,
-        "cells_per_second": cells / seconds, "model_flops": flops, "achieved_flops_per_second": achieved,
-        "matmul_peak_measured": measured, "matmul_size": n, "vendor_peak_per_device": vendor,
-        "mfu_vs_measured_matmul": achieved / (measured * n_devices),
-        "mfu_vs_vendor_peak": achieved / (vendor * n_devices) if vendor else None,
+        "init_seconds": init_seconds, "matmul_peak_measured": measured, "matmul_size": n,
+        "vendor_peak_per_device": vendor, "methods": {},
     }
     print(f"device        {device.device_kind} ({device.platform}) x {n_devices}"
           + (f", mesh {profile.name}" if profile else ""))
     print(f"model         LLaDA-8B shape: L={L} d={c.d_model} heads={c.n_heads} F={c.mlp_hidden} "
-          f"V={c.vocab_size}, {result['model']['params'] / 1e9:.3f} B params in {args.dtype}")
-    print(f"grid          {facts} fact(s) x K={cfg.steps} x R={cfg.noise_samples} x L={L} x M={M} = {cells} cells, "
-          f"T={T} tokens")
-    print(f"time          {seconds:.3f} s per grid (best of {args.repeats}; compile + first run "
-          f"{first_seconds:.1f} s; random init {init_seconds:.1f} s)")
-    print(f"throughput    {cells / seconds:,.1f} cells/s, {achieved / 1e12:,.3f} TFLOP/s of model FLOPs")
+          f"V={c.vocab_size}, {result['model']['params'] / 1e9:.3f} B params in {args.dtype} "
+          f"(random init {init_seconds:.1f} s)")
     print(f"matmul peak   {measured / 1e12:,.3f} TFLOP/s measured per device ({n}^3, {args.dtype})"
           + (f"; vendor {vendor / 1e12:,.1f} TFLOP/s" if vendor else "; no vendor figure for this device"))
-    print(f"MFU           {result['mfu_vs_measured_matmul']:.1%} of the measured matmul peak"
-          + (f", {result['mfu_vs_vendor_peak']:.1%} of the vendor peak" if vendor else ""))
+    for method in (m.strip() for m in args.methods.split(",")):
+        cfg = tracing.TraceConfig(steps=args.steps, noise_samples=args.noise_samples,
+                                  cells_per_batch=args.cells_per_batch, method=method, confirm_top=args.confirm_top)
+        run = lambda: distributed.map_chunks(tracing.tie_grid, batch, chunk_size=facts, before=(backbone,),  # noqa: E731
+                                             after=(sigma, key), static={"config": cfg}, mesh=mesh)
+        start = time.perf_counter()
+        out = jax.block_until_ready(run())
+        first_seconds = time.perf_counter() - start  # compile + one run
+        seconds = time_call(run, args.repeats)
+        M = len(cfg.modules)
+        cells = facts * cfg.steps * cfg.noise_samples * L * M
+        confirmed = None if out.confirmed is None else np.repeat(np.nonzero(out.confirmed)[2], cfg.noise_samples)
+        flops, minimal = grid_flops(c, T, args.answer_len, facts, cfg, confirmed)
+        achieved = flops / seconds
+        row = {"grid": {"facts": facts, "steps": cfg.steps, "noise_samples": cfg.noise_samples, "layers": L,
+                        "modules": M, "tokens": T, "cells": cells, "cells_per_batch": cfg.cells_per_batch},
+               "compile_and_first_run_seconds": first_seconds, "seconds": seconds,
+               "cells_per_second": cells / seconds, "model_flops": flops, "flops_done_over_minimal": flops / minimal,
+               "achieved_flops_per_second": achieved,
+               "mfu_vs_measured_matmul": achieved / (measured * n_devices),
+               "mfu_vs_vendor_peak": achieved / (vendor * n_devices) if vendor else None}
+        result["methods"][method] = row
+        print(f"{method:7s} grid  {facts} fact(s) x K={cfg.steps} x R={cfg.noise_samples} x L={L} x M={M} = "
+              f"{cells} cells, T={T}: {seconds:.3f} s (best of {args.repeats}; compile + first run "
+              f"{first_seconds:.1f} s), {cells / seconds:,.1f} cells/s, {achieved / 1e12:,.3f} TFLOP/s, "
+              f"MFU {row['mfu_vs_measured_matmul']:.1%} of measured"
+              + (f", {row['mfu_vs_vendor_peak']:.1%} of vendor" if vendor else "")
+              + f"; FLOPs done / minimal {row['flops_done_over_minimal']:.3f}")
+    if "exact" in result["methods"]:
+        for method, row in result["methods"].items():
+            row["speedup_over_exact"] = result["methods"]["exact"]["seconds"] / row["seconds"]
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -567,6 +567,44 @@ def per_fact_coordinates(tie_FKLM: np.ndarray, modules: tuple[str, ...], k_min: 
     return [select_coordinate(t[None], modules, k_min) for t in np.asarray(tie_FKLM)]
 
 
+# --- comparing a method with the exact grid --------------------------------------------------------
+
+def rank_agreement(exact_FKLM: np.ndarray, estimate_FKLM: np.ndarray, modules) -> dict:
+    """Per-fact Spearman of the estimate vs the exact grid (per module, over K·L cells; and over
+    all cells), and top-1 / top-5 cell agreement."""
+    from scipy.stats import spearmanr   # scipy is a dependency already (evaluation)
+
+    def rho(a, b):
+        value = spearmanr(a.ravel(), b.ravel())[0]
+        return float(value) if np.isfinite(value) else None
+
+    F = exact_FKLM.shape[0]
+    out = {"facts": F}
+    for mi, module in enumerate(modules):
+        values = [rho(exact_FKLM[f, ..., mi], estimate_FKLM[f, ..., mi]) for f in range(F)]
+        values = [v for v in values if v is not None]
+        out[f"spearman_{module}"] = float(np.mean(values)) if values else None
+    out["spearman_all_cells"] = float(np.mean([rho(exact_FKLM[f], estimate_FKLM[f]) for f in range(F)]))
+    flat_e, flat_a = exact_FKLM.reshape(F, -1), estimate_FKLM.reshape(F, -1)
+    out["top1"] = float(np.mean(flat_e.argmax(1) == flat_a.argmax(1)))
+    top5 = [len(set(np.argsort(-flat_e[f])[:5]) & set(np.argsort(-flat_a[f])[:5])) / 5 for f in range(F)]
+    out["top5_overlap"] = float(np.mean(top5))
+    return out
+
+
+def coordinate_agreement(exact: list[Coordinate], other: list[Coordinate], exact_FKLM, modules,
+                         tolerance: float = 0.01) -> dict:
+    """Share of facts whose coordinate equals the exact one, and share whose coordinate's exact TIE
+    is within `tolerance` (relative, plus 0.001 nats) of the exact best: ties between cells that
+    restore the whole effect make the strict match depend on rounding."""
+    def value(f, c):
+        return float(exact_FKLM[f, c.step, c.layer, modules.index(c.module)])
+
+    same = [a == b for a, b in zip(exact, other)]
+    near = [value(f, b) >= value(f, a) - tolerance * abs(value(f, a)) - 1e-3 for f, (a, b) in enumerate(zip(exact, other))]
+    return {"same_coordinate": float(np.mean(same)), f"within_{tolerance:.0%}_of_exact_best": float(np.mean(near))}
+
+
 # --- tracing a fact set -------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
