@@ -26,6 +26,25 @@ def test_tie_heatmaps_quick(tiny_model_dir_with_tokenizer, tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_mass_trace_quick(tiny_model_dir_with_tokenizer, tmp_path):
+    proc = run_experiment("mass_trace", tiny_model_dir_with_tokenizer, tmp_path / "out",
+                          "--sources", "forget01_subjects[:3],retain90[:2],retain90[4:5]")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "hybrid" and results["num_facts"] == 6
+    histograms = results["histogram_by_source"]
+    assert set(histograms) == {"forget01_subjects", "retain90"}      # grouped by the name before '['
+    assert sum(histograms["forget01_subjects"].values()) == 3 and sum(histograms["retain90"].values()) == 3
+    sample = results["exact_sample"]
+    assert len(sample["facts"]) == 2
+    assert -1 <= sample["atp_vs_exact"]["spearman_resid"] <= 1 and 0 <= sample["atp_vs_exact"]["top5_overlap"] <= 1
+    assert 0 <= sample["hybrid_coordinates"]["same_coordinate"] <= 1
+    rows = [json.loads(line) for line in (out / "facts.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in rows] == ["forget01_subjects"] * 3 + ["retain90"] * 3
+    assert (out / "mass_trace.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_experiment_user_error_is_one_line(tmp_path):
     proc = run_experiment("tie_heatmaps", ROOT / "tests" / "fixtures" / "llada", tmp_path / "out")
     assert proc.returncode == 2
