@@ -45,6 +45,15 @@ def test_mass_trace_quick(tiny_model_dir_with_tokenizer, tmp_path):
     assert (out / "mass_trace.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_membership_quick(tiny_model_dir_with_tokenizer, tmp_path):
+    proc = run_experiment("membership", tiny_model_dir_with_tokenizer, tmp_path / "out", "--coordinate", "1,resid,0")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert set(results) == {"unedited", "paper", "selective"}
+    for r in results.values():
+        assert 0 <= r["mia_min_k_auc"] <= 1 and 0 <= r["extraction_strength"] <= 1
+
+
 def test_experiment_user_error_is_one_line(tmp_path):
     proc = run_experiment("tie_heatmaps", ROOT / "tests" / "fixtures" / "llada", tmp_path / "out")
     assert proc.returncode == 2

@@ -27,7 +27,7 @@ import numpy as np
 
 from ports import Backbone
 from timerome_jax import memory as mem
-from timerome_jax import tokenization
+from timerome_jax import privacy, tokenization
 from timerome_jax.errors import InputError
 from timerome_jax.evaluate import GenerationConfig, evaluate_suite, generate_answers, metric_table
 from timerome_jax.facts import Fact, Facts, load_facts, read_facts
@@ -156,6 +156,27 @@ def answer_lp(backbone: Backbone, tokenizer, facts: Sequence[Fact], tag: str, *,
                        mc_samples=mc_samples, mesh=mesh)
 
 
+def membership_inference(backbone: Backbone, tokenizer, members: Sequence[Fact], nonmembers: Sequence[Fact], *,
+                         reference: Backbone | None = None, reference_tokenizer=None, k: float = privacy.MIN_K,
+                         mesh=None) -> dict:
+    """Membership inference of `members` (e.g. forget facts) against `nonmembers` (e.g. TOFU
+    holdout facts) with the one-step per-token statistics (`timerome_jax.privacy`): the AUC of the
+    LOSS, ZLib, Min-K % and Min-K %++ attacks, the members' exact memorisation and extraction
+    strength, and with a `reference` (the retain twin) its AUCs and `privleak` (Min-K %)."""
+    def report(model, tok):
+        pad_id = tokenization.pad_token_id(tok, model)
+        stats = [privacy.token_statistics(model, qa_pairs(tok, facts, tag), pad_id=pad_id, mesh=mesh)
+                 for facts, tag in ((members, "member"), (nonmembers, "nonmember"))]
+        texts = [[f.texts()[1] for f in facts] for facts in (members, nonmembers)]
+        return privacy.membership_report(stats[0], texts[0], stats[1], texts[1], k)
+
+    out = report(backbone, tokenizer)
+    if reference is not None:
+        out["reference"] = report(reference, tokenizer if reference_tokenizer is None else reference_tokenizer)
+        out["privleak"] = privacy.privleak(out["mia_min_k_auc"], out["reference"]["mia_min_k_auc"])
+    return out
+
+
 def generate(backbone: Backbone, tokenizer, facts: Sequence[Fact], *, gen_length: int = 96, steps: int = 48,
              block_length: int = 32, batch_size: int = 16) -> list[str]:
     """Greedy answers to the facts' prompts (in the model's prompt format), decoded and stripped."""
@@ -167,5 +188,5 @@ def generate(backbone: Backbone, tokenizer, facts: Sequence[Fact], *, gen_length
 
 __all__ = ["Coordinate", "Fact", "Facts", "GenerationConfig", "MemoryRecord", "MemorySpec", "Pair", "SamplerCapture",
            "Suite", "TraceConfig", "Traced", "answer_lp", "build_memory", "check_not_degenerate", "encode", "evaluate_suite", "extend_memory",
-           "generate", "load_facts", "load_memory", "load_suite", "metric_table", "qa_pairs", "read_facts",
+           "generate", "load_facts", "load_memory", "load_suite", "membership_inference", "metric_table", "qa_pairs", "read_facts",
            "save_memory", "score_pairs", "suite_from_records", "tokenizer", "trace"]
