@@ -342,9 +342,8 @@ def test_atp_equals_the_derivative_along_clean_minus_corrupted(llada, batch):
     assert np.abs(result.tie).max() > 1e-2
 
 
-@pytest.mark.parametrize("window", [1, 3])
-def test_hybrid_confirming_every_column_equals_exact(llada, batch, window):
-    cfg = dataclasses.replace(CFG, window=window)
+def test_hybrid_confirming_every_column_equals_exact(llada, batch):
+    cfg = dataclasses.replace(CFG, window=3)     # a window: several layers per patched cell
     sigma = tr.subject_embedding_std(llada, batch)
     exact = tr.tie_grid(llada, batch, sigma, jax.random.key(2), cfg)
     hybrid = tr.tie_grid(llada, batch, sigma, jax.random.key(2),
