@@ -2,7 +2,7 @@
 
 Per-token probabilities of an MDLM. An autoregressive model scores token t given the tokens before
 it. An MDLM has no such order, so the definitions here take the **one-step** view: every answer
-token is masked at once and read from a single forward (`likelihood.answer_logits`), the first
+token is masked at once and read from a single forward (`sampler.answer_logits`), the first
 step of the sampler's trajectory. For each answer token j this gives log p(y_j | prompt, all
 answer masked), the mean μ_j and standard deviation σ_j of log p(v) under the model's own
 distribution at j (for Min-K%++), and whether y_j is the argmax.

@@ -413,7 +413,7 @@ def _corrupted_cell(backbone: Backbone, batch: FactBatch, config: TraceConfig, r
         return readout_at_answer(logits[0], batch, f, runs.masked[f, k]), (corrupted_LMSD, entering)
 
     if not gradient:
-        lp, (_, entering) = forward(jnp.zeros((L, M) + pos.shape + (backbone.config.d_model,), jnp.float32))
+        lp, (_, entering) = forward(None)      # no perturbations: nothing to differentiate
         return lp, entering, jnp.zeros((L, M), jnp.float32)
     lp, entering, single_LM = attribution_patching(forward, runs.clean[f, k][:, runs.module_index], valid)
     window = jnp.arange(L)[:, None] - W // 2 + jnp.arange(W)[None, :]       # [L, W] layers restored

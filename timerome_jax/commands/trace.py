@@ -55,8 +55,8 @@ def trace_config(args: argparse.Namespace) -> tracing.TraceConfig:
     modules = tuple(m.strip() for m in args.modules.split(",") if m.strip())
     return tracing.TraceConfig(steps=args.steps, noise_samples=args.noise_samples, noise_scale=args.noise_scale,
                                modules=modules, window=args.window, mode=args.mode,
-                               cells_per_batch=args.cells_per_batch, method=getattr(args, "method", "exact"),
-                               confirm_top=getattr(args, "confirm_top", 3))
+                               cells_per_batch=args.cells_per_batch, method=args.method,
+                               confirm_top=args.confirm_top)
 
 
 def read_facts(args: argparse.Namespace) -> list[api.Fact]:
