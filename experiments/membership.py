@@ -45,8 +45,9 @@ def main() -> None:
             record = api.build_memory(backbone, tokenizer, facts, coordinate, spec, gate_facts=gate)
             results[name] = api.membership_inference(backbone.with_edits(record.memory), tokenizer, members, nonmembers)
             if reference is not None:
-                results[name]["privleak"] = privacy.privleak(results[name]["mia_min_k_auc"],
-                                                             results["unedited"]["reference"]["mia_min_k_auc"])
+                key = f"mia_{privacy.PRIVLEAK_ATTACK}_auc"
+                results[name]["privleak"] = privacy.privleak_or_none(results[name][key],
+                                                                     results["unedited"]["reference"][key])
         _common.write_json(out / "results.json", {
             "experiment": "membership", "command": _common.command_line(), "model": args.model,
             "fingerprint": backbone.fingerprint(), "members": args.members, "nonmembers": args.nonmembers,

@@ -30,18 +30,30 @@ def test_attack_scores_by_hand():
              "prefix": 2}
     text = "an answer"
     assert privacy.attack_score("loss", stats, text) == pytest.approx(-10.5 / 5)
-    assert privacy.attack_score("zlib", stats, text) == pytest.approx(-10.5 / len(zlib.compress(text.encode())))
+    # open-unlearning's ZLib: the mean token score over the zlib length of the answer text
+    assert privacy.attack_score("zlib", stats, text) == pytest.approx(-10.5 / 5 / len(zlib.compress(text.encode())))
     # k = 0.4 of 5 tokens = the 2 lowest: -4, -3
     assert privacy.attack_score("min_k", stats, text) == pytest.approx(-3.5)
     # z = (lp - mean) / std = 0, -1, 1, -1, -1 -> the 2 lowest: -1, -1
     assert privacy.attack_score("min_k_plus_plus", stats, text) == pytest.approx(-1.0)
     assert privacy.exact_memorization(stats) == pytest.approx(0.6)
     assert privacy.extraction_strength(stats) == pytest.approx(1 - 2 / 5)
-    assert privacy.privleak(0.75, 0.5) == pytest.approx(50.0)
+    # open-unlearning (after MUSE) scores 1 - AUC: ((1 - a) - (1 - r)) / (1 - r) * 100
+    assert privacy.privleak(0.75, 0.5) == pytest.approx((0.25 - 0.5) / 0.5 * 100)   # -50
+    assert privacy.privleak(1.0, 0.6) == pytest.approx(-100.0)
+    assert privacy.privleak(0.6, 0.6) == 0.0
+    assert privacy.privleak(0.3, 0.6) == pytest.approx((0.7 - 0.4) / 0.4 * 100)      # +75: over-unlearned
     with pytest.raises(InputError, match="unknown attack"):
         privacy.attack_score("gradnorm", stats, text)
-    with pytest.raises(InputError, match="positive reference"):
-        privacy.privleak(0.5, 0.0)
+    with pytest.raises(InputError, match="reference AUC below 1"):
+        privacy.privleak(0.5, 1.0)
+
+
+def test_min_k_keeps_floor_k_n_tokens():
+    lp = np.array([-1.0, -7.0, -2.0, -6.0, -3.0, -5.0, -4.0])       # 7 tokens, k = 0.4: floor(2.8) = 2
+    assert privacy.lowest_mean(lp) == pytest.approx(-6.5)
+    assert privacy.lowest_mean(lp[:2]) == pytest.approx(-7.0)        # floor(0.8) = 0 -> at least one
+    assert privacy.lowest_mean(lp, k=1.0) == pytest.approx(-4.0)
 
 
 def test_membership_report_direction():
@@ -94,5 +106,6 @@ def test_membership_inference_api_against_itself_has_no_privleak(tiny_model_dir_
     for attack in privacy.ATTACKS:
         assert 0.0 <= report[f"mia_{attack}_auc"] <= 1.0
         assert report[f"mia_{attack}_auc"] == report["reference"][f"mia_{attack}_auc"]
-    assert report["privleak"] == 0.0
+    # 0 against itself, undefined (None) where the reference separates the sets perfectly
+    assert report["privleak"] == (0.0 if report["reference"]["mia_min_k_auc"] < 1 else None)
     assert 0.0 <= report["exact_memorization"] <= 1.0 and 0.0 <= report["extraction_strength"] <= 1.0

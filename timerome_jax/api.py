@@ -173,7 +173,8 @@ def membership_inference(backbone: Backbone, tokenizer, members: Sequence[Fact],
     out = report(backbone, tokenizer)
     if reference is not None:
         out["reference"] = report(reference, tokenizer if reference_tokenizer is None else reference_tokenizer)
-        out["privleak"] = privacy.privleak(out["mia_min_k_auc"], out["reference"]["mia_min_k_auc"])
+        key = f"mia_{privacy.PRIVLEAK_ATTACK}_auc"
+        out["privleak"] = privacy.privleak_or_none(out[key], out["reference"][key])
     return out
 
 

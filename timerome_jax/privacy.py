@@ -10,14 +10,20 @@ distribution at j (for Min-K%++), and whether y_j is the argmax.
 Scores (higher = more likely a training member), per (prompt, answer) pair:
 
     loss        mean_j log p(y_j)                                   (LOSS attack: −NLL per token)
-    zlib        Σ_j log p(y_j) / len(zlib.compress(answer bytes))   (ZLib attack)
-    min_k       mean of the k·|y| lowest log p(y_j) (k = 0.4)       (Min-K %)
+    zlib        mean_j log p(y_j) / len(zlib.compress(answer bytes))  (ZLib attack)
+    min_k       mean of the max(1, floor(k·|y|)) lowest log p(y_j), k = 0.4   (Min-K %)
     min_k_plus_plus  same on z_j = (log p(y_j) − μ_j) / σ_j         (Min-K %++)
 
+These are open-unlearning's attacks with the sign flipped (theirs are losses, higher = non-member;
+ZLib divides the mean token loss by the zlib length, Min-K % keeps floor(k·|y|) tokens, at least
+one).
+
 `auc(members, nonmembers)`: the probability that a member outscores a non-member (ties count
-half), the ROC AUC of the attack. `privleak(auc, reference_auc)` = (auc − reference) / reference
-· 100, MUSE's PrivLeak: 0 when the model leaks membership as much as a model never trained on the
-forget set.
+half), the ROC AUC of the attack: 1 when the forget answers are much more likely than the holdout
+answers (open-unlearning's convention). `privleak(auc, reference_auc)` is open-unlearning's
+PrivLeak, which follows MUSE in scoring 1 − AUC: ((1 − auc) − (1 − ref)) / (1 − ref) · 100. It is
+0 when the model leaks membership as much as a model never trained on the forget set (the retain
+twin), −100 when the attack separates perfectly and the reference is at chance or below.
 
 Memorisation, per pair, from the one-step view with a prefix revealed:
 
@@ -48,10 +54,11 @@ ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
 MIN_K = 0.4
 
 
-@functools.partial(jax.jit, static_argnames=("mask_id",))
-def _token_statistics(backbone: Backbone, rows, mask_id: int):
+@functools.partial(jax.jit, static_argnames=("mask_id", "prefixes"))
+def _token_statistics(backbone: Backbone, rows, mask_id: int, prefixes: bool = True):
     """Per answer token [B, A]: log p(y_j), μ_j, σ_j, argmax == y_j (all answer masked), and per
-    pair the shortest prefix k* after which the argmax of every masked token is right."""
+    pair the shortest prefix k* after which the argmax of every masked token is right (A more
+    forwards; `prefixes=False` skips them and returns 0)."""
     prompt_ids, prompt_mask, answer_ids, answer_mask = rows
     A = answer_ids.shape[1]
 
@@ -73,6 +80,8 @@ def _token_statistics(backbone: Backbone, rows, mask_id: int):
         return jnp.all(right | revealed[None] | (answer_mask == 0), axis=-1)    # [B]
 
     lengths = jnp.sum(answer_mask, -1)
+    if not prefixes:
+        return token_lp, mean, std, correct, jnp.zeros_like(lengths)
     ok_KB = jax.lax.map(extracted_after, jnp.arange(A))                 # [A, B]
     ok_KB = ok_KB & (jnp.arange(A)[:, None] < lengths[None])
     first = jnp.where(jnp.any(ok_KB, 0), jnp.argmax(ok_KB, 0), lengths)
@@ -80,8 +89,9 @@ def _token_statistics(backbone: Backbone, rows, mask_id: int):
 
 
 def token_statistics(backbone: Backbone, pairs: Sequence[Pair], *, pad_id: int, pairs_per_call: int = 8,
-                     mesh=None) -> list[dict[str, np.ndarray]]:
-    """One dict per pair: `token_lp`, `mean`, `std`, `correct` ([|y|] each) and `prefix` (k*)."""
+                     prefixes: bool = True, mesh=None) -> list[dict[str, np.ndarray]]:
+    """One dict per pair: `token_lp`, `mean`, `std`, `correct` ([|y|] each) and `prefix` (k*; not
+    computed, 0, with `prefixes=False`)."""
     if not pairs:
         return []
     if backbone.mask_token_id is None:
@@ -93,7 +103,7 @@ def token_statistics(backbone: Backbone, pairs: Sequence[Pair], *, pad_id: int, 
                          f"{backbone.config.max_seq_len}")
     rows = (*pad_left([p.prompt_ids for p in pairs], pad_id, P), *pad_right([p.answer_ids for p in pairs], pad_id, A))
     out = distributed.map_chunks(_token_statistics, tuple(np.asarray(r) for r in rows), chunk_size=pairs_per_call,
-                                 before=(backbone,), static={"mask_id": backbone.mask_token_id}, mesh=mesh)
+                                 before=(backbone,), static={"mask_id": backbone.mask_token_id, "prefixes": prefixes}, mesh=mesh)
     token_lp, mean, std, correct, first = (np.asarray(x) for x in out)
     return [{"token_lp": token_lp[i, :len(p.answer_ids)].astype(np.float64),
              "mean": mean[i, :len(p.answer_ids)].astype(np.float64),
@@ -104,11 +114,11 @@ def token_statistics(backbone: Backbone, pairs: Sequence[Pair], *, pad_id: int, 
 # --- the attacks and metrics (pure numpy) ------------------------------------------------------------
 
 def lowest_mean(values: np.ndarray, k: float = MIN_K) -> float:
-    """Mean of the ceil(k·n) lowest values (at least one)."""
+    """Mean of the max(1, floor(k·n)) lowest values (open-unlearning's count)."""
     if not 0 < k <= 1:
         raise InputError(f"k must lie in (0, 1], got {k}")
     values = np.sort(np.asarray(values, np.float64))
-    return float(values[:max(1, int(np.ceil(k * len(values))))].mean())
+    return float(values[:max(1, int(k * len(values)))].mean())
 
 
 def attack_score(attack: str, stats: dict[str, np.ndarray], answer_text: str, k: float = MIN_K) -> float:
@@ -117,7 +127,7 @@ def attack_score(attack: str, stats: dict[str, np.ndarray], answer_text: str, k:
     if attack == "loss":
         return float(lp.mean())
     if attack == "zlib":
-        return float(lp.sum() / len(zlib.compress(answer_text.encode("utf-8"))))
+        return float(lp.mean() / len(zlib.compress(answer_text.encode("utf-8"))))
     if attack == "min_k":
         return lowest_mean(lp, k)
     if attack == "min_k_plus_plus":
@@ -136,10 +146,19 @@ def auc(members: Sequence[float], nonmembers: Sequence[float]) -> float:
 
 
 def privleak(model_auc: float, reference_auc: float) -> float:
-    """(AUC − reference AUC) / reference AUC · 100."""
-    if not reference_auc > 0:
-        raise InputError(f"privleak needs a positive reference AUC, got {reference_auc}")
-    return float((model_auc - reference_auc) / reference_auc * 100.0)
+    """open-unlearning's PrivLeak: ((1 − AUC) − (1 − reference AUC)) / (1 − reference AUC) · 100."""
+    if not reference_auc < 1:
+        raise InputError(f"privleak needs a reference AUC below 1 (it divides by 1 − AUC), got {reference_auc}")
+    return float(((1.0 - model_auc) - (1.0 - reference_auc)) / (1.0 - reference_auc) * 100.0)
+
+
+PRIVLEAK_ATTACK = "min_k"   # open-unlearning's TOFU and MUSE privleak read the Min-K % AUC
+
+
+def privleak_or_none(model_auc: float, reference_auc: float) -> float | None:
+    """`privleak`, or None where it is undefined (a reference AUC of 1: the retain twin itself
+    separates the sets perfectly, so no leak can be measured against it)."""
+    return None if reference_auc >= 1 else privleak(model_auc, reference_auc)
 
 
 def exact_memorization(stats: dict[str, np.ndarray]) -> float:
@@ -163,5 +182,5 @@ def membership_report(member_stats, member_texts, nonmember_stats, nonmember_tex
     return report
 
 
-__all__ = ["ATTACKS", "MIN_K", "attack_score", "auc", "exact_memorization", "extraction_strength", "lowest_mean",
-           "membership_report", "privleak", "token_statistics"]
+__all__ = ["ATTACKS", "MIN_K", "PRIVLEAK_ATTACK", "attack_score", "auc", "exact_memorization", "extraction_strength",
+           "lowest_mean", "membership_report", "privleak", "privleak_or_none", "token_statistics"]
