@@ -178,6 +178,30 @@ def membership_inference(backbone: Backbone, tokenizer, members: Sequence[Fact],
     return out
 
 
+def lm_evaluate(tasks: Sequence[str], *, model: str = "tofu-tiny", memory: str | None = None, mc_num: int = 32,
+                estimator: str = "mc_elbo", gen_length: int | None = None, steps: int | None = None,
+                block_length: int | None = None, batch_size: int = 32, seed: int = 0, include_paths: Sequence[str] = (),
+                limit: int | None = None, num_fewshot: int | None = None, allow_download: bool = False) -> dict:
+    """lm-evaluation-harness results of the `timerome` lm-eval model (`model`, edited by `memory`)
+    on `tasks`: the offline tasks shipped here, a user's (`include_paths`) or lm-eval's own (which
+    need the Hub: `allow_download`). Needs the `[lmeval]` extra (`timerome_jax.lm_eval_model`,
+    docs/evaluation.md). The tasks are checked before the model is loaded."""
+    try:
+        from timerome_jax import lm_eval_model
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "lm_eval":
+            raise
+        raise InputError("lm-evaluation-harness is not installed: pip install -e '.[lmeval]'") from None
+    lm_eval_model.check_run(limit, num_fewshot)
+    lm_eval_model.set_offline(allow_download)
+    resolved = lm_eval_model.resolve_tasks(tasks, include_paths)
+    lm = lm_eval_model.TimeromeLM(pretrained=model, memory=memory, mc_num=mc_num, estimator=estimator,
+                                  gen_length=gen_length, steps=steps, block_length=block_length, batch_size=batch_size,
+                                  seed=seed)
+    return lm_eval_model.evaluate_tasks(lm, tasks, limit=limit, num_fewshot=num_fewshot, allow_download=allow_download,
+                                        resolved=resolved)
+
+
 def generate(backbone: Backbone, tokenizer, facts: Sequence[Fact], *, gen_length: int = 96, steps: int = 48,
              block_length: int = 32, batch_size: int = 16) -> list[str]:
     """Greedy answers to the facts' prompts (in the model's prompt format), decoded and stripped."""
@@ -189,5 +213,5 @@ def generate(backbone: Backbone, tokenizer, facts: Sequence[Fact], *, gen_length
 
 __all__ = ["Coordinate", "Fact", "Facts", "GenerationConfig", "MemoryRecord", "MemorySpec", "Pair", "SamplerCapture",
            "Suite", "TraceConfig", "Traced", "answer_lp", "build_memory", "check_not_degenerate", "encode", "evaluate_suite", "extend_memory",
-           "generate", "load_facts", "load_memory", "load_suite", "membership_inference", "metric_table", "qa_pairs", "read_facts",
+           "generate", "lm_evaluate", "load_facts", "load_memory", "load_suite", "membership_inference", "metric_table", "qa_pairs", "read_facts",
            "save_memory", "score_pairs", "suite_from_records", "tokenizer", "trace"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from ports.errors import UserError
 from ports.fileio import check_output
 
-COMMANDS = ("info", "convert", "generate", "trace", "edit", "eval", "unlearn", "demo")
+COMMANDS = ("info", "convert", "generate", "trace", "edit", "eval", "unlearn", "demo", "lmeval")
 
 
 def build_parser() -> argparse.ArgumentParser:
