@@ -67,7 +67,8 @@ def test_metrics_json_layout_and_table(tiny_model_dir_with_tokenizer, suite_file
     assert doc["config"]["seeds"] == [0, 1] and doc["config"]["mc_samples"] == 4
     assert doc["config"]["relearn_prompt"].startswith("format_prompt(q) + ' ' + answer")
     items = [json.loads(line) for line in (base_run / "items.jsonl").read_text().splitlines()]
-    assert [i["split"] for i in items] == ["forget"] * 2 + ["retain"] + ["real_authors"] + ["world_facts"] * 2
+    assert [i["split"] for i in items] == ["forget"] * 2 + ["retain"] + ["real_authors"] + ["world_facts"] * 2 + \
+        ["holdout"] * 2
 
     # same seeds -> bit-identical metric numbers; the table names every metric
     again = tmp_path / "again"

@@ -176,6 +176,9 @@ def test_same_seed_gives_identical_metrics(tiny, suite, result):
 def test_result_layout(result):
     for name in metrics.METRICS:
         m = result[name]
+        if name == "privleak" and m["mean"] is None:   # the model is its own reference: 0, or undefined at AUC 1
+            assert result["mia_min_k"]["mean"] == 1.0 and "undefined" in m["reason"]
+            continue
         assert set(m) >= {"mean", "ci_low", "ci_high", "per_seed", "n_seeds"}
         assert m["mean"] == pytest.approx(np.mean(m["per_seed"]))
         assert m["ci_low"] <= m["mean"] + 1e-12 and m["mean"] <= m["ci_high"] + 1e-12
@@ -284,8 +287,32 @@ def test_bad_inputs(tiny, suite):
     with pytest.raises(InputError, match="no records for retain"):
         suites.suite_from_records({k: v for k, v in TINY_SUITE.items() if k != "retain"})
     with pytest.raises(InputError, match="unknown suite split"):
-        suites.suite_from_records({**TINY_SUITE, "holdout": TINY_SUITE["retain"]})
+        suites.suite_from_records({**TINY_SUITE, "holdouts": TINY_SUITE["retain"]})
     with pytest.raises(InputError, match="distinct non-negative"):
         evaluate.evaluate_suite(backbone, tok, suite, seeds=(0, 0), **SMALL)
     with pytest.raises(InputError, match="unknown log-likelihood method"):
         evaluate.evaluate_suite(backbone, tok, suite, estimator="exact", **SMALL)
+
+
+def test_privacy_metrics_match_the_privacy_functions(tiny, suite, result):
+    """The eval's MIA AUCs, exact memorisation and extraction strength are `timerome_jax.privacy`
+    on the forget (members) and holdout (non-members) answers; seed-independent, so CI = [m, m]."""
+    from timerome_jax import api, facts, privacy
+
+    backbone, tok = tiny
+    as_facts = {s: [facts.Fact(prompt=r["question"], answer=r["answer"], kind="question") for r in suite.split(s)]
+                for s in ("forget", "holdout")}
+    report = api.membership_inference(backbone, tok, as_facts["forget"], as_facts["holdout"])
+    for attack in privacy.ATTACKS:
+        assert result[f"mia_{attack}"]["mean"] == pytest.approx(report[f"mia_{attack}_auc"])
+        assert result[f"mia_{attack}"]["per_seed"] == [result[f"mia_{attack}"]["mean"]] * 3
+    for name in ("exact_memorization", "extraction_strength"):
+        assert result[name]["mean"] == pytest.approx(report[name])
+        assert result[name]["ci_low"] == result[name]["ci_high"] == result[name]["mean"]
+    holdout = [i for i in result["items"] if i["split"] == "holdout"]
+    assert len(holdout) == 2 and set(holdout[0]["mia_scores"]) == set(privacy.ATTACKS)
+    # no holdout records: the attacks are null with the reason, memorisation is still there
+    plain = suites.suite_from_records({k: v for k, v in TINY_SUITE.items() if k != "holdout"}, name="tiny")
+    res = evaluate.evaluate_suite(backbone, tok, plain, seeds=(0,), **SMALL)
+    assert res["mia_loss"]["mean"] is None and "no holdout" in res["mia_loss"]["reason"]
+    assert res["exact_memorization"]["mean"] == pytest.approx(report["exact_memorization"])

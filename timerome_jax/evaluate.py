@@ -3,8 +3,10 @@
 1. score: every (prompt, answer) pair the metrics need, under every seed (`likelihood.score_pairs`);
 2. generate: greedy answers for ROUGE, once (seed-independent);
 3. reference: the retain twin's forget-set truth ratios on the same masks (forget quality);
-4. per seed: each metric from the scores of one seed (`metrics`);
-5. summarise: mean and bootstrap CI over seeds, per-item records, config and measured cost.
+4. privacy: membership inference of the forget set against the holdout set and memorisation of the
+   forget answers, for the model and the reference (`privacy_stage`; one-step, seed-independent);
+5. per seed: each metric from the scores of one seed (`metrics`);
+6. summarise: mean and bootstrap CI over seeds, per-item records, config and measured cost.
 
 An edited model is evaluated by passing an edited backbone (`backbone.with_edits(memory)`).
 
@@ -33,10 +35,10 @@ import numpy as np
 import ports
 from ports import Backbone
 from ports.backbone import EMBEDDED_DIR
-from timerome_jax import data, likelihood, resources, sampler, tokenization
+from timerome_jax import data, likelihood, privacy, resources, sampler, tokenization
 from timerome_jax.errors import InputError
 from timerome_jax.likelihood import Pair
-from timerome_jax.metrics import (METRICS, UTILITY_COMPONENTS, bootstrap_ci, forget_quality, log_truth_ratio,
+from timerome_jax.metrics import (METRICS, PRIVACY_METRICS, UTILITY_COMPONENTS, bootstrap_ci, forget_quality, log_truth_ratio,
                                   model_utility, normalized_log_probability, probability_with_options,
                                   rouge_l_recall, truth_ratio_forget_score, truth_ratio_utility_score)
 from timerome_jax.suites import SPLITS, UTILITY_SPLITS, Suite, load_suite
@@ -274,7 +276,10 @@ NEEDS = {"forget_lp": ("forget", None), "retain_lp": ("retain", None), "real_aut
 
 
 def unavailable(scores: Scores, name: str) -> str | None:
-    """Why the suite's records do not allow metric `name` (None: they do)."""
+    """Why the suite's records do not allow metric `name` (None: they do; the privacy metrics say
+    why themselves, `privacy_stage`)."""
+    if name in PRIVACY_METRICS:
+        return None
     if name == "model_utility":
         why = [c for c in UTILITY_COMPONENTS if unavailable(scores, c)]
         return f"not available: it needs {', '.join(why)}" if why else None
@@ -327,6 +332,73 @@ def per_seed_stage(scores: Scores, rouge: dict[str, list[float]], log_r_referenc
     return per_seed, log_r
 
 
+def _qa_pairs(tokenizer, split: str, records: list[dict]) -> list[Pair]:
+    return [Pair(f"{split}/{i}/answer", tuple(data.encode_prompt(tokenizer, _text(r, "question", f"{split} record {i}"))),
+                 tuple(data.encode_answer(tokenizer, _text(r, "answer", f"{split} record {i}"))))
+            for i, r in enumerate(records)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Privacy:
+    """The privacy stage: metric values, why the others are missing, and per item (forget and
+    holdout) the attack scores and memorisation."""
+
+    values: dict[str, float]
+    missing: dict[str, str]
+    items: dict[str, list[dict]]
+
+
+def privacy_stage(backbone: Backbone, tokenizer, suite: Suite, *, reference: Backbone | None = None,
+                  reference_tokenizer=None, no_reference_reason: str = "no reference model",
+                  pairs_per_call: int = 8, mesh=None) -> Privacy:
+    """Membership inference (forget = members, holdout = non-members) and memorisation of the
+    forget answers from the one-step per-token statistics (`timerome_jax.privacy`); privleak
+    against the reference's Min-K % AUC on the same sets."""
+    def statistics(model, tok, split, prefixes):
+        pairs = _qa_pairs(tok, split, suite.split(split))
+        return privacy.token_statistics(model, pairs, pad_id=tokenization.pad_token_id(tok, model),
+                                        pairs_per_call=pairs_per_call, prefixes=prefixes, mesh=mesh)
+
+    texts = {s: [r["answer"].strip() for r in suite.split(s)] for s in ("forget", "holdout")}
+    forget = statistics(backbone, tokenizer, "forget", True)
+    items = {"forget": [{"exact_memorization": privacy.exact_memorization(st),
+                         "extraction_strength": privacy.extraction_strength(st)} for st in forget], "holdout": []}
+    values = {"exact_memorization": float(np.mean([i["exact_memorization"] for i in items["forget"]])),
+              "extraction_strength": float(np.mean([i["extraction_strength"] for i in items["forget"]]))}
+    attacks = [f"mia_{a}" for a in privacy.ATTACKS]
+    if not suite.holdout:
+        why = "the suite has no holdout records (the non-members of the attacks)"
+        return Privacy(values, {name: why for name in attacks + ["privleak"]}, items)
+
+    def aucs(model, tok, member_stats):
+        holdout = statistics(model, tok, "holdout", False)
+        scores = {s: {a: [privacy.attack_score(a, st, t) for st, t in zip(stats, texts[s])] for a in privacy.ATTACKS}
+                  for s, stats in (("forget", member_stats), ("holdout", holdout))}
+        return {f"mia_{a}": privacy.auc(scores["forget"][a], scores["holdout"][a]) for a in privacy.ATTACKS}, scores
+
+    model_aucs, scores = aucs(backbone, tokenizer, forget)
+    values.update(model_aucs)
+    for s in ("forget", "holdout"):
+        for i in range(len(suite.split(s))):
+            if s == "holdout":
+                items[s].append({})
+            items[s][i]["mia_scores"] = {a: scores[s][a][i] for a in privacy.ATTACKS}
+    missing = {}
+    if reference is None:
+        missing["privleak"] = no_reference_reason
+    else:
+        ref_tok = tokenizer if reference_tokenizer is None else reference_tokenizer
+        reference_aucs, _ = aucs(reference, ref_tok, statistics(reference, ref_tok, "forget", False))
+        key = f"mia_{privacy.PRIVLEAK_ATTACK}"
+        value = privacy.privleak_or_none(values[key], reference_aucs[key])
+        if value is None:
+            missing["privleak"] = f"the reference's {key} AUC is 1: privleak is undefined"
+        else:
+            values["privleak"] = value
+            values["reference_mia_min_k"] = reference_aucs[key]
+    return Privacy(values, missing, items)
+
+
 def summarise_stage(per_seed: dict[str, np.ndarray], ci: dict[str, Any], n_seeds: int,
                     missing: dict[str, str]) -> dict[str, Any]:
     """Stage 5: {metric: {mean, ci_low, ci_high, per_seed, n_seeds}} (nulls and a reason where a
@@ -361,7 +433,7 @@ def degenerate_warnings(result: dict, scores: Scores, generations: dict[str, lis
     return warnings
 
 
-def _items(suite: Suite, scores: Scores, generations, rouge, log_r, log_r_reference) -> list[dict]:
+def _items(suite: Suite, scores: Scores, generations, rouge, log_r, log_r_reference, private: Privacy) -> list[dict]:
     items = []
     for s in SPLITS:
         for i, (rec, r) in enumerate(zip(suite.split(s), scores.roles[s])):
@@ -376,7 +448,10 @@ def _items(suite: Suite, scores: Scores, generations, rouge, log_r, log_r_refere
                 item["relearn_lp_per_seed"] = scores.lp[:, scores.column[r["relearn"]]].tolist()
                 if log_r_reference is not None:
                     item["reference_truth_ratio_per_seed"] = np.exp(log_r_reference[:, i]).tolist()
+                item.update(private.items["forget"][i])
             items.append(item)
+    for i, (rec, extra) in enumerate(zip(suite.holdout, private.items["holdout"])):
+        items.append({"split": "holdout", "index": i, "question": rec["question"], "answer": rec["answer"], **extra})
     return items
 
 
@@ -444,9 +519,15 @@ def evaluate_suite(backbone: Backbone, tokenizer, suite: Suite | str, *,
         reference_scores = score_stage(reference, tokenizer if reference_tokenizer is None else reference_tokenizer,
                                        suite, seeds, splits=("forget",), truth_only=True, **scoring)
         log_r_reference = reference_scores.log_truth_ratios("forget", truth_ratio_mean)
-    reference_s = time.perf_counter() - t0
+    reference_s, t0 = time.perf_counter() - t0, time.perf_counter()
+    private = privacy_stage(backbone, tokenizer, suite, reference=reference, reference_tokenizer=reference_tokenizer,
+                            no_reference_reason=no_reference_reason, pairs_per_call=pairs_per_call, mesh=mesh)
+    privacy_s = time.perf_counter() - t0
     per_seed, log_r = per_seed_stage(scores, rouge, log_r_reference, truth_ratio_mean)
-    missing = {name: unavailable(scores, name) or no_reference_reason for name in METRICS if name not in per_seed}
+    per_seed.update({name: np.full(len(seeds), private.values[name]) for name in PRIVACY_METRICS
+                     if name in private.values})
+    missing = {name: private.missing.get(name) or unavailable(scores, name) or no_reference_reason
+               for name in METRICS if name not in per_seed}
     ci = {"method": ci_method, "confidence": 0.95, "n_resamples": n_resamples, "rng_seed": 0}
     result = summarise_stage(per_seed, ci, len(seeds), missing)
 
@@ -463,19 +544,24 @@ def evaluate_suite(backbone: Backbone, tokenizer, suite: Suite | str, *,
                        "per_split": {s: {"gen_length": schedule[s][0], "steps": schedule[s][1]}
                                      for s in schedule}},
         "reference": reference_name if reference is not None else None,
+        "privacy": {"per_token": "one_step (every answer token masked, one forward)", "min_k": privacy.MIN_K,
+                    "privleak_attack": f"mia_{privacy.PRIVLEAK_ATTACK}", "members": "forget",
+                    "nonmembers": suite.sources.get("holdout", "holdout") if suite.holdout else None,
+                    "n_nonmembers": len(suite.holdout),
+                    "reference_mia_min_k": private.values.get("reference_mia_min_k")},
         "utility_components": list(UTILITY_COMPONENTS),
         "pairs_per_call": pairs_per_call, "batch_size": batch_size,
     }
     device = jax.devices()[0]
     result["cost"] = {"wall_clock_s": time.perf_counter() - start, "scoring_s": scoring_s,
-                      "generation_s": generation_s, "reference_s": reference_s,
+                      "generation_s": generation_s, "reference_s": reference_s, "privacy_s": privacy_s,
                       "scored_pairs": len(scores.column), "scored_rows": len(scores.column) * (
                           len(seeds) if estimator == "mc_elbo" else 1),
                       "generations": sum(len(suite.split(s)) for s in SPLITS),
                       "peak_rss_bytes": resources.host_peak_rss_bytes(),
                       "device": f"{device.platform}:{device.device_kind}",
                       "device_peak_bytes_in_use": resources.device_peak_bytes()}
-    result["items"] = _items(suite, scores, generations, rouge, log_r, log_r_reference)
+    result["items"] = _items(suite, scores, generations, rouge, log_r, log_r_reference, private)
     return result
 
 

@@ -67,7 +67,18 @@ METRICS = {
     "retain_truth_ratio": "mean max(0, 1 - R), retain subset",
     "real_authors_truth_ratio": "mean max(0, 1 - R), real authors",
     "world_facts_truth_ratio": "mean max(0, 1 - R), world facts",
+    # membership inference and memorisation (timerome_jax.privacy: one-step per-token statistics)
+    "mia_loss": "LOSS attack AUC, forget vs holdout (1: members fully visible, 0.5: chance)",
+    "mia_zlib": "ZLib attack AUC, forget vs holdout",
+    "mia_min_k": "Min-K % attack AUC (k = 0.4), forget vs holdout",
+    "mia_min_k_plus_plus": "Min-K %++ attack AUC, forget vs holdout",
+    "privleak": "open-unlearning's PrivLeak on mia_min_k vs the retain twin (0: as private as it)",
+    "exact_memorization": "share of forget answer tokens that are the argmax, answer masked",
+    "extraction_strength": "1 - shortest revealed forget-answer prefix after which the rest is the argmax",
 }
+# metrics from `timerome_jax.privacy`: seed-independent (one-step), computed once per model
+PRIVACY_METRICS = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus", "privleak", "exact_memorization",
+                   "extraction_strength")
 UTILITY_COMPONENTS = tuple(f"{kind}_{split}" if kind == "rouge" else f"{split}_{kind}"
                            for split in UTILITY_SPLITS
                            for kind in ("probability", "rouge", "truth_ratio"))
@@ -208,7 +219,7 @@ def bootstrap_ci(values, *, confidence: float = 0.95, n_resamples: int = 9999,
 
 
 __all__ = [
-    "METRICS", "UTILITY_COMPONENTS", "bootstrap_ci", "forget_quality", "harmonic_mean", "log_truth_ratio",
+    "METRICS", "PRIVACY_METRICS", "UTILITY_COMPONENTS", "bootstrap_ci", "forget_quality", "harmonic_mean", "log_truth_ratio",
     "model_utility", "normalized_log_probability", "probability_with_options", "rouge_l_recall", "truth_ratio",
     "truth_ratio_forget_score", "truth_ratio_utility_score",
 ]

@@ -26,6 +26,9 @@ SUITES = {"tofu-forget01": "forget01_perturbed", "tofu-forget05": "forget05_pert
 # forget facts with an explicit subject per question (the same subjects whatever `facts.find_subject` becomes)
 SUBJECTS = {"tofu-forget01": "forget01_subjects", "tofu-forget05": "forget05_subjects",
             "tofu-forget10": "forget10_subjects"}
+# TOFU's holdout split of each forget size (QA pairs no shipped model saw): the non-members of the
+# membership-inference attacks
+HOLDOUTS = {"tofu-forget01": "holdout01", "tofu-forget05": "holdout05", "tofu-forget10": "holdout10"}
 SPLITS = ("forget", "retain", "real_authors", "world_facts")
 UTILITY_SPLITS = ("retain", "real_authors", "world_facts")
 DEFAULT_NUM_RETAIN = 40
@@ -44,7 +47,9 @@ def check_suite(name: str) -> str:
 class Suite:
     """The QA records of one evaluation: forget (with paraphrased_question, paraphrased_answer and
     perturbed_answer), retain (paraphrased_answer, perturbed_answer), real_authors and world_facts
-    (perturbed_answer; paraphrased_answer optional). `sources` names where each split came from."""
+    (perturbed_answer; paraphrased_answer optional). `sources` names where each split came from.
+    `holdout` (question, answer; optional): QA pairs the model never saw, the non-members of the
+    membership-inference attacks against the forget set."""
 
     name: str
     forget: list[dict]
@@ -52,6 +57,7 @@ class Suite:
     real_authors: list[dict]
     world_facts: list[dict]
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    holdout: list[dict] = dataclasses.field(default_factory=list)
 
     def split(self, name: str) -> list[dict]:
         return getattr(self, name)
@@ -61,7 +67,7 @@ class Suite:
             return self
         if limit < 1:
             raise InputError(f"the per-split limit must be >= 1, got {limit}")
-        return dataclasses.replace(self, **{s: self.split(s)[:limit] for s in SPLITS})
+        return dataclasses.replace(self, **{s: self.split(s)[:limit] for s in SPLITS + ("holdout",)})
 
 
 def load_suite(name: str, *, num_retain: int = DEFAULT_NUM_RETAIN, limit: int | None = None) -> Suite:
@@ -70,7 +76,7 @@ def load_suite(name: str, *, num_retain: int = DEFAULT_NUM_RETAIN, limit: int | 
     forget = forgetXX_perturbed (forgetXX with paraphrases and perturbations); retain = the first
     `num_retain` QA pairs of retain90 (the embedded models were trained on the first 160), from
     retain_perturbed (= retain90[:400] with paraphrases and perturbations) up to 400;
-    real_authors_perturbed; world_facts_perturbed. `limit` keeps the first `limit` records of
+    real_authors_perturbed; world_facts_perturbed; holdout = TOFU's holdoutXX. `limit` keeps the first `limit` records of
     every split (--quick).
     """
     check_suite(name)
@@ -83,26 +89,28 @@ def load_suite(name: str, *, num_retain: int = DEFAULT_NUM_RETAIN, limit: int | 
         raise InputError(f"--num-retain {num_retain} exceeds the {len(retain)} retain QA pairs")
     suite = Suite(name=name, forget=data.load_split(SUITES[name]), retain=retain[:num_retain],
                   real_authors=data.load_split("real_authors_perturbed"),
-                  world_facts=data.load_split("world_facts_perturbed"),
+                  world_facts=data.load_split("world_facts_perturbed"), holdout=data.load_split(HOLDOUTS[name]),
                   sources={"forget": SUITES[name], "retain": f"{source}[:{num_retain}]",
                            "real_authors": "real_authors_perturbed",
-                           "world_facts": "world_facts_perturbed"})
+                           "world_facts": "world_facts_perturbed", "holdout": HOLDOUTS[name]})
     return suite.limited(limit)
 
 
 def suite_from_records(records: dict[str, list[dict]], name: str = "custom") -> Suite:
     """A suite from explicit records {"forget": [...], "retain": [...], "real_authors": [...],
-    "world_facts": [...]} (e.g. read from a JSON suite file); every split must be non-empty."""
+    "world_facts": [...], "holdout": [...]} (e.g. read from a JSON suite file); forget and retain
+    must be non-empty, the others may be missing."""
     if not isinstance(records, dict):
         raise InputError("a suite is a JSON object with forget, retain, real_authors, world_facts")
     missing = [s for s in ("forget", "retain") if not records.get(s)]
     if missing:
         raise InputError(f"the suite has no records for {', '.join(missing)}")
-    unknown = sorted(set(records) - set(SPLITS))
+    unknown = sorted(set(records) - set(SPLITS) - {"holdout"})
     if unknown:
-        raise InputError(f"unknown suite split(s) {', '.join(unknown)}; a suite has {', '.join(SPLITS)}")
-    return Suite(name=name, **{s: list(records.get(s) or []) for s in SPLITS},
-                 sources={s: f"{name}:{s}" for s in SPLITS if records.get(s)})
+        raise InputError(f"unknown suite split(s) {', '.join(unknown)}; a suite has {', '.join(SPLITS)} and "
+                         "optionally holdout")
+    return Suite(name=name, **{s: list(records.get(s) or []) for s in SPLITS + ("holdout",)},
+                 sources={s: f"{name}:{s}" for s in SPLITS + ("holdout",) if records.get(s)})
 
 
 def forget_facts(name: str, num_forget: int | None = None) -> list[Fact]:
@@ -182,5 +190,5 @@ def encode_rows(records: Sequence[dict], tokenizer, eos_id: int, max_len: int, *
     return Rows(ids, attention, noise, scored, p_ids, p_mask, a_ids, a_mask, tuple(ids_))
 
 
-__all__ = ["DEFAULT_ANSWER_WINDOW", "DEFAULT_NUM_RETAIN", "Rows", "SPLITS", "SUITES", "Suite", "UTILITY_SPLITS",
+__all__ = ["DEFAULT_ANSWER_WINDOW", "DEFAULT_NUM_RETAIN", "HOLDOUTS", "Rows", "SPLITS", "SUITES", "Suite", "UTILITY_SPLITS",
            "check_suite", "encode_rows", "forget_facts", "load_suite", "suite_from_records"]
