@@ -464,7 +464,7 @@ def evaluate_suite(backbone: Backbone, tokenizer, suite: Suite | str, *,
                    limit: int | None = None, generation: GenerationConfig = GenerationConfig(),
                    pairs_per_call: int = 8, batch_size: int = 32, ci_method: str = "percentile",
                    n_resamples: int = 9999, progress: Callable | None = None,
-                   mesh=None) -> dict[str, Any]:
+                   stage: Callable[[str], None] | None = None, mesh=None) -> dict[str, Any]:
     """Every metric of `METRICS` on one suite, per seed, with bootstrap CIs (module docstring).
 
     Args:
@@ -482,6 +482,8 @@ def evaluate_suite(backbone: Backbone, tokenizer, suite: Suite | str, *,
       pairs_per_call, batch_size: pairs per compiled call, sequences per forward.
       ci_method, n_resamples: the bootstrap.
       progress: optional wrapper over the list of scoring calls (e.g. tqdm).
+      stage: optional callback, called with a line naming each stage as it starts (progress of a
+        long evaluation).
       mesh: a `jax.sharding.Mesh` that `backbone` (and `reference`) are loaded onto: the LP rows
         are split over its 'data' axis, `pairs_per_call` per data shard; the greedy generation
         runs on the mesh as one program (replicated rows). None: one device.
@@ -508,18 +510,23 @@ def evaluate_suite(backbone: Backbone, tokenizer, suite: Suite | str, *,
     scoring = dict(estimator=estimator, mc_samples=mc_samples, pairs_per_call=pairs_per_call, batch_size=batch_size,
                    progress=progress, mesh=mesh)
 
+    stage = stage or (lambda line: None)
     t0 = time.perf_counter()
+    stage(f"scoring {suite.name} under {len(seeds)} seed(s)")
     scores = score_stage(backbone, tokenizer, suite, seeds, **scoring)
     scoring_s, t0 = time.perf_counter() - t0, time.perf_counter()
+    stage(f"greedy generation of {sum(len(suite.split(s)) for s in SPLITS)} answers")
     generations, schedule = generate_stage(backbone, tokenizer, suite, generation)
     rouge = {s: [rouge_l_recall(g, r["answer"]) for g, r in zip(generations[s], suite.split(s))] for s in SPLITS}
     generation_s, t0 = time.perf_counter() - t0, time.perf_counter()
     log_r_reference = None
     if reference is not None and scores.has("forget", "true"):
+        stage(f"reference {reference_name or ''}: forget-set truth ratios")
         reference_scores = score_stage(reference, tokenizer if reference_tokenizer is None else reference_tokenizer,
                                        suite, seeds, splits=("forget",), truth_only=True, **scoring)
         log_r_reference = reference_scores.log_truth_ratios("forget", truth_ratio_mean)
     reference_s, t0 = time.perf_counter() - t0, time.perf_counter()
+    stage(f"membership inference ({len(suite.forget)} forget vs {len(suite.holdout)} holdout) and memorisation")
     private = privacy_stage(backbone, tokenizer, suite, reference=reference, reference_tokenizer=reference_tokenizer,
                             no_reference_reason=no_reference_reason, pairs_per_call=pairs_per_call, mesh=mesh)
     privacy_s = time.perf_counter() - t0

@@ -5,7 +5,9 @@
 
 Writes DIR/metrics.json (one entry per metric with mean, ci_low, ci_high, per_seed; 'config'; 'cost'
 with the measured wall-clock and peak memory) and DIR/items.jsonl (per QA pair: generation, ROUGE-L,
-LP per seed), and prints the metrics as a table. Definitions: `timerome_jax.metrics`,
+LP per seed), and prints the metrics as a table. `--format open-unlearning` also writes
+TOFU_EVAL.json and TOFU_SUMMARY.json (`timerome_jax.open_unlearning`); `--plot` writes
+DIR/summary.png (`plots.evaluation_summary`). Definitions: `timerome_jax.metrics`,
 docs/evaluation.md. With --mesh the models are loaded onto the mesh and the scored QA rows are
 split over its 'data' axis (--pairs-per-call then counts rows per data shard); the numbers equal
 the single-device run's (docs/scaling.md).
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import ports
 from ports.fileio import atomic_directory
-from timerome_jax import evaluate, likelihood, sampler, suites
+from timerome_jax import evaluate, likelihood, open_unlearning, plots, sampler, suites
 from timerome_jax import memory as mem
 from timerome_jax.commands._mesh import Placement, add_mesh_argument
 from timerome_jax.errors import InputError
@@ -65,6 +67,9 @@ def register(sub, common) -> None:
                    help="QA pairs per compiled call (per data shard with --mesh)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward")
     p.add_argument("--ci-method", choices=("percentile", "BCa"), default="percentile")
+    p.add_argument("--format", default="timerome", help="timerome (metrics.json, items.jsonl) | open-unlearning "
+                   "(also TOFU_EVAL.json and TOFU_SUMMARY.json with open-unlearning's metric names)")
+    p.add_argument("--plot", action="store_true", help="also write summary.png (forget vs retain, MIA AUCs)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_mesh_argument(p)
@@ -119,6 +124,7 @@ def load_model(args: argparse.Namespace, placement: Placement):
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     settings = resolve_settings(args)
+    open_unlearning.check_format(args.format)
     likelihood.check_method(args.estimator, settings["mc_samples"], args.batch_size)
     if args.pairs_per_call < 1:
         raise InputError(f"--pairs-per-call must be >= 1, got {args.pairs_per_call}")
@@ -140,15 +146,23 @@ def run(args: argparse.Namespace) -> int:
         no_reference_reason=reason, truth_ratio_mean=args.truth_ratio_mean, limit=settings["limit"],
         generation=generation, pairs_per_call=args.pairs_per_call, batch_size=args.batch_size,
         ci_method=args.ci_method, mesh=placement.mesh,
-        progress=lambda calls: tqdm(calls, desc="scoring", unit="call", file=sys.stderr, leave=False))
+        progress=lambda calls: tqdm(calls, desc="scoring", unit="call", file=sys.stderr, leave=False),
+        stage=lambda name: print(f"timerome eval: {name}", file=sys.stderr))
     items = result.pop("items")
     result["config"].update({"model": args.model, "memory": args.memory, "params": args.params,
                              "fingerprint": backbone.fingerprint(), "quick": bool(args.quick),
-                             "limit": settings["limit"], "mesh": args.mesh})
+                             "limit": settings["limit"], "mesh": args.mesh, "format": args.format})
     result["cost"]["process_wall_clock_s"] = time.perf_counter() - start
     with atomic_directory(out, overwrite=args.overwrite) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
         (tmp / "items.jsonl").write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items))
+        if args.format == "open-unlearning":
+            for name, doc in zip((open_unlearning.EVAL_FILE, open_unlearning.SUMMARY_FILE),
+                                 open_unlearning.documents(result, items)):
+                (tmp / name).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        if args.plot:
+            plots.evaluation_summary(result, tmp / "summary.png", title=f"{args.memory or args.params or args.model}"
+                                     f" on {suite.name}")
     print(evaluate.metric_table(result))
     for warning in result["warnings"]:
         print(f"timerome eval: warning: {warning}", file=sys.stderr)
