@@ -167,3 +167,54 @@ def test_memory_and_params_are_exclusive(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["eval", "--memory", "m", "--params", "p", "--out", str(tmp_path / "o")])
     assert e.value.code == 2
+
+
+def mapping_table() -> dict[str, str | None]:
+    """docs/evaluation.md's table of metric names: ours -> open-unlearning's (None: ours only)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    section = text[text.index("<!-- open-unlearning names"):]
+    rows = {}
+    for line in section.splitlines()[3:]:
+        if not line.startswith("| `"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        theirs = cells[1].strip("`") if cells[1].startswith("`") else None
+        rows[cells[0].strip("`")] = theirs
+    return rows
+
+
+def test_open_unlearning_format(tiny_model_dir_with_tokenizer, suite_file, tmp_path, capsys):
+    from timerome_jax import open_unlearning
+
+    table = mapping_table()
+    assert set(table) == set(metrics.METRICS)
+    assert {k: v for k, v in table.items() if v} == open_unlearning.NAMES
+    out = tmp_path / "ou"
+    code, _, err = run_eval(capsys, "--model", tiny_model_dir_with_tokenizer, "--suite", suite_file, "--reference",
+                            tiny_model_dir_with_tokenizer, *SMALL, "--format", "open-unlearning", "--plot",
+                            "--out", out)
+    assert code == 0, err
+    evaluation = json.loads((out / "TOFU_EVAL.json").read_text())
+    summary = json.loads((out / "TOFU_SUMMARY.json").read_text())
+    doc = json.loads((out / "metrics.json").read_text())
+    for ours, theirs in table.items():
+        name = theirs or ours
+        assert name in evaluation, name
+        assert evaluation[name]["agg_value"] == doc[ours]["mean"], name
+    assert set(summary) == set(open_unlearning.SUMMARY)
+    for name in ("forget_quality", "model_utility", "forget_truth_ratio", "privleak", "extraction_strength"):
+        assert name in summary
+    assert summary["forget_quality"] == 1.0                       # the model is its own reference
+    # per-item values: their keys, and the aggregate is their mean
+    probs = [v["prob"] for v in evaluation["forget_Q_A_Prob"]["value_by_index"].values()]
+    assert evaluation["forget_Q_A_Prob"]["agg_value"] == pytest.approx(np.mean(probs))
+    scores = [v["score"] for v in evaluation["forget_truth_ratio"]["value_by_index"].values()]
+    assert len(scores) == 2 and all(s > 0 for s in scores)
+    assert set(evaluation["mia_min_k"]) >= {"agg_value", "auc", "forget", "holdout"}
+    assert len(evaluation["mia_min_k"]["holdout"]["value_by_index"]) == 2
+    assert (out / "summary.png").stat().st_size > 10_000
+    # a bad --format: one line, exit 2, nothing written
+    code, _, err = run_eval(capsys, "--model", tiny_model_dir_with_tokenizer, "--suite", suite_file,
+                            "--format", "tofu", "--out", tmp_path / "bad")
+    assert code == 2 and "unknown --format 'tofu'" in err and err.strip().count("\n") == 0
+    assert not (tmp_path / "bad").exists()
