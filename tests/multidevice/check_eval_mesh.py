@@ -98,7 +98,9 @@ def _assert_same_evaluation(out_dir, expected):
     assert doc["config"]["mesh"] == PROFILE and doc["config"]["seeds"] == list(SEEDS)
     assert len(items) == len(expected["items"])
     for got, want in zip(items, expected["items"]):
-        assert got["generation"] == want["generation"]  # generation runs replicated on the mesh
+        assert got["split"] == want["split"] and got.get("generation") == want.get("generation")  # replicated
+        for attack, score in want.get("mia_scores", {}).items():     # forget and holdout: the privacy stage
+            np.testing.assert_allclose(got["mia_scores"][attack], score, **TOL, err_msg=attack)
         for key in ("lp_per_seed", "truth_ratio_per_seed", "paraphrase_lp_per_seed", "relearn_lp_per_seed",
                     "reference_truth_ratio_per_seed"):
             if key in want:
