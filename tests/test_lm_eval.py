@@ -16,7 +16,7 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 import ports  # noqa: E402
-from timerome_jax import api, cli, data, likelihood, tokenization  # noqa: E402
+from timerome_jax import api, cli, data, likelihood, sampler, tokenization  # noqa: E402
 from timerome_jax import lm_eval_model as lem  # noqa: E402
 from timerome_jax.errors import InputError  # noqa: E402
 
@@ -70,6 +70,16 @@ def test_rolling_and_generation(tiny_lm):
     assert full == api.generate_answers(tiny_lm.backbone, tiny_lm.tokenizer, [ids], gen_length=8, steps=4,
                                         block_length=8, batch_size=16, pad_id=tiny_lm.pad_id)[0]
     assert cut == (full[:full.index("the")] if "the" in full else full)
+    # max_gen_toks caps the answer at its first tokens (the canvas stays gen_length = 8)
+    capped = [Instance(request_type="generate_until", doc={}, idx=0,
+                       arguments=("who wrote the book ?", {"until": [], "max_gen_toks": m})) for m in (3, 100)]
+    row = np.asarray(sampler.sample_many(tiny_lm.backbone, [list(ids)], jax.random.key(0), pad_id=tiny_lm.pad_id,
+                                         gen_length=8, steps=4, block_length=8))[0]
+    three, hundred = tiny_lm.generate_until(capped, disable_tqdm=True)
+    assert three == data.decode_answer(tiny_lm.tokenizer, row[:3]) and hundred == full
+    with pytest.raises(InputError, match="max_gen_toks must be a positive integer"):
+        tiny_lm.generate_until([Instance(request_type="generate_until", doc={}, idx=0,
+                                         arguments=("who ?", {"until": [], "max_gen_toks": 0}))], disable_tqdm=True)
 
 
 def test_memory_lowers_the_loglikelihood_of_its_facts(tmp_path_factory):
@@ -130,3 +140,19 @@ def test_model_args_are_checked(tiny_model_dir_with_tokenizer):
                                                {"batch_size": 8, "device": None})
     assert lm.mc_num == 3 and lm.batch_size == 8
     assert tokenization.pad_token_id(lm.tokenizer, lm.backbone) == lm.pad_id
+
+
+def test_lm_eval_own_cli_runs_the_registered_model(tmp_path, monkeypatch):
+    """`timerome-lm-eval` is lm-eval's command line with `timerome` registered and the shipped
+    tasks on the include path."""
+    from timerome_jax.commands import lmeval
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lmeval.harness_main(["run", "--model", "timerome", "--model_args", "pretrained=tofu-tiny,mc_num=2",
+                         "--tasks", "tofu_real_authors_mc", "--limit", "2", "--batch_size", "8",
+                         "--output_path", str(tmp_path / "out")])
+    (written,) = list((tmp_path / "out").rglob("results_*.json"))
+    doc = json.loads(written.read_text())
+    assert doc["results"]["tofu_real_authors_mc"]["sample_len"] == 2
+    assert doc["config"]["model"] == "timerome"

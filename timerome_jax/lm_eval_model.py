@@ -32,8 +32,10 @@ The three request types, as LLaDA's lm-eval adapter defines them for an MDLM:
   token); the sum over windows.
 * `generate_until(context, gen_kwargs)`: the masked-diffusion sampler (`sampler.sample_many`,
   low-confidence remasking, greedy unless gen_kwargs ask for sampling) with the model_args
-  schedule (`max_gen_toks` is not used: the sampler's length is fixed), decoded up to the first
-  end-of-text, then cut at the first `until` string.
+  schedule, decoded up to the first end-of-text, then cut at the first `until` string. The
+  sampler's canvas is `gen_length` tokens for every request (one compiled shape); a request's
+  `max_gen_toks` caps the answer at its first `max_gen_toks` tokens (a cap above `gen_length`
+  cannot lengthen it: raise `gen_length`).
 
 `task_manager()` indexes the offline tasks shipped in `timerome_jax/data/lm_eval_tasks/` (built
 from the packaged TOFU data; nothing is downloaded) plus any `include_paths`; `evaluate_tasks`
@@ -77,7 +79,7 @@ def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise InputError(f"model_args {name} must be a positive integer, got {value!r}")
+        raise InputError(f"{name if ' ' in name else 'model_args ' + name} must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -200,11 +202,13 @@ class TimeromeLM(LM):
         G = self.schedule["gen_length"]
         if G >= self.max_len:
             raise InputError(f"gen_length {G} leaves no room for a prompt in the model's maximum length {self.max_len}")
-        prompts, stops, temperature = [], [], None
-        for req in requests:
+        prompts, stops, caps, temperature = [], [], [], None
+        for i, req in enumerate(requests):
             context, kwargs = req.args[0], dict(req.args[1] if len(req.args) > 1 else {})
             until = kwargs.get("until") or []
             stops.append([until] if isinstance(until, str) else list(until))
+            cap = kwargs.get("max_gen_toks")
+            caps.append(G if cap is None else min(G, _positive_int(f"generate_until request {i}: max_gen_toks", cap)))
             t = float(kwargs.get("temperature", 0.0) or 0.0) if kwargs.get("do_sample", False) else 0.0
             if temperature is not None and t != temperature:
                 raise InputError("generate_until requests of one call must share one temperature")
@@ -214,8 +218,8 @@ class TimeromeLM(LM):
                                   batch_size=self.batch_size, temperature=temperature or 0.0,
                                   progress=_requests_progress(disable_tqdm, "generate_until"), **self.schedule)
         out = []
-        for row, until in zip(ids, stops):
-            text = data.decode_answer(self.tokenizer, row)
+        for row, until, cap in zip(ids, stops, caps):
+            text = data.decode_answer(self.tokenizer, row[:cap])
             cut = min((text.find(u) for u in until if u and u in text), default=len(text))
             out.append(text[:cut])
         return out

@@ -7,6 +7,11 @@ Runs `lm_eval.simple_evaluate` (`api.lm_evaluate`; needs the `[lmeval]` extra) a
 results JSON to DIR/results.json (atomically), then prints lm-eval's table. The Hugging Face Hub
 is off (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) unless --allow-download: the shipped tasks are built
 from the packaged TOFU data; lm-eval's standard tasks (hellaswag, gsm8k, ...) need the Hub.
+
+The same model also runs under lm-eval's own command line: `timerome-lm-eval` (`harness_main`) is
+`lm-eval` with the `timerome` model registered and, unless `--include_path` is given, the shipped
+tasks on the include path, e.g. `timerome-lm-eval run --model timerome --model_args
+pretrained=DIR,mc_num=128 --tasks hellaswag` (as LLaDA's `eval_llada.py` wraps `cli_evaluate`).
 """
 
 from __future__ import annotations
@@ -66,3 +71,24 @@ def run(args: argparse.Namespace) -> int:
         print(make_table(results, "groups"))
     print(f"wrote {out / 'results.json'}", file=sys.stderr)
     return 0
+
+
+def harness_main(argv: list[str] | None = None) -> None:
+    """`timerome-lm-eval`: lm-evaluation-harness's own CLI (`lm-eval run|ls|validate ...`) with the
+    `timerome` model registered; the shipped task directory is the include path unless
+    `--include_path` is given (lm-eval's CLI takes one)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        from timerome_jax import lm_eval_model   # registers the model `timerome`
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "lm_eval":
+            raise
+        print("timerome-lm-eval: lm-evaluation-harness is not installed: pip install -e '.[lmeval]'", file=sys.stderr)
+        raise SystemExit(2) from None
+    from lm_eval.__main__ import cli_evaluate
+
+    wants_tasks = not argv or argv[0] not in ("-h", "--help")
+    if wants_tasks and not any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
+        argv += ["--include_path", str(lm_eval_model.tasks_dir())]
+    sys.argv = ["timerome-lm-eval", *argv]
+    cli_evaluate()
