@@ -75,11 +75,11 @@ def tasks_dir() -> Path:
     return Path(str(resources.files("timerome_jax").joinpath("data", "lm_eval_tasks")))
 
 
-def _positive_int(name: str, value: Any) -> int:
+def _positive_int(label: str, value: Any) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise InputError(f"{name if ' ' in name else 'model_args ' + name} must be a positive integer, got {value!r}")
+        raise InputError(f"{label} must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -109,8 +109,8 @@ class TimeromeLM(LM):
         if unknown:
             raise InputError(f"unknown model_args {', '.join(sorted(unknown))}; the {MODEL_NAME} model takes "
                              f"{', '.join(MODEL_ARGS)}")
-        self.mc_num = _positive_int("mc_num", mc_num)
-        self.batch_size = _positive_int("batch_size", 32 if batch_size == "auto" else batch_size)
+        self.mc_num = _positive_int("model_args mc_num", mc_num)
+        self.batch_size = _positive_int("model_args batch_size", 32 if batch_size == "auto" else batch_size)
         if isinstance(seed, str) and seed.strip().isdigit():
             seed = int(seed)
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
@@ -119,7 +119,7 @@ class TimeromeLM(LM):
         likelihood.check_method(estimator, self.mc_num, self.batch_size)
         self.estimator = estimator
         given = {"gen_length": gen_length, "steps": steps, "block_length": block_length}
-        given = {k: None if v is None else _positive_int(k, v) for k, v in given.items()}
+        given = {k: None if v is None else _positive_int(f"model_args {k}", v) for k, v in given.items()}
         if None not in given.values():
             sampler.check_schedule(**given)
         if memory is not None and not Path(str(memory)).is_dir():
