@@ -1,4 +1,4 @@
-"""TOFU data shipped with the package, and the one prompt format every model here is trained with.
+"""Data shipped with the package (TOFU, a CounterFact subset), and the one prompt format every model here is trained with.
 
 Splits (`timerome_jax/data/tofu/<name>.jsonl`, one JSON object per line; provenance and checksums in
 `timerome_jax/data/tofu/PROVENANCE.md` and `SHA256SUMS`): `full`, `retain90/95/99`,
@@ -6,6 +6,16 @@ Splits (`timerome_jax/data/tofu/<name>.jsonl`, one JSON object per line; provena
 `world_facts` (+ `_perturbed`), and `forget01_subjects` (forget01 with a `subject` per question).
 Every record has `question` and `answer`; the `_perturbed` splits add `paraphrased_question`,
 `paraphrased_answer` and/or `perturbed_answer`.
+
+`counterfact` (`timerome_jax/data/counterfact/counterfact.jsonl`, provenance and licence in its
+PROVENANCE.md): the first 400 records of CounterFact's MEND/EasyEdit "edit" file, verbatim.
+
+Views (`VIEWS`): splits derived from a shipped file by choosing its fields, so each fact has one
+source. `forget01/05/10_paraphrased` and `retain_paraphrased` ask the `_perturbed` records'
+`paraphrased_question` with the original answer (row n of a view is row n of its source: the
+paraphrase of `retain90[n]` is `retain_paraphrased[n]` for n < 400); `counterfact_prompt`,
+`counterfact_rephrase`, `counterfact_locality` and `counterfact_rewrite` are prompt/subject/target
+facts (completion style: `facts.Fact` with kind "prompt").
 
 Prompt format (training, generation and evaluation must agree, so they all call these functions):
 
@@ -28,37 +38,58 @@ from typing import Any, Sequence
 
 from timerome_jax.errors import InputError
 
-_TOFU = "tofu"
+_DATASETS = ("tofu", "counterfact")   # package data folders; each <name>.jsonl in them is a split
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 
+_PARAPHRASED = {"question": "paraphrased_question", "answer": "answer"}
+# view name -> (source split, {field of the view: field of the source record})
+VIEWS: dict[str, tuple[str, dict[str, str]]] = {
+    **{f"forget{n}_paraphrased": (f"forget{n}_perturbed", _PARAPHRASED) for n in ("01", "05", "10")},
+    "retain_paraphrased": ("retain_perturbed", _PARAPHRASED),
+    "counterfact_prompt": ("counterfact", {"prompt": "prompt", "subject": "subject", "target": "ground_truth"}),
+    "counterfact_rephrase": ("counterfact", {"prompt": "rephrase_prompt", "subject": "subject",
+                                             "target": "ground_truth"}),
+    "counterfact_locality": ("counterfact", {"prompt": "locality_prompt", "target": "locality_ground_truth"}),
+    "counterfact_rewrite": ("counterfact", {"prompt": "prompt", "subject": "subject", "target": "target_new"}),
+}
 
-def _tofu_dir():
-    return resources.files(__name__).joinpath(_TOFU)
+
+def _files() -> dict[str, Any]:
+    """{split name: its shipped file}."""
+    out = {}
+    for folder in _DATASETS:
+        for p in resources.files(__name__).joinpath(folder).iterdir():
+            if p.name.endswith(".jsonl"):
+                out[p.name[: -len(".jsonl")]] = p
+    return out
 
 
 def split_names() -> list[str]:
-    """Names `load_split` accepts, sorted."""
-    return sorted(p.name[: -len(".jsonl")] for p in _tofu_dir().iterdir()
-                  if p.name.endswith(".jsonl"))
+    """Names `load_split` accepts (shipped files and views), sorted."""
+    return sorted([*_files(), *VIEWS])
 
 
 def load_split(name: str) -> list[dict[str, Any]]:
-    """The records of one shipped TOFU split, in file order (a fresh list of fresh dicts)."""
-    names = split_names()
-    if name not in names:
-        raise InputError(f"unknown data split {name!r}; known splits: {', '.join(names)}")
-    text = _tofu_dir().joinpath(f"{name}.jsonl").read_text(encoding="utf-8")
+    """The records of one shipped split or view, in file order (a fresh list of fresh dicts)."""
+    if name in VIEWS:
+        source, fields = VIEWS[name]
+        return [{mine: record[theirs] for mine, theirs in fields.items()} for record in load_split(source)]
+    files = _files()
+    if name not in files:
+        raise InputError(f"unknown data split {name!r}; known splits: {', '.join(split_names())}")
+    text = files[name].read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-_SELECTION = re.compile(r"^\s*([A-Za-z0-9_]+)\s*(?:\[\s*(-?\d*)\s*:\s*(-?\d*)\s*\])?\s*$")
+_SELECTION = re.compile(r"^\s*([A-Za-z0-9_]+)\s*(?:\[\s*(-?\d*)\s*:\s*(-?\d*)\s*(?::\s*(-?\d*)\s*)?\])?\s*$")
 
 
 def parse_selection(spec: str) -> list[tuple[str, slice]]:
     """`"forget01,retain90[:160]"` -> [("forget01", slice(None)), ("retain90", slice(None, 160))].
 
-    Items are comma-separated split names, each optionally followed by a Python slice `[a:b]`
-    (file order). Unknown split names and malformed items raise `InputError`.
+    Items are comma-separated split names, each optionally followed by a Python slice `[a:b]` or
+    `[a:b:step]` (file order; e.g. `forget01_paraphrased[::2]`, the even rows). Unknown split
+    names, a zero step and malformed items raise `InputError`.
     """
     items = [s for s in spec.split(",") if s.strip()]
     if not items:
@@ -68,12 +99,14 @@ def parse_selection(spec: str) -> list[tuple[str, slice]]:
     for item in items:
         m = _SELECTION.match(item)
         if not m:
-            raise InputError(f"cannot parse data selection item {item.strip()!r}: expected NAME or "
-                             "NAME[start:stop], e.g. retain90[:160]")
-        name, start, stop = m.group(1), m.group(2), m.group(3)
+            raise InputError(f"cannot parse data selection item {item.strip()!r}: expected NAME, "
+                             "NAME[start:stop] or NAME[start:stop:step], e.g. retain90[:160]")
+        name, start, stop, step = m.groups()
         if name not in names:
             raise InputError(f"unknown data split {name!r}; known splits: {', '.join(names)}")
-        out.append((name, slice(int(start) if start else None, int(stop) if stop else None)))
+        if step and int(step) == 0:
+            raise InputError(f"data selection item {item.strip()!r}: the slice step must not be zero")
+        out.append((name, slice(*(int(v) if v else None for v in (start, stop, step)))))
     return out
 
 
@@ -112,5 +145,5 @@ def decode_answer(tokenizer, answer_ids: Sequence[int], eos_token_id: int | None
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-__all__ = ["PROMPT_TEMPLATE", "decode_answer", "encode_answer", "encode_prompt", "format_prompt",
+__all__ = ["PROMPT_TEMPLATE", "VIEWS", "decode_answer", "encode_answer", "encode_prompt", "format_prompt",
            "load_selection", "load_split", "parse_selection", "split_names"]
