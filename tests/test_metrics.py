@@ -81,6 +81,18 @@ def test_harmonic_mean_and_model_utility_by_hand():
         metrics.model_utility({k: v for k, v in components.items() if k != "retain_probability"})
 
 
+def test_first_words_match_by_hand():
+    assert metrics.first_words_match("French, and English", "French") == 1.0
+    assert metrics.first_words_match("  french", "French") == 1.0            # case and spaces
+    assert metrics.first_words_match("Frenchman", "French") == 0.0           # a word, not a prefix
+    assert metrics.first_words_match("English French", "French") == 0.0      # first, not anywhere
+    assert metrics.first_words_match("New York.", "New York") == 1.0
+    assert metrics.first_words_match("New", "New York") == 0.0
+    assert metrics.first_words_match("", "Paris") == 0.0
+    with pytest.raises(InputError, match="no words"):
+        metrics.first_words_match("Paris", " ... ")
+
+
 def test_rouge_l_recall_by_hand():
     # LCS("the cat on mat", "the cat sat on the mat") = 4 words of 6
     assert metrics.rouge_l_recall("the cat on mat", "the cat sat on the mat") == pytest.approx(4 / 6)

@@ -37,6 +37,7 @@ log-likelihood estimate of `timerome_jax.likelihood`, in nats summed over the |a
 from __future__ import annotations
 
 import functools
+import string
 import warnings
 from typing import Sequence
 
@@ -186,6 +187,21 @@ def rouge_l_recall(generated: str, reference: str) -> float:
     return float(_rouge_scorer().score(reference, generated)["rougeL"].recall)
 
 
+def _words(text: str) -> list[str]:
+    return [w for w in (w.strip(string.punctuation).casefold() for w in text.split()) if w]
+
+
+def first_words_match(generated: str, target: str) -> float:
+    """1.0 when the generation begins with the target's words, else 0.0: the exact match of a
+    completion-style fact (CounterFact's "the ground truth is the first generated word(s)").
+    Words are split on whitespace, compared case-insensitively, punctuation at their ends ignored
+    ("Paris." matches "Paris")."""
+    want = _words(target)
+    if not want:
+        raise InputError(f"the target {target!r} has no words to match")
+    return float(_words(generated)[:len(want)] == want)
+
+
 def bootstrap_ci(values, *, confidence: float = 0.95, n_resamples: int = 9999,
                  method: str = "percentile", rng_seed: int = 0) -> tuple[float, float | None, float | None]:
     """(mean, ci_low, ci_high) of the mean of `values` (one per seed).
@@ -219,7 +235,8 @@ def bootstrap_ci(values, *, confidence: float = 0.95, n_resamples: int = 9999,
 
 
 __all__ = [
-    "METRICS", "PRIVACY_METRICS", "UTILITY_COMPONENTS", "bootstrap_ci", "forget_quality", "harmonic_mean", "log_truth_ratio",
+    "METRICS", "PRIVACY_METRICS", "UTILITY_COMPONENTS", "bootstrap_ci", "first_words_match", "forget_quality",
+    "harmonic_mean", "log_truth_ratio",
     "model_utility", "normalized_log_probability", "probability_with_options", "rouge_l_recall", "truth_ratio",
     "truth_ratio_forget_score", "truth_ratio_utility_score",
 ]
