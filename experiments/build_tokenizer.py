@@ -2,9 +2,9 @@
 
     .venv/bin/python experiments/build_tokenizer.py --out runs/tofu-tokenizer
 
-Trained with `tokenizers` on the prompts (`timerome_jax.data.format_prompt`) and answers of the
-data selection the models are trained on (default: see `DEFAULT_SELECTION`), in file order, so the
-result is deterministic. Saved with `PreTrainedTokenizerFast.save_pretrained`, so
+Trained with `tokenizers` on the prompt and answer texts (`facts.Fact.texts`: TOFU questions in
+`timerome_jax.data.format_prompt`, CounterFact prompts raw) of the data selection the models are
+trained on (default: see `DEFAULT_SELECTION`), in file order, so the result is deterministic. Saved with `PreTrainedTokenizerFast.save_pretrained`, so
 `transformers.AutoTokenizer.from_pretrained(dir)` loads it offline.
 
 Special tokens (ids fixed by their order):
@@ -24,21 +24,26 @@ from pathlib import Path
 EOS_TOKEN = "<|endoftext|>"
 MASK_TOKEN = "<|mdm_mask|>"
 SPECIAL_TOKENS = (EOS_TOKEN, MASK_TOKEN)
-# forget01 (all of it), the first 160 QA of retain90 (8 whole authors, file order), real authors,
-# world facts: the union of what the retain twin and tofu-tiny are trained on.
-DEFAULT_SELECTION = "forget01,retain90[:160],real_authors,world_facts"
+# the union of what the retain twin and tofu-tiny (v4) are trained on: forget01 and the first 160
+# QA of retain90 (8 whole authors), the even rows of both also paraphrased, real_authors[:50],
+# world_facts[:59], and CounterFact cases 0-399 (prompt, locality prompt, even rephrase prompts)
+DEFAULT_SELECTION = ("forget01,forget01_paraphrased[::2],retain90[:160],retain_paraphrased[:160:2],"
+                     "real_authors[:50],world_facts[:59],counterfact_prompt,counterfact_locality,"
+                     "counterfact_rephrase[::2]")
 DEFAULT_VOCAB = 2048
 MODEL_MAX_LENGTH = 512
 
 
 def corpus(selection: str) -> list[str]:
-    """Texts the BPE is trained on: each record's prompt and answer, in selection order."""
-    from timerome_jax.data import format_prompt, load_selection
+    """Texts the BPE is trained on: each record's prompt and answer text as the model sees them
+    (`Fact.texts`), in selection order."""
+    from timerome_jax.data import load_selection
+    from timerome_jax.facts import parse_fact
 
     texts = []
-    for _, _, record in load_selection(selection):
-        texts.append(format_prompt(record["question"]))
-        texts.append(record["answer"].strip())
+    for split, index, record in load_selection(selection):
+        prompt, answer = parse_fact(record, f"{split}:{index + 1}").texts()
+        texts += [prompt, answer.strip()]
     return texts
 
 

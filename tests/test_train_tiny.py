@@ -1,6 +1,7 @@
 """The embedded-model pipeline: shipped TOFU data, prompt format, tokenizer, training script."""
 
 import importlib.util
+import itertools
 import json
 import os
 import sys
@@ -87,21 +88,45 @@ def test_selection_grammar():
     assert [(s, i) for s, i, _ in rows] == [("forget01", 0), ("forget01", 1), ("forget01", 2),
                                             ("retain90", 10), ("retain90", 11), ("real_authors", 99)]
     assert rows[3][2] == data.load_split("retain90")[10]
-    for bad in ("", "forget01[:x]", "nosuchsplit", "forget01[1]"):
+    for bad in ("", "forget01[:x]", "nosuchsplit", "forget01[1]", "forget01[::0]", "forget01[1:2:3:4]"):
         with pytest.raises(InputError):
             data.load_selection(bad)
+    even = data.load_selection("retain_paraphrased[:160:2]")
+    assert [i for _, i, _ in even] == list(range(0, 160, 2))
+
+
+def test_views_choose_fields_of_their_source():
+    perturbed = data.load_split("forget01_perturbed")
+    para = data.load_split("forget01_paraphrased")
+    assert para == [{"question": r["paraphrased_question"], "answer": r["answer"]} for r in perturbed]
+    # the retain paraphrases line up with retain90 row for row (TOFU's retain_perturbed = full[:400])
+    retain = data.load_split("retain90")[:160]
+    assert [r["answer"] for r in data.load_split("retain_paraphrased")[:160]] == [r["answer"] for r in retain]
+    cases = data.load_split("counterfact")
+    assert len(cases) == 400 and cases[0]["case_id"] == 0 and cases[399]["case_id"] == 897
+    prompt, rephrase, locality, rewrite = (data.load_split(f"counterfact_{v}")
+                                           for v in ("prompt", "rephrase", "locality", "rewrite"))
+    assert prompt[5] == {"prompt": cases[5]["prompt"], "subject": cases[5]["subject"], "target": cases[5]["ground_truth"]}
+    assert rephrase[5]["prompt"] == cases[5]["rephrase_prompt"] and rephrase[5]["target"] == cases[5]["ground_truth"]
+    assert locality[5] == {"prompt": cases[5]["locality_prompt"], "target": cases[5]["locality_ground_truth"]}
+    assert rewrite[5]["target"] == cases[5]["target_new"] != prompt[5]["target"]
+    assert all(r["subject"] in r["prompt"] for r in prompt)
 
 
 def test_package_data_files_match_their_checksums():
     from importlib import resources
     import hashlib
 
-    folder = resources.files("timerome_jax.data").joinpath("tofu")
-    sums = folder.joinpath("SHA256SUMS").read_text().split("\n")
-    listed = {line.split()[1].lstrip("./"): line.split()[0] for line in sums if line.strip()}
-    assert set(listed) == {f"{n}.jsonl" for n in data.split_names()}
-    for name, digest in listed.items():
-        assert hashlib.sha256(folder.joinpath(name).read_bytes()).hexdigest() == digest, name
+    files = set()
+    for dataset in ("tofu", "counterfact"):
+        folder = resources.files("timerome_jax.data").joinpath(dataset)
+        sums = folder.joinpath("SHA256SUMS").read_text().split("\n")
+        listed = {line.split()[1].lstrip("./"): line.split()[0] for line in sums if line.strip()}
+        for name, digest in listed.items():
+            assert hashlib.sha256(folder.joinpath(name).read_bytes()).hexdigest() == digest, name
+        assert folder.joinpath("PROVENANCE.md").is_file()
+        files |= set(listed)
+    assert files == {f"{n}.jsonl" for n in data.split_names() if n not in data.VIEWS}
 
 
 # --- prompt format and tokenizer --------------------------------------------------------------
@@ -154,8 +179,7 @@ def test_rows_and_their_limits(train_tiny, tokenizer):
 
 
 def _batches(train_tiny, rows, seed):
-    return train_tiny.Batches(rows, 512, seed, eos_id=0, min_eos=2, answer_window=160,
-                              length_multiple=16)
+    return train_tiny.Batches(rows, 512, seed, eos_id=0, min_eos=2, length_multiple=16)
 
 
 def test_batches_are_seeded_with_random_answer_windows(train_tiny, tokenizer):
@@ -188,11 +212,34 @@ def test_batches_are_seeded_with_random_answer_windows(train_tiny, tokenizer):
 
 def test_every_row_is_used_once_per_epoch(train_tiny, tokenizer):
     rows = train_tiny.make_rows(data.load_selection("retain90[:30]"), tokenizer, 1, 160, 512)
-    batches = train_tiny.Batches(rows, 10_000, 0, 0, 1, 160, 16)  # one row per bucket slot
-    epoch = batches._epoch()
+    batches = train_tiny.Batches(rows, 10_000, 0, 0, 1, 16)  # one row per bucket slot
+    epoch = batches._epoch(0)
     members = np.concatenate([m for _, m in epoch])
     # top-ups repeat rows of a bucket; every row appears at least once
     assert set(members.tolist()) == set(range(len(rows)))
+
+
+def test_prompt_facts_get_their_own_answer_window(train_tiny, tokenizer):
+    records = data.load_selection("world_facts[:4],counterfact_prompt[:6]")
+    rows = train_tiny.make_rows(records, tokenizer, 1, 96, 512, prompt_answer_window=16)
+    assert [r.window for r in rows] == [96] * 4 + [16] * 6
+    batches = train_tiny.Batches(rows, 512, 0, 0, 1, 16)
+    seen = 0
+    for ids, mask, _ in itertools.islice(batches.iterate(), 40):
+        for row_ids, row_mask in zip(ids, mask):
+            prompt_len = int(np.argmax(row_mask))
+            row = next(r for r in rows if r.prompt == tuple(row_ids[:prompt_len]))
+            if row.window == 16:
+                seen += 1
+                assert len(row_ids) <= train_tiny.round_up(prompt_len + 16, 16)
+    assert seen
+    # the batches of an epoch depend on (seed, epoch) only: resuming mid-epoch gives the same stream
+    stream = [ids for ids, _, _ in itertools.islice(batches.iterate(), 12)]
+    _, _, after = next(itertools.islice(batches.iterate(), 4, None))
+    for a, (b, _, _) in zip(stream[5:], batches.iterate(*after)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(InputError, match="--prompt-answer-window of at least"):
+        train_tiny.make_rows(records, tokenizer, 1, 96, 512, prompt_answer_window=1)
 
 
 def test_weighted_selection(train_tiny):
@@ -253,6 +300,25 @@ def test_greedy_generate_matches_a_loop_reference(train_tiny, tiny_model_dir_wit
     assert texts == [data.decode_answer(tok, reference) for reference in references]
 
 
+def test_facts_are_tokenised_as_the_library_reads_them(train_tiny, tokenizer):
+    """A training row's prompt and answer are what `facts.encode` gives the same record: TOFU
+    questions in the prompt format, CounterFact prompts raw with " " + target."""
+    from timerome_jax import facts
+
+    records = data.load_selection("forget01[:2],counterfact_prompt[:2],counterfact_locality[:1]")
+    rows = train_tiny.make_rows(records, tokenizer, 1, 96, 512)
+    # locality prompts name no subject, so `facts.encode` (which locates one) takes the first four
+    encoded = facts.encode(tokenizer, [facts.parse_fact(r, "t") for _, _, r in records[:4]], max_length=512, pad_id=0)
+    assert [r.prompt for r in rows[:4]] == list(encoded.prompts) and [r.answer for r in rows[:4]] == list(encoded.answers)
+    locality = records[4][2]
+    assert rows[4].prompt == tuple(tokenizer(locality["prompt"], add_special_tokens=False)["input_ids"])
+    assert rows[0].prompt == tuple(data.encode_prompt(tokenizer, records[0][2]["question"]))
+    assert tokenizer.decode(rows[2].answer).strip() == records[2][2]["target"]
+    assert tokenizer.decode(rows[4].answer).strip() == locality["target"]
+    with pytest.raises(InputError, match="has no answer"):
+        train_tiny.make_rows([("x", 0, {"prompt": "The sky is"})], tokenizer, 1, 96, 512)
+
+
 def test_rouge_l_recall():
     from timerome_jax import metrics   # what train_tiny scores its generations with
 
@@ -262,8 +328,8 @@ def test_rouge_l_recall():
 
 # --- training ----------------------------------------------------------------------------------
 
-def _train(train_tiny, tokenizer_dir, out, seed, init=None):
-    argv = ["--data", "world_facts[:3],real_authors[:3]", "--steps", "5", "--seed", str(seed),
+def _train(train_tiny, tokenizer_dir, out, seed, init=None, extra=()):
+    argv = ["--data", "world_facts[:3],real_authors[:3]", "--steps", "5", "--seed", str(seed), *extra,
             "--batch-tokens", "128", "--out", str(out), "--quiet", "--final-eval", "",
             "--eval-per-split", "0", "--log-every", "1", "--save-every-minutes", "0",
             "--answer-window", "32", "--length-multiple", "64"]
@@ -309,4 +375,27 @@ def test_training_continues_from_a_checkpoint(train_tiny, tokenizer_dir, tmp_pat
     with pytest.raises(InputError, match="--init fixes the architecture"):
         args = train_tiny.build_parser().parse_args(
             ["--init", str(tmp_path / "base"), "--layers", "3", "--steps", "1", "--out", str(tmp_path / "x")])
+        train_tiny.train(args)
+
+
+def test_an_interrupted_run_resumes_exactly(train_tiny, tokenizer_dir, tmp_path):
+    """--stop-after leaves a resumable state; --resume finishes the run with the parameters, loss
+    curve and batches of the uninterrupted run, and the finished directory keeps no trainer state."""
+    straight, record = _train(train_tiny, tokenizer_dir, tmp_path / "straight", seed=3,
+                              extra=["--data", "world_facts[:5],counterfact_prompt[:6]"])
+    part, partial = _train(train_tiny, tokenizer_dir, tmp_path / "parts", seed=3,
+                           extra=["--data", "world_facts[:5],counterfact_prompt[:6]", "--stop-after", "2"])
+    assert partial["steps_done"] == 2 and not partial["final"]
+    assert (tmp_path / "parts" / train_tiny.TRAINER_STATE).is_file()
+    args = train_tiny.build_parser().parse_args(["--resume", "--out", str(tmp_path / "parts"), "--quiet"])
+    args.argv = ["--resume", "--out", str(tmp_path / "parts")]
+    resumed, done = train_tiny.train(args)
+    for x, y in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert [p["loss"] for p in done["loss_curve"]] == [p["loss"] for p in record["loss_curve"]]
+    assert done["final"] and done["steps_done"] == 5 and len(done["sessions"]) == 2
+    assert done["sessions"][1]["from_step"] == 2
+    assert not (tmp_path / "parts" / train_tiny.TRAINER_STATE).exists()
+    assert ports.load_pretrained(tmp_path / "parts").fingerprint() == straight.fingerprint()
+    with pytest.raises(InputError, match="nothing to resume"):
         train_tiny.train(args)
