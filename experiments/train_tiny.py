@@ -267,13 +267,23 @@ def make_train_step(backbone: ports.Backbone, optimizer: optax.GradientTransform
 
 # --- greedy decoding and ROUGE (monitoring only) -----------------------------------------------
 
-def evaluate(backbone, tokenizer, records: Sequence[tuple[str, int, dict]], gen: dict) -> dict:
+def evaluate(backbone, tokenizer, records: Sequence[tuple[str, int, dict]], gen: dict,
+             prompt_gen: dict | None = None) -> dict:
     """Greedy generations (the library's sampler) scored per split: mean ROUGE-L recall of TOFU
-    questions (`rougeL_recall`), mean `metrics.first_words_match` of CounterFact-style prompts
-    (`first_words_match`: the target is the first generated word(s)); plus the generations."""
+    questions (`rougeL_recall`), decoded with `gen`; mean `metrics.first_words_match` of
+    CounterFact-style prompts (`first_words_match`: the target is the first generated word(s)),
+    decoded with `prompt_gen` (default `gen`): their answers were trained in a short window, so they
+    are generated in one. Plus the generations."""
     encoded = [fact_tokens(tokenizer, split, index, record) for split, index, record in records]
-    answers = generate_answers(backbone, tokenizer, [prompt for _, prompt, _ in encoded], **gen, batch_size=64,
-                               pad_id=tokenization.pad_token_id(tokenizer, backbone))
+    pad_id = tokenization.pad_token_id(tokenizer, backbone)
+    answers: list[str | None] = [None] * len(records)
+    for is_question, config in ((True, gen), (False, prompt_gen or gen)):
+        chosen = [i for i, (fact, _, _) in enumerate(encoded) if (fact.kind == "question") == is_question]
+        if chosen:
+            decoded = generate_answers(backbone, tokenizer, [encoded[i][1] for i in chosen], **config,
+                                       batch_size=64, pad_id=pad_id)
+            for i, answer in zip(chosen, decoded):
+                answers[i] = answer
     per_split: dict[str, dict[str, list[float]]] = {}
     samples = []
     for (split, index, _), (fact, _, _), answer in zip(records, encoded, answers):
@@ -394,7 +404,9 @@ def _provenance(record: dict) -> str:
         g = final["generation"]
         lines += ["", f"Greedy generation (gen length {g['gen_length']}, block {g['block_length']}, "
                       f"{g['steps']} steps, low-confidence remasking): mean ROUGE-L recall of the "
-                      "questions, share of prompts whose first generated word(s) are the target:", ""]
+                      "questions" + (f"; gen length {final['prompt_generation']['gen_length']}, one block, one token "
+                                     "per step: share of completion prompts whose first generated word(s) are the "
+                                     "target" if final.get("first_words_match") else "") + ":", ""]
         lines += [f"- {split}: {name} {score:.3f} (n={final['n'][split]})"
                   for name in ("rougeL_recall", "first_words_match") for split, score in final.get(name, {}).items()]
     lines.append("")
@@ -537,6 +549,9 @@ def train(args) -> tuple[ports.Backbone, dict]:
     gen_length = args.eval_gen_length or args.answer_window
     gen = dict(gen_length=gen_length, block_length=args.eval_block_length,
                steps=args.eval_steps or gen_length // 2)
+    # completion prompts: one token per step over their whole trained window, one block
+    prompt_window = args.prompt_answer_window or args.answer_window
+    prompt_gen = dict(gen_length=prompt_window, block_length=prompt_window, steps=prompt_window)
     if (args.eval_per_split > 0 and args.eval_every) or args.final_eval:   # fail before training, not after
         sampler.check_schedule(gen["gen_length"], gen["steps"], gen["block_length"])
     monitor = held_in_sample(data, args.eval_per_split) if args.eval_per_split > 0 else []
@@ -595,7 +610,7 @@ def train(args) -> tuple[ports.Backbone, dict]:
 
     def run_eval(current_params, records):
         model = dataclasses.replace(backbone, params=current_params)
-        return evaluate(model, tokenizer, records, gen)
+        return evaluate(model, tokenizer, records, gen, prompt_gen)
 
     iterator = batches.iterate(*position)
     pending: list[tuple[int, Any, Any]] = []
@@ -678,7 +693,8 @@ def train(args) -> tuple[ports.Backbone, dict]:
         t = time.perf_counter()
         result = run_eval(params, load_selection(args.final_eval))
         eval_seconds += time.perf_counter() - t
-        record["final_eval"] = {"selection": args.final_eval, "generation": gen, **result}
+        record["final_eval"] = {"selection": args.final_eval, "generation": gen, "prompt_generation": prompt_gen,
+                               **result}
         say(f"final greedy generation: {score_line(result)}")
     record["eval_seconds"] = eval_seconds
     record["wall_seconds"] = wall_before + time.perf_counter() - t_start

@@ -242,6 +242,28 @@ def test_prompt_facts_get_their_own_answer_window(train_tiny, tokenizer):
         train_tiny.make_rows(records, tokenizer, 1, 96, 512, prompt_answer_window=1)
 
 
+def test_evaluate_decodes_prompts_in_their_own_window(train_tiny, tokenizer, monkeypatch):
+    """Questions are generated with the question schedule and scored by ROUGE-L; completion prompts
+    with theirs and scored by first-word match, each in the order of the records."""
+    records = data.load_selection("counterfact_prompt[:2],world_facts[:1],counterfact_locality[:1]")
+    calls = []
+
+    def fake_generate(backbone, tok, prompts, **config):
+        calls.append((len(prompts), config["gen_length"]))
+        # the prompt facts answer their own targets; the question answers nonsense
+        return [records[0][2]["target"] + " and more", "wrong", records[3][2]["target"]][:len(prompts)] \
+            if config["gen_length"] == 12 else ["nothing like it"]
+
+    monkeypatch.setattr(train_tiny, "generate_answers", fake_generate)
+    monkeypatch.setattr(train_tiny.tokenization, "pad_token_id", lambda *a: 0)
+    result = train_tiny.evaluate(None, tokenizer, records, dict(gen_length=96, block_length=32, steps=48),
+                                 dict(gen_length=12, block_length=12, steps=12))
+    assert sorted(calls) == [(1, 96), (3, 12)]
+    assert result["first_words_match"] == {"counterfact_prompt": 0.5, "counterfact_locality": 1.0}
+    assert result["rougeL_recall"] == {"world_facts": 0.0}
+    assert [s["generated"] for s in result["samples"]][2] == "nothing like it"
+
+
 def test_weighted_selection(train_tiny):
     records, repeats = train_tiny.load_weighted_selection("forget01[:2]*3,retain90[:1]")
     assert [s for s, _, _ in records] == ["forget01", "forget01", "retain90"] and repeats == [3, 3, 1]
