@@ -27,7 +27,7 @@ import numpy as np
 
 from ports import Backbone
 from timerome_jax import memory as mem
-from timerome_jax import privacy, tokenization
+from timerome_jax import privacy, rewrite, tokenization
 from timerome_jax.errors import InputError
 from timerome_jax.evaluate import GenerationConfig, evaluate_suite, generate_answers, metric_table
 from timerome_jax.facts import Fact, Facts, load_facts, read_facts
@@ -60,8 +60,14 @@ def trace(backbone: Backbone, facts: Facts, config: TraceConfig = TraceConfig(),
                   mesh=mesh, progress=progress)
 
 
-def _entries(backbone: Backbone, facts: Facts, coordinate: Coordinate, spec: MemorySpec, steps, seed: int,
-             facts_per_chunk: int, mesh) -> mem.Entries:
+def _entries(backbone: Backbone, tokenizer, facts: Facts, coordinate: Coordinate, spec: MemorySpec, steps, seed: int,
+             facts_per_chunk: int, mesh, report: Callable[[str, dict], None]) -> mem.Entries:
+    """Forgetting entries (`memory.capture`) or, with `spec.rewrite`, rewrite entries (`rewrite.capture`)."""
+    if spec.rewrite is not None:
+        keys, values, info = rewrite.capture(backbone, tokenizer, facts, coordinate.layer, coordinate.module,
+                                             spec.rewrite, seed=seed, cases_per_chunk=facts_per_chunk)
+        report("rewrite", info)
+        return mem.Entries(keys, values, np.arange(facts.num_facts))
     return mem.capture(backbone, facts.batch, coordinate, jax.random.key(seed), steps=steps,
                        positions=spec.key_positions, sampler_capture=spec.sampler, noise_samples=spec.noise_samples,
                        noise_scale=spec.noise_scale, facts_per_chunk=facts_per_chunk, mesh=mesh)
@@ -78,11 +84,13 @@ def build_memory(backbone: Backbone, tokenizer, facts: Facts, coordinate: Coordi
     covariance_facts: retain facts whose key second moment C replaces λ̃ I by λ̃ C (the
     covariance-regularised memory; None: the plain ridge memory). Entries are fact-major and the
     record's `fact_ids` repeat per entry; `spec.q` counts entries. `report(stage, info)` receives
-    the calibrations' details: ("covariance", `retain_whitening`'s info), ("gate", `retain_gate`'s)."""
+    the calibrations' details: ("covariance", `retain_whitening`'s info), ("gate", `retain_gate`'s),
+    and for a rewrite memory (`spec.rewrite`: the facts' answers are the new objects) ("rewrite",
+    `rewrite.capture`'s per-fact objective terms)."""
     report = report or (lambda stage, info: None)
     if (spec.gate_rate is None) != (gate_facts is None):
         raise InputError("a gate rate and gate facts go together (the rate is measured on those facts)")
-    steps = spec.steps_for(coordinate)
+    steps = (0,) if spec.rewrite is not None else spec.steps_for(coordinate)
     sampler_steps = 0 if spec.sampler is None else len(spec.sampler.capture_steps)
     if spec.key_positions == "last":   # "subject" has at least as many entries: checked after capture
         mem.check_hyperparameters(spec.alpha, spec.lam, spec.q, facts.num_facts * (len(steps) + sampler_steps))
@@ -92,7 +100,7 @@ def build_memory(backbone: Backbone, tokenizer, facts: Facts, coordinate: Coordi
         whitening, info = mem.retain_whitening(backbone, tokenizer, covariance_facts, coordinate, pad_id=pad_id,
                                                shrinkage=spec.shrinkage)
         report("covariance", info)
-    entries = _entries(backbone, facts, coordinate, spec, steps, seed, facts_per_chunk, mesh)
+    entries = _entries(backbone, tokenizer, facts, coordinate, spec, steps, seed, facts_per_chunk, mesh, report)
     mem.check_hyperparameters(spec.alpha, spec.lam, spec.q, len(entries.keys))
     memory, key_scale = mem.build(entries.keys, entries.deltas, layer=coordinate.layer, module=coordinate.module,
                                   alpha=spec.alpha, lam=spec.lam, q=spec.q, whitening=whitening)
@@ -103,7 +111,48 @@ def build_memory(backbone: Backbone, tokenizer, facts: Facts, coordinate: Coordi
         report("gate", info)
     ids = facts.ids
     return MemoryRecord(memory, coordinate, spec.lam, key_scale, tuple(ids[r] for r in entries.rows),
-                        backbone.fingerprint(), steps, spec.key_positions, spec.sampler)
+                        backbone.fingerprint(), steps, spec.key_positions, spec.sampler, spec.rewrite)
+
+
+def edit(backbone: Backbone, tokenizer, prompts: Sequence[str], target_new: Sequence[str], subject: Sequence[str], *,
+         ground_truth: Sequence[str] | None = None, rephrase_prompts: Sequence | None = None,
+         locality_prompts: Sequence | None = None, locality_ground_truth: Sequence | None = None,
+         coordinate: Coordinate | None = None, spec: MemorySpec | None = None, seed: int = 0,
+         gate_facts: Sequence[Fact] | None = None, mc_samples: int = 32) -> tuple[dict, Backbone, MemoryRecord]:
+    """Rewrite facts, in the shape EasyEdit's `BaseEditor.edit` takes them: one call with the
+    prompts, the new targets, the subjects and optionally the old objects, rephrasings and
+    locality probes (one string or a list per case). Returns (metrics, edited backbone, memory
+    record): metrics = {"pre": rows, "post": rows, "summary": {"pre", "post"}} with the per-case
+    rows of `rewrite.case_metrics` before and after the edit.
+
+    coordinate: where to edit (default: trace the old facts, prompt -> ground truth, which then must
+    be given); spec: the memory (default `MemorySpec.rewriting()`; its `rewrite` must be set). The
+    backbone's weights are untouched: the edit is `edited.edits[-1]`, a memory like any other."""
+    n = len(prompts)
+    columns = dict(target_new=target_new, subject=subject, ground_truth=ground_truth, rephrase_prompt=rephrase_prompts,
+                   locality_prompt=locality_prompts, locality_ground_truth=locality_ground_truth)
+    for name, column in columns.items():
+        if column is not None and len(column) != n:
+            raise InputError(f"{len(column)} {name} value(s) for {n} prompt(s); give one per prompt")
+    cases = [rewrite.parse_case({"prompt": prompts[i], **{k: v[i] for k, v in columns.items() if v is not None}},
+                                f"case {i}") for i in range(n)]
+    rewrite.check_distinct(cases)
+    spec = MemorySpec.rewriting() if spec is None else spec
+    if spec.rewrite is None:
+        raise InputError("edit() builds a rewrite memory: its spec needs rewrite values (MemorySpec.rewriting())")
+    if coordinate is None:
+        if ground_truth is None:
+            raise InputError("without a coordinate the old facts are traced, so ground_truth is needed")
+        coordinate = trace(backbone, encode(backbone, tokenizer, [c.fact(target=c.ground_truth) for c in cases]),
+                           seed=seed).coordinate
+    facts = encode(backbone, tokenizer, [c.fact() for c in cases])
+    record = build_memory(backbone, tokenizer, facts, coordinate, spec, seed=seed, gate_facts=gate_facts)
+    edited = backbone.with_edits(record.memory)
+    pad_id = tokenization.pad_token_id(tokenizer, backbone)
+    rows = {name: rewrite.case_metrics(model, backbone, tokenizer, cases, pad_id=pad_id, seeds=(seed,),
+                                       mc_samples=mc_samples) for name, model in (("pre", backbone), ("post", edited))}
+    rows["summary"] = {name: rewrite.summarise(rows[name]) for name in ("pre", "post")}
+    return rows, edited, record
 
 
 @jax.jit
@@ -131,15 +180,19 @@ def check_not_degenerate(backbone: Backbone, memory: mem.EditMemory, facts: Fact
 
 
 def extend_memory(backbone: Backbone, record: MemoryRecord, facts: Facts, *, seed: int = 0, noise_samples: int = 10,
-                  noise_scale: float = 3.0, facts_per_chunk: int = 4, mesh=None) -> MemoryRecord:
+                  noise_scale: float = 3.0, facts_per_chunk: int = 4, mesh=None, tokenizer=None) -> MemoryRecord:
     """Insert facts into a built memory, captured as its own facts were (its coordinate, steps, key
-    positions and sampler capture), one incremental update per entry (`memory.insert`)."""
+    positions and sampler capture, or its rewrite values: those need the `tokenizer`), one
+    incremental update per entry (`memory.insert`)."""
     duplicate = [f"{f.where} ({f.id})" for f in facts.facts if f.id in record.fact_ids]
     if duplicate:
         raise InputError(f"fact(s) already in the memory: {', '.join(duplicate[:5])}")
+    if record.rewrite is not None and tokenizer is None:
+        raise InputError("extending a rewrite memory needs the model's tokenizer")
     spec = MemorySpec(key_positions=record.key_positions, sampler=record.sampler_capture,
-                      noise_samples=noise_samples, noise_scale=noise_scale)
-    entries = _entries(backbone, facts, record.coordinate, spec, record.capture_steps, seed, facts_per_chunk, mesh)
+                      noise_samples=noise_samples, noise_scale=noise_scale, rewrite=record.rewrite)
+    entries = _entries(backbone, tokenizer, facts, record.coordinate, spec, record.capture_steps, seed,
+                       facts_per_chunk, mesh, lambda stage, info: None)
     memory = mem.insert(record.memory, entries.keys, entries.deltas)
     check_not_degenerate(backbone, memory, facts)
     ids = facts.ids
@@ -212,6 +265,6 @@ def generate(backbone: Backbone, tokenizer, facts: Sequence[Fact], *, gen_length
 
 
 __all__ = ["Coordinate", "Fact", "Facts", "GenerationConfig", "MemoryRecord", "MemorySpec", "Pair", "SamplerCapture",
-           "Suite", "TraceConfig", "Traced", "answer_lp", "build_memory", "check_not_degenerate", "encode", "evaluate_suite", "extend_memory",
+           "Suite", "TraceConfig", "Traced", "answer_lp", "build_memory", "check_not_degenerate", "edit", "encode", "evaluate_suite", "extend_memory",
            "generate", "lm_evaluate", "load_facts", "load_memory", "load_suite", "membership_inference", "metric_table", "qa_pairs", "read_facts",
            "save_memory", "score_pairs", "suite_from_records", "tokenizer", "trace"]

@@ -6,7 +6,8 @@
   sampler, chosen steps, last or every subject token, optional mesh), and key statistics of
   retain text (covariance, gate calibration).
 * `storage`: `MemoryRecord` (a memory and what it was built from), `save`, `load`.
-* `spec`: `MemorySpec`, every choice of a build, validated once (`paper()`, `selective()`).
+* `spec`: `MemorySpec`, every choice of a build, validated once (`paper()`, `selective()`), and
+  `RewriteValues`, how a rewrite memory computes its values (`timerome_jax.rewrite`).
 
 Building a memory from facts is `timerome_jax.api.build_memory`.
 """
@@ -15,10 +16,10 @@ from timerome_jax.memory.capturing import Entries, capture, retain_gate, retain_
 from timerome_jax.memory.ridge import (FORMS, MAX_CAPACITY, EditMemory, build, check_gate_rate,
                                        check_hyperparameters, gate_for_rate, insert, remove,
                                        whitening_from_moment, with_gate, with_hyperparameters)
-from timerome_jax.memory.spec import KEY_POSITIONS, MemorySpec, SamplerCapture, check_steps
+from timerome_jax.memory.spec import KEY_POSITIONS, VALUE_METHODS, MemorySpec, RewriteValues, SamplerCapture, check_steps
 from timerome_jax.memory.storage import MEMORY_FORMAT, MemoryRecord, load, save
 
 __all__ = ["EditMemory", "Entries", "FORMS", "KEY_POSITIONS", "MAX_CAPACITY", "MEMORY_FORMAT", "MemoryRecord",
-           "MemorySpec", "SamplerCapture", "build", "capture", "check_gate_rate", "check_hyperparameters",
+           "MemorySpec", "RewriteValues", "SamplerCapture", "VALUE_METHODS", "build", "capture", "check_gate_rate", "check_hyperparameters",
            "check_steps", "gate_for_rate", "insert", "load", "remove", "retain_gate", "retain_whitening",
            "sampler_states", "save", "whitening_from_moment", "with_gate", "with_hyperparameters"]

@@ -21,6 +21,39 @@ from timerome_jax.errors import InputError
 from timerome_jax.memory.ridge import check_gate_rate
 
 KEY_POSITIONS = ("last", "subject")
+# how a rewrite memory computes its values (timerome_jax.rewrite)
+VALUE_METHODS = ("optimised", "in_context")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewriteValues:
+    """How a rewrite's value is computed (module docstring): `method` and, for "optimised", Adam
+    `steps` at `learning_rate`, the KL weight β, the norm weight γ, the clamp and J MC masks."""
+
+    method: str = "optimised"
+    steps: int = 25
+    learning_rate: float = 0.5
+    kl_weight: float = 0.0625
+    norm_weight: float = 1e-3
+    clamp: float = 4.0
+    mc_samples: int = 8
+
+    def __post_init__(self):
+        if self.method not in VALUE_METHODS:
+            raise InputError(f"unknown rewrite value method {self.method!r}; choose {' or '.join(VALUE_METHODS)}")
+        for name in ("steps", "mc_samples"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise InputError(f"rewrite {name.replace('_', ' ')} must be a positive integer, got {value!r}")
+        for name in ("learning_rate", "clamp"):
+            if not np.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise InputError(f"rewrite {name.replace('_', ' ')} must be a finite number > 0, got {getattr(self, name)}")
+        for name in ("kl_weight", "norm_weight"):
+            if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise InputError(f"rewrite {name.replace('_', ' ')} must be a finite number >= 0, got {getattr(self, name)}")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def check_steps(steps, count: int, what: str) -> tuple[int, ...]:
@@ -88,6 +121,9 @@ class MemorySpec:
     shrinkage: the covariance regulariser's C + shrinkage · (tr C / d_k) I (used when covariance
       facts are given).
     noise_samples, noise_scale: R draws of ν σ noise whose mean effect is each delta.
+    rewrite: a rewrite memory (`RewriteValues`: each fact's value makes the model answer the fact's
+      answer, read with the answer masked at its last subject token; DESIGN.md §3b), or None: a
+      forgetting memory (corrupted − clean deltas).
     """
 
     alpha: float = 1.0
@@ -100,6 +136,7 @@ class MemorySpec:
     shrinkage: float = 1e-2
     noise_samples: int = 10
     noise_scale: float = 3.0
+    rewrite: RewriteValues | None = None
 
     def __post_init__(self):
         if not math.isfinite(self.alpha) or self.alpha < 0:
@@ -133,6 +170,9 @@ class MemorySpec:
         if isinstance(steps, tuple) and (not steps or len(set(steps)) != len(steps) or min(steps) < 0):
             raise InputError(f"capture steps must be distinct non-negative steps, got {list(steps)}")
         object.__setattr__(self, "capture_steps", steps)
+        if self.rewrite is not None and (steps is not None or self.key_positions != "last" or self.sampler is not None):
+            raise InputError("a rewrite memory reads each fact once, at its last subject token with the answer "
+                             "masked: capture steps, key positions 'subject' and sampler steps do not apply")
 
     def steps_for(self, coordinate) -> tuple[int, ...]:
         """The capture steps resolved against the coordinate's K-step trajectory."""
@@ -159,6 +199,13 @@ class MemorySpec:
         return cls(**{**preset, **changes})
 
     @classmethod
+    def rewriting(cls, **changes) -> "MemorySpec":
+        """A rewrite memory (DESIGN.md §3b) with ROME-style optimised values, α = 1, λ = 0.01 (a
+        smaller ridge than forgetting's, so that each stored value is read back almost whole)."""
+        preset = dict(lam=0.01, rewrite=RewriteValues())
+        return cls(**{**preset, **changes})
+
+    @classmethod
     def from_flags(cls, args: argparse.Namespace, *, base: "MemorySpec | None" = None) -> "MemorySpec":
         """The spec of `timerome edit` / `demo` flags: explicit flags override `base` (default the
         paper's). Flags a command does not have keep the base's value."""
@@ -181,4 +228,4 @@ class MemorySpec:
                    noise_scale=flag("noise_scale", base.noise_scale))
 
 
-__all__ = ["KEY_POSITIONS", "MemorySpec", "SamplerCapture", "check_steps"]
+__all__ = ["KEY_POSITIONS", "VALUE_METHODS", "MemorySpec", "RewriteValues", "SamplerCapture", "check_steps"]

@@ -21,7 +21,7 @@ from ports.errors import CheckpointError
 from ports.fileio import atomic_directory
 from timerome_jax.errors import InputError
 from timerome_jax.memory import ridge
-from timerome_jax.memory.spec import KEY_POSITIONS, SamplerCapture
+from timerome_jax.memory.spec import KEY_POSITIONS, RewriteValues, SamplerCapture
 from timerome_jax.tracing import Coordinate
 
 MEMORY_FORMAT = "timerome-edit-memory"
@@ -43,6 +43,7 @@ class MemoryRecord:
     capture_steps: tuple[int, ...] = ()   # steps its facts were captured at; () = (coordinate.step,)
     key_positions: str = "last"           # "last" subject token (the paper's) or every "subject" token
     sampler_capture: SamplerCapture | None = None   # also captured along the sampler's trajectory
+    rewrite: RewriteValues | None = None            # a rewrite memory's value method (None: forgetting)
 
     def __post_init__(self):
         if not self.capture_steps:
@@ -74,7 +75,8 @@ def save(record: MemoryRecord, out_dir: str | Path, overwrite: bool = False) -> 
             "coordinate": record.coordinate.as_dict(), "lam": record.lam, "key_scale": record.key_scale,
             "fact_ids": list(record.fact_ids), "fingerprint": record.fingerprint, "size": m.size,
             "capture_steps": list(record.capture_steps), "key_positions": record.key_positions,
-            "sampler_capture": None if record.sampler_capture is None else record.sampler_capture.as_dict()}
+            "sampler_capture": None if record.sampler_capture is None else record.sampler_capture.as_dict(),
+            "rewrite": None if record.rewrite is None else record.rewrite.as_dict()}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save((tmp / "arrays").absolute(), arrays)
@@ -102,6 +104,8 @@ def load(path: str | Path, backbone: Backbone | None = None) -> MemoryRecord:
             raise ValueError(f"key_positions {positions!r}")
         sampler_capture = meta.get("sampler_capture")
         sampler_capture = None if sampler_capture is None else SamplerCapture(**sampler_capture)
+        rewrite = meta.get("rewrite")                   # memories saved before rewrites existed: None
+        rewrite = None if rewrite is None else RewriteValues(**rewrite)
         form = meta.get("form", "dual")                 # memories saved before the primal form existed
         if form not in ("dual", "primal"):
             raise ValueError(f"form {form!r}")
@@ -136,7 +140,7 @@ def load(path: str | Path, backbone: Backbone | None = None) -> MemoryRecord:
     return MemoryRecord(memory=memory, coordinate=coordinate, lam=float(meta["lam"]),
                         key_scale=float(meta["key_scale"]), fact_ids=tuple(meta["fact_ids"]),
                         fingerprint=meta["fingerprint"], capture_steps=tuple(meta.get("capture_steps", ())),
-                        key_positions=positions, sampler_capture=sampler_capture)
+                        key_positions=positions, sampler_capture=sampler_capture, rewrite=rewrite)
 
 
 __all__ = ["MEMORY_FORMAT", "MemoryRecord", "load", "save"]

@@ -1,0 +1,209 @@
+"""Rewrite edits (timerome_jax.rewrite, DESIGN.md §3b): records, values, the shared memory, metrics."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ports
+from timerome_jax import api, rewrite, tokenization
+from timerome_jax import memory as mem
+from timerome_jax.errors import InputError
+from timerome_jax.memory import MemorySpec, RewriteValues
+
+# cases on the fixture vocabulary (tests/conftest.py); the unedited greedy answers are other words
+RECORDS = [
+    dict(prompt="the author was born in a small town near the", subject="the author", target_new="moon",
+         ground_truth="sea", rephrase_prompt="her first novel : the author was born near the",
+         locality_prompt="the cat sat on the", locality_ground_truth="mat"),
+    dict(prompt="the river runs through the valley to the", subject="the river", target_new="city",
+         ground_truth="north", locality_prompt=["the cat sat on the", "he works as a"],
+         locality_ground_truth=["mat", "doctor"]),
+]
+CORE = RewriteValues(steps=25)
+WHERE = api.Coordinate(layer=0, module="mlp", step=0, steps=8)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir_with_tokenizer):
+    backbone = ports.load_pretrained(tiny_model_dir_with_tokenizer)
+    return backbone, api.tokenizer(backbone)
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return [rewrite.parse_case(r, f"case{i}") for i, r in enumerate(RECORDS)]
+
+
+def _greedy(backbone, tokenizer, cases):
+    return api.generate(backbone, tokenizer, [c.fact() for c in cases], gen_length=1, steps=1, block_length=1)
+
+
+# --- records ---------------------------------------------------------------------------------------
+
+def test_cases_read_as_easyedit_writes_them(tmp_path, cases):
+    array = tmp_path / "cases.json"
+    array.write_text(json.dumps(RECORDS))
+    lines = tmp_path / "cases.jsonl"
+    lines.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n\n")
+    for path in (array, lines):
+        read = rewrite.read_cases(path)
+        assert [(c.prompt, c.subject, c.target_new, c.ground_truth) for c in read] == \
+            [(c.prompt, c.subject, c.target_new, c.ground_truth) for c in cases]
+    assert cases[0].rephrase_prompts == (RECORDS[0]["rephrase_prompt"],)
+    assert cases[1].locality == (("the cat sat on the", "mat"), ("he works as a", "doctor"))
+    assert rewrite.read_cases(array)[1].where == f"{array}[1]" and rewrite.read_cases(lines)[1].where == f"{lines}:2"
+    # ROME's templated prompts; the packaged CounterFact cases
+    assert rewrite.parse_case({**RECORDS[0], "prompt": "{} was born near the"}, "x").prompt == "the author was born near the"
+    shipped = rewrite.load_cases("counterfact[:3]")
+    assert shipped[0].subject == "Danielle Darrieux" and shipped[0].target_new == "English"
+    assert shipped[0].ground_truth == "French" and shipped[0].locality[0][1] == "French"
+    # the same edit has the same id wherever it is read; the fact is the new object's
+    assert cases[0].id == rewrite.read_cases(array)[0].id == cases[0].fact().id
+    assert cases[0].fact().texts() == (RECORDS[0]["prompt"], " moon")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(subject="the sea"), "does not occur in the prompt"),
+    (dict(target_new=" "), "'target_new' is empty"),
+    (dict(target_new="sea"), "target_new equals ground_truth"),
+    (dict(subject=None), "missing field 'subject'"),
+    (dict(target_new=3), "must be a string"),
+    (dict(locality_ground_truth=None), "locality prompt"),
+    (dict(rephrase_prompt=[""]), "'rephrase_prompt' must be a non-empty string"),
+])
+def test_each_bad_record_gives_its_error(change, message):
+    record = {k: v for k, v in {**RECORDS[0], **change}.items() if v is not None}
+    with pytest.raises(InputError, match=message):
+        rewrite.parse_case(record, "cases.json[0]")
+
+
+def test_bad_files_and_duplicates(tmp_path, cases):
+    with pytest.raises(InputError, match="does not exist"):
+        rewrite.read_cases(tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{")
+    with pytest.raises(InputError, match="malformed JSON"):
+        rewrite.read_cases(bad)
+    bad.write_text("[]")
+    with pytest.raises(InputError, match="holds no cases"):
+        rewrite.read_cases(bad)
+    with pytest.raises(InputError, match="the same rewrite as case0"):
+        rewrite.check_distinct([cases[0], cases[1], cases[0]])
+    for bad_values in (dict(method="ft"), dict(steps=0), dict(learning_rate=-1.0), dict(kl_weight=float("nan"))):
+        with pytest.raises(InputError):
+            RewriteValues(**bad_values)
+    with pytest.raises(InputError, match="rewrite memory reads each fact once"):
+        MemorySpec.rewriting(key_positions="subject")
+
+
+# --- values and the memory -----------------------------------------------------------------------
+
+def test_a_rewrite_memory_makes_the_target_the_greedy_answer(model, cases):
+    backbone, tok = model
+    assert _greedy(backbone, tok, cases) != ["moon", "city"]          # not the answers before
+    facts = api.encode(backbone, tok, [c.fact() for c in cases])
+    record = api.build_memory(backbone, tok, facts, WHERE, MemorySpec.rewriting(rewrite=CORE))
+    edited = backbone.with_edits(record.memory)
+    assert _greedy(edited, tok, cases) == ["moon", "city"]
+    assert record.rewrite == CORE and record.fact_ids == facts.ids and record.capture_steps == (0,)
+    # the weights are untouched: without the memory the logits are the original ones, bit for bit
+    ids = jnp.asarray(facts.batch.input_ids_FT)
+    np.testing.assert_array_equal(np.asarray(edited.without_edits().apply(ids)), np.asarray(backbone.apply(ids)))
+
+
+def test_removing_a_rewrite_restores_the_memory_without_it(model, cases, tmp_path):
+    backbone, tok = model
+    facts = api.encode(backbone, tok, [c.fact() for c in cases])
+    spec = MemorySpec.rewriting(rewrite=CORE)
+    both = api.build_memory(backbone, tok, facts, WHERE, spec)
+    # a removal equals a build of the rest with the same λ̃ (the ridge of the memory it came from)
+    keys, values, _ = rewrite.capture(backbone, tok, facts, 0, "mlp", CORE)
+    first, _ = mem.build(keys[:1], values[:1], layer=0, module="mlp", alpha=1.0, lam=spec.lam, key_scale=both.key_scale)
+    removed = both.remove_facts([facts.ids[1]])
+    ids = jnp.asarray(facts.batch.input_ids_FT)
+    np.testing.assert_allclose(np.asarray(backbone.with_edits(removed.memory).apply(ids)),
+                               np.asarray(backbone.with_edits(first).apply(ids)), atol=1e-5)
+    assert _greedy(backbone.with_edits(removed.memory), tok, cases)[1] != "city"
+    # appending the second rewrite again gives the two-case memory back; the record keeps its values
+    api.save_memory(removed, tmp_path / "mem")
+    loaded = api.load_memory(tmp_path / "mem", backbone)
+    assert loaded.rewrite == CORE
+    again = api.extend_memory(backbone, loaded, facts.take([1]), tokenizer=tok)
+    np.testing.assert_allclose(np.asarray(backbone.with_edits(again.memory).apply(ids)),
+                               np.asarray(backbone.with_edits(both.memory).apply(ids)), atol=1e-4)
+    with pytest.raises(InputError, match="needs the model's tokenizer"):
+        api.extend_memory(backbone, loaded, facts.take([1]))
+
+
+def test_the_optimised_value_does_not_depend_on_its_batch(model, cases):
+    backbone, tok = model
+    extra = rewrite.parse_case(dict(prompt="which language does the author speak at", subject="the author",
+                                    target_new="night"), "extra")
+    facts = api.encode(backbone, tok, [c.fact() for c in (extra, *cases)])
+    keys, values, _ = rewrite.capture(backbone, tok, facts, 0, "mlp", CORE, cases_per_chunk=3)
+    alone_keys, alone_values, _ = rewrite.capture(backbone, tok, facts.take([2]), 0, "mlp", CORE)
+    np.testing.assert_allclose(alone_keys[0], keys[2], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(alone_values[0], values[2], rtol=1e-4, atol=1e-4)
+
+
+def test_optimised_values_raise_the_target_and_in_context_values_follow_the_definition(model, cases):
+    backbone, tok = model
+    facts = api.encode(backbone, tok, [c.fact() for c in cases])
+    _, _, info = rewrite.capture(backbone, tok, facts, 0, "mlp", RewriteValues(steps=1))
+    _, _, trained = rewrite.capture(backbone, tok, facts, 0, "mlp", CORE)
+    assert all(b < a for a, b in zip(info["target_nll_per_token"], trained["target_nll_per_token"]))
+
+    keys, values, _ = rewrite.capture(backbone, tok, facts, 1, "mlp", RewriteValues(method="in_context"))
+    # reference from the definition: value at the query's last subject token of "{prompt} {o*}. {prompt}"
+    # minus value at the last subject token of the prompt, answer region masked, unpadded forwards
+    for i, case in enumerate(cases):
+        answer = tok(" " + case.target_new, add_special_tokens=False)["input_ids"]
+        masks = [backbone.mask_token_id] * len(answer)
+        plain = tok(case.prompt, add_special_tokens=False)["input_ids"]
+        context = tok(f"{case.prompt} {case.target_new}. {case.prompt}", add_special_tokens=False)["input_ids"]
+        subject_len = len(tok(case.subject, add_special_tokens=False)["input_ids"])   # the prompts open with it
+        site = ports.Site(1, "mlp")
+        _, (p,) = backbone.apply(jnp.asarray([plain + masks]), capture=(site,))
+        _, (c,) = backbone.apply(jnp.asarray([context + masks]), capture=(site,))
+        query_last = len(context) - len(plain) + subject_len - 1
+        np.testing.assert_allclose(keys[i], np.asarray(p.key[0, subject_len - 1]), atol=1e-5)
+        np.testing.assert_allclose(values[i], np.asarray(c.value[0, query_last] - p.value[0, subject_len - 1]),
+                                   atol=1e-5)
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+
+def test_metrics_by_hand_and_their_direction(model, cases):
+    backbone, tok = model
+    pad = tokenization.pad_token_id(tok, backbone)
+    pre = rewrite.case_metrics(backbone, backbone, tok, cases, pad_id=pad, mc_samples=4)
+    # by hand: one forward with the object masked; accuracy = top proposal == target token
+    for row, case in zip(pre, cases):
+        prompt = tok(case.prompt, add_special_tokens=False)["input_ids"]
+        target = tok(" " + case.target_new, add_special_tokens=False)["input_ids"]
+        logits = np.array(backbone.apply(jnp.asarray([prompt + [backbone.mask_token_id] * len(target)])))[0]
+        logits[:, backbone.mask_token_id] = -np.inf
+        assert row["rewrite_acc"] == float(np.mean(logits[len(prompt):].argmax(-1) == target)) == 0.0
+        assert row["locality"] == 1.0                    # the unedited model agrees with itself
+    assert pre[1]["rephrase_acc"] is None and pre[1]["paraphrase_score"] is None   # no rephrase given
+    metrics, edited, record = api.edit(backbone, tok, [c.prompt for c in cases], [c.target_new for c in cases],
+                                       [c.subject for c in cases], ground_truth=[c.ground_truth for c in cases],
+                                       rephrase_prompts=[RECORDS[0]["rephrase_prompt"], []],
+                                       locality_prompts=[RECORDS[0]["locality_prompt"], RECORDS[1]["locality_prompt"]],
+                                       locality_ground_truth=[RECORDS[0]["locality_ground_truth"],
+                                                              RECORDS[1]["locality_ground_truth"]],
+                                       coordinate=WHERE, spec=MemorySpec.rewriting(rewrite=CORE), mc_samples=4)
+    assert [r["rewrite_acc"] for r in metrics["post"]] == [1.0, 1.0]
+    assert metrics["summary"]["post"]["rewrite_acc"]["mean"] == 1.0 and metrics["summary"]["pre"]["rewrite_acc"]["mean"] == 0.0
+    assert all(r["efficacy_score"] == 1.0 for r in metrics["post"])
+    assert set(metrics["summary"]["post"]) == set(rewrite.METRICS)
+    assert metrics["summary"]["post"]["rephrase_acc"]["n"] == 1 and metrics["post"][1]["rephrase_acc"] is None
+    assert edited.edits[-1] is record.memory
+    with pytest.raises(InputError, match="1 target_new value"):
+        api.edit(backbone, tok, [c.prompt for c in cases], ["moon"], [c.subject for c in cases], coordinate=WHERE)
+    with pytest.raises(InputError, match="ground_truth is needed"):
+        api.edit(backbone, tok, [cases[0].prompt], ["moon"], [cases[0].subject])
