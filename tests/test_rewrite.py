@@ -207,3 +207,85 @@ def test_metrics_by_hand_and_their_direction(model, cases):
         api.edit(backbone, tok, [c.prompt for c in cases], ["moon"], [c.subject for c in cases], coordinate=WHERE)
     with pytest.raises(InputError, match="ground_truth is needed"):
         api.edit(backbone, tok, [cases[0].prompt], ["moon"], [cases[0].subject])
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+def _cli(capsys, *argv):
+    from timerome_jax import cli
+
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_rewrites_evaluates_appends_and_removes(tiny_model_dir_with_tokenizer, tmp_path, capsys):
+    model = tiny_model_dir_with_tokenizer
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps(RECORDS))
+    first = tmp_path / "first.jsonl"
+    first.write_text(json.dumps(RECORDS[0]) + "\n")
+    second = tmp_path / "second.jsonl"
+    second.write_text(json.dumps(RECORDS[1]) + "\n")
+    memory, scores = tmp_path / "mem", tmp_path / "scores"
+    code, out, _ = _cli(capsys, "edit", "--rewrite", "--model", model, "--facts", cases, "--coordinate", "0,mlp,0",
+                        "--steps", "8", "--out", memory)
+    assert code == 0 and "wrote a rewrite memory (optimised values) of 2 fact(s)" in out and "λ=0.01" in out
+    code, out, _ = _cli(capsys, "eval", "--suite", "counterfact", "--model", model, "--facts", cases, "--memory", memory,
+                        "--seeds", "1", "--mc-samples", "4", "--out", scores)
+    assert code == 0 and "rewrite_acc" in out
+    result = json.loads((scores / "metrics.json").read_text())
+    assert result["metrics"]["rewrite_acc"]["mean"] == 1.0 and result["unedited"]["rewrite_acc"]["mean"] == 0.0
+    assert set(result["metrics"]["locality"]) == {"mean", "ci_low", "ci_high", "n"}
+    assert [c["post"]["rewrite_acc"] for c in result["cases"]] == [1.0, 1.0] and len(result["cases"]) == 2
+    # sequential: one case, then the other appended, equals the batch memory's answers
+    seq = tmp_path / "seq"
+    assert _cli(capsys, "edit", "--rewrite", "--model", model, "--facts", first, "--coordinate", "0,mlp,0",
+                "--steps", "8", "--out", seq)[0] == 0
+    code, out, _ = _cli(capsys, "edit", "--rewrite", "--append", seq, "--model", model, "--facts", second)
+    assert code == 0 and "now holds 2" in out
+    backbone = ports.load_pretrained(model)
+    tok = api.tokenizer(backbone)
+    record = api.load_memory(seq, backbone)
+    assert _greedy(backbone.with_edits(record.memory), tok, rewrite.read_cases(cases)) == ["moon", "city"]
+    code, out, _ = _cli(capsys, "edit", "--remove", seq, "--fact-ids", record.fact_ids[1])
+    assert code == 0 and "1 remain" in out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rewrite-steps", "3"], "apply to rewrites only: add --rewrite"),
+    (["--rewrite", "--rewrite-steps", "0"], "rewrite steps must be a positive integer"),
+    (["--rewrite", "--lam", "-1"], "lambda"),
+])
+def test_cli_rewrite_bad_flags(tiny_model_dir_with_tokenizer, tmp_path, capsys, extra, message):
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps(RECORDS))
+    code, _, err = _cli(capsys, "edit", "--model", tiny_model_dir_with_tokenizer, "--facts", cases, "--coordinate",
+                        "0,mlp,0", "--steps", "8", "--out", tmp_path / "m", *extra)
+    assert code != 0 and message in err and not (tmp_path / "m").exists()
+
+
+def test_cli_rewrite_bad_records_and_mismatched_memories(tiny_model_dir_with_tokenizer, tmp_path, capsys):
+    model = tiny_model_dir_with_tokenizer
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**RECORDS[0], "target_new": "sea"}) + "\n")
+    code, _, err = _cli(capsys, "edit", "--rewrite", "--model", model, "--facts", bad, "--coordinate", "0,mlp,0",
+                        "--steps", "8", "--out", tmp_path / "m")
+    assert code != 0 and f"{bad}:1: target_new equals ground_truth" in err and not (tmp_path / "m").exists()
+    no_truth = tmp_path / "no_truth.jsonl"
+    no_truth.write_text(json.dumps({k: v for k, v in RECORDS[0].items() if k != "ground_truth"}) + "\n")
+    code, _, err = _cli(capsys, "edit", "--rewrite", "--model", model, "--facts", no_truth, "--out", tmp_path / "m")
+    assert code != 0 and "no ground_truth, so the old fact cannot be traced" in err
+    forget = tmp_path / "forget"
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps({"prompt": "the cat sat on the", "subject": "the cat", "target": "mat"}) + "\n")
+    assert _cli(capsys, "edit", "--model", model, "--facts", facts, "--coordinate", "0,mlp,0", "--steps", "8",
+                "--out", forget)[0] == 0
+    code, _, err = _cli(capsys, "edit", "--rewrite", "--append", forget, "--model", model, "--facts", bad.parent / "x.json")
+    assert code != 0 and "does not exist" in err
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps(RECORDS))
+    code, _, err = _cli(capsys, "edit", "--rewrite", "--append", forget, "--model", model, "--facts", cases)
+    assert code != 0 and "is a forgetting memory: drop --rewrite" in err
+    code, _, err = _cli(capsys, "eval", "--suite", "tofu-forget01", "--facts", cases, "--out", tmp_path / "e")
+    assert code != 0 and "--facts goes with --suite counterfact" in err

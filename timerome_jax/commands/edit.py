@@ -3,8 +3,13 @@
     timerome edit --facts F [--trace DIR | --coordinate L,MODULE,STEP] [--alpha --lam --q] --out MEM
     timerome edit --append MEM --facts F          # sequential insertion (incremental update)
     timerome edit --remove MEM --fact-ids ID ...  # roll back facts
+    timerome edit --rewrite --facts CASES [--rewrite-method optimised|in_context] --out MEM
 
-Without --trace or --coordinate the facts are traced first (the trace options apply).
+Without --trace or --coordinate the facts are traced first (the trace options apply). With
+--rewrite, --facts holds rewrite cases (EasyEdit's JSON array, JSONL with the same fields, or a
+packaged selection such as counterfact[:40]); the traced facts are then the old ones (prompt ->
+ground_truth), and the memory stores values that make the model answer target_new
+(docs/rewrite.md). --append into a rewrite memory takes --rewrite too.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from timerome_jax import api
 from timerome_jax.commands import trace as trace_cmd
 from timerome_jax.commands._mesh import Placement, add_mesh_argument
 from timerome_jax.errors import InputError
-from timerome_jax.memory import KEY_POSITIONS, MemorySpec
+from timerome_jax import rewrite
+from timerome_jax.memory import KEY_POSITIONS, VALUE_METHODS, MemorySpec
 
 
 def register(sub, common) -> None:
@@ -34,7 +40,7 @@ def register(sub, common) -> None:
     source.add_argument("--trace", metavar="DIR", help="use the coordinate in DIR/summary.json")
     source.add_argument("--coordinate", help="LAYER,MODULE,STEP, e.g. 3,mlp,1")
     p.add_argument("--alpha", type=float, default=1.0, help="scale α of the edit (>= 0)")
-    p.add_argument("--lam", type=float, default=0.1, help="ridge λ (> 0; scale-free)")
+    p.add_argument("--lam", type=float, default=None, help="ridge λ (> 0; scale-free; default 0.1, 0.01 with --rewrite)")
     p.add_argument("--q", type=int, default=None, help="keep the q largest coefficients (1..n; default n)")
     p.add_argument("--covariance", metavar="FACTS", default=None,
                    help="covariance-regularised memory: replace λ̃ I by λ̃ C, C the second moment of the "
@@ -61,6 +67,15 @@ def register(sub, common) -> None:
                    "threshold set so that this fraction of the --gate-facts tokens is still edited")
     p.add_argument("--gate-facts", metavar="FACTS", default=None,
                    help="retain facts that calibrate --gate-rate (a data selection or a JSONL file)")
+    p.add_argument("--rewrite", action="store_true",
+                   help="rewrite facts instead of forgetting them: --facts holds EasyEdit/CounterFact cases "
+                   "(prompt, subject, target_new, ground_truth, ...)")
+    p.add_argument("--rewrite-method", choices=VALUE_METHODS, default=None,
+                   help="with --rewrite: 'optimised' values (ROME-style, default) or 'in_context' (gradient-free)")
+    p.add_argument("--rewrite-steps", type=int, default=None, help="with --rewrite: optimiser steps (default 25)")
+    p.add_argument("--rewrite-lr", type=float, default=None, help="with --rewrite: Adam learning rate (default 0.5)")
+    p.add_argument("--kl-weight", type=float, default=None,
+                   help="with --rewrite: weight β of the KL term on '{subject} is' (default 0.0625)")
     p.add_argument("--out", help="memory directory to write (atomic)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=run, outputs=(("out", "dir"), ("append", "update"), ("remove", "update")))
@@ -80,7 +95,12 @@ def coordinate(args: argparse.Namespace, backbone, placement: Placement, records
 
 
 def report(stage: str, info: dict) -> None:
-    if stage == "covariance":
+    if stage == "rewrite":
+        if info:
+            nll = info["target_nll_per_token"]
+            print(f"rewrite values optimised: new object −log p per token {min(nll):.3f}..{max(nll):.3f} "
+                  f"(mean {sum(nll) / len(nll):.3f})")
+    elif stage == "covariance":
         print(f"covariance-regularised: C from {info['tokens']} tokens of {info['retain_facts']} retain facts")
     else:
         print(f"gated: cosine >= {info['gate']:.4f} (edits {info['rate']:g} of {info['tokens']} tokens of "
@@ -98,15 +118,33 @@ def run(args: argparse.Namespace) -> int:
     if not args.facts:
         raise InputError("--facts is required (the facts to edit)")
     trace_cmd.check_trace_arguments(args)
-    records = trace_cmd.read_facts(args)
+    rewrite_flags = [f"--{n.replace('_', '-')}" for n in ("rewrite_method", "rewrite_steps", "rewrite_lr", "kl_weight")
+                     if getattr(args, n) is not None]
+    if rewrite_flags and not args.rewrite:
+        raise InputError(f"{', '.join(rewrite_flags)} apply to rewrites only: add --rewrite")
+    cases = None
+    if args.rewrite:
+        if args.num_facts is not None and args.num_facts < 1:
+            raise InputError(f"--num-facts must be >= 1, got {args.num_facts}")
+        cases = rewrite.load_cases(args.facts)[:args.num_facts]
+        rewrite.check_distinct(cases)
+        records = [c.fact() for c in cases]
+    else:
+        records = trace_cmd.read_facts(args)
     placement = Placement.from_args(args)
     if args.append:
         backbone = placement.load(args.model)
         record = api.load_memory(args.append, backbone)
-        facts = trace_cmd.encode_facts(args, backbone, api.tokenizer(backbone), records, "edit")
+        if (record.rewrite is not None) != args.rewrite:
+            raise InputError(f"{args.append} is a {'rewrite' if record.rewrite is not None else 'forgetting'} memory: "
+                             f"{'add' if record.rewrite is not None else 'drop'} --rewrite")
+        if rewrite_flags:
+            raise InputError(f"{', '.join(rewrite_flags)}: an appended rewrite is computed as the memory's own were")
+        tokenizer = api.tokenizer(backbone)
+        facts = trace_cmd.encode_facts(args, backbone, tokenizer, records, "edit")
         record = api.extend_memory(backbone, record, facts, seed=args.seed, noise_samples=args.noise_samples,
                                    noise_scale=args.noise_scale, facts_per_chunk=args.facts_per_chunk,
-                                   mesh=placement.mesh)
+                                   mesh=placement.mesh, tokenizer=tokenizer)
         api.save_memory(record, args.append, overwrite=True)
         print(f"inserted {facts.num_facts} fact(s) ({', '.join(facts.ids[:5])}{' ...' if facts.num_facts > 5 else ''}); "
               f"the memory in {args.append} now holds {len(set(record.fact_ids))}")
@@ -115,13 +153,18 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--out is required when building a memory")
     if (args.gate_rate is None) != (args.gate_facts is None):
         raise InputError("--gate-rate and --gate-facts go together (the rate is measured on those facts)")
-    spec = MemorySpec.from_flags(args)
+    spec = MemorySpec.from_flags(args, base=MemorySpec.rewriting() if args.rewrite else None)
+    if args.rewrite and any(c.ground_truth is None for c in cases) and not (args.coordinate or args.trace):
+        missing = next(c for c in cases if c.ground_truth is None)
+        raise InputError(f"{missing.where}: no ground_truth, so the old fact cannot be traced; give one or pass "
+                         f"--coordinate / --trace")
     gate_facts = None if args.gate_facts is None else api.load_facts(args.gate_facts)
     covariance_facts = None if args.covariance is None else api.load_facts(args.covariance)
     backbone = placement.load(args.model)
     tokenizer = api.tokenizer(backbone)
     facts = trace_cmd.encode_facts(args, backbone, tokenizer, records, "edit")
-    where = coordinate(args, backbone, placement, records)
+    where = coordinate(args, backbone, placement,
+                       [c.fact(target=c.ground_truth) for c in cases] if args.rewrite else records)
     record = api.build_memory(backbone, tokenizer, facts, where, spec, seed=args.seed, gate_facts=gate_facts,
                               covariance_facts=covariance_facts, facts_per_chunk=args.facts_per_chunk,
                               mesh=placement.mesh, report=report)
@@ -131,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
         f" and sampler steps {','.join(map(str, sampler.capture_steps))} of G={sampler.gen_length}")
     entries = "" if memory.size == facts.num_facts else (
         f" ({memory.size} entries: steps {','.join(map(str, steps))}{along}, {spec.key_positions} tokens)")
-    print(f"wrote an edit memory of {facts.num_facts} fact(s){entries} at layer {where.layer}, module "
+    kind = f"rewrite memory ({record.rewrite.method} values)" if args.rewrite else "edit memory"
+    print(f"wrote a{'n' if kind[0] == 'e' else ''} {kind} of {facts.num_facts} fact(s){entries} at layer {where.layer}, module "
           f"{where.module}, step {where.step} (α={spec.alpha:g}, λ={spec.lam:g}, "
           f"q={spec.q or memory.size}) to {args.out}")
     shown = ", ".join(f"{f.id} ({f.where})" for f in facts.facts[:5])

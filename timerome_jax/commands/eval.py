@@ -2,6 +2,13 @@
 
     timerome eval --model M [--memory MEMDIR | --params DIR] --suite tofu-forget01 \\
         [--seeds 5 --mc-samples 32 --estimator mc_elbo --reference R] [--mesh dp8] --out DIR
+    timerome eval --suite counterfact [--facts CASES] [--memory MEMDIR] --out DIR
+
+`--suite counterfact` scores rewrite cases (--facts: EasyEdit's JSON array, JSONL or a packaged
+selection; default the shipped counterfact[:400]) with EasyEdit's rewrite_acc / rephrase_acc /
+locality and CounterFact's efficacy / paraphrase / neighborhood scores (`timerome_jax.rewrite`),
+before and after the edit: DIR/metrics.json (each metric's mean, ci_low, ci_high over cases; the
+unedited model's beside it; per-case rows).
 
 Writes DIR/metrics.json (one entry per metric with mean, ci_low, ci_high, per_seed; 'config'; 'cost'
 with the measured wall-clock and peak memory) and DIR/items.jsonl (per QA pair: generation, ROUGE-L,
@@ -23,11 +30,11 @@ from pathlib import Path
 
 import ports
 from ports.fileio import atomic_directory
-from timerome_jax import evaluate, likelihood, open_unlearning, plots, sampler, suites
+from timerome_jax import evaluate, likelihood, open_unlearning, plots, rewrite, sampler, suites
 from timerome_jax import memory as mem
 from timerome_jax.commands._mesh import Placement, add_mesh_argument
 from timerome_jax.errors import InputError
-from timerome_jax.tokenization import backbone_tokenizer, load_tokenizer
+from timerome_jax.tokenization import backbone_tokenizer, load_tokenizer, pad_token_id
 
 # --quick: few QA pairs per split and few MC samples, for smoke tests (explicit flags win).
 QUICK = {"limit": 4, "mc_samples": 4, "seeds": 2}
@@ -44,8 +51,11 @@ def register(sub, common) -> None:
     which.add_argument("--params", metavar="DIR", help="evaluate this model directory (e.g. written "
                        "by `timerome unlearn`) instead of --model's weights")
     p.add_argument("--suite", default="tofu-forget01",
-                   help=f"{' | '.join(suites.SUITES)} (default tofu-forget01), or a JSON file "
+                   help=f"{' | '.join(suites.SUITES)} (default tofu-forget01), {COUNTERFACT} (rewrite cases, "
+                   "see --facts), or a JSON file "
                    "{\"forget\": [...], \"retain\": [...], \"real_authors\": [...], \"world_facts\": [...]}")
+    p.add_argument("--facts", default=None, help=f"with --suite {COUNTERFACT}: the rewrite cases (EasyEdit JSON "
+                   "array, JSONL or a packaged selection; default counterfact, the 400 shipped cases)")
     p.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 (default 5)")
     p.add_argument("--estimator", default="mc_elbo",
                    help=f"answer log-likelihood estimator: {' | '.join(likelihood.METHODS)}")
@@ -121,9 +131,54 @@ def load_model(args: argparse.Namespace, placement: Placement):
     return backbone, tokenizer
 
 
+COUNTERFACT = "counterfact"
+
+
+def run_counterfact(args: argparse.Namespace, settings: dict, placement: Placement, start: float) -> int:
+    """`--suite counterfact`: the rewrite metrics of --model (with --memory) on --facts."""
+    if args.params:
+        raise InputError(f"--suite {COUNTERFACT} scores an edit memory: use --memory, not --params")
+    if args.format != "timerome" or args.plot:
+        raise InputError(f"--format open-unlearning and --plot apply to the TOFU suites, not to {COUNTERFACT}")
+    likelihood.check_method("mc_elbo", settings["mc_samples"], args.batch_size)
+    cases = rewrite.load_cases(args.facts or COUNTERFACT)[:settings["limit"]]
+    backbone, tokenizer = load_model(args, placement)
+    unedited = backbone.without_edits()
+    pad_id = pad_token_id(tokenizer, backbone)
+    score = lambda model: rewrite.case_metrics(model, unedited, tokenizer, cases, pad_id=pad_id,  # noqa: E731
+                                               seeds=range(settings["seeds"]), mc_samples=settings["mc_samples"])
+    print(f"timerome eval: scoring {len(cases)} case(s) unedited" + (" and edited" if args.memory else ""),
+          file=sys.stderr)
+    before = score(unedited)
+    after = score(backbone) if args.memory else before
+    summary, summary_before = rewrite.summarise(after), rewrite.summarise(before)
+    result = {"suite": COUNTERFACT, "metrics": summary, "unedited": summary_before,
+              "cases": [{"case": a["case"], "id": a["id"], "post": {k: a[k] for k in rewrite.METRICS},
+                         "pre": {k: b[k] for k in rewrite.METRICS}} for a, b in zip(after, before)],
+              "config": {"model": args.model, "memory": args.memory, "facts": args.facts or COUNTERFACT,
+                         "cases": len(cases), "seeds": settings["seeds"], "mc_samples": settings["mc_samples"],
+                         "fingerprint": unedited.fingerprint()},
+              "cost": {"process_wall_clock_s": time.perf_counter() - start}}
+    with atomic_directory(Path(args.out), overwrite=args.overwrite) as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    print(f"{'metric':<20} {'unedited':>9} {'edited':>9}  95% CI (edited)")
+    for name in rewrite.METRICS:
+        if name in summary:
+            m, b = summary[name], summary_before[name]
+            ci = "" if m["ci_low"] is None else f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+            print(f"{name:<20} {b['mean']:>9.3f} {m['mean'] if args.memory else float('nan'):>9.3f}  {ci} (n={m['n']})")
+    print(f"{COUNTERFACT}: {len(cases)} case(s), {settings['seeds']} seed(s), MC-ELBO M={settings['mc_samples']}; "
+          f"{time.perf_counter() - start:.1f} s; wrote {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     settings = resolve_settings(args)
+    if args.suite == COUNTERFACT:
+        return run_counterfact(args, settings, Placement.from_args(args), start)
+    if args.facts is not None:
+        raise InputError(f"--facts goes with --suite {COUNTERFACT}; a TOFU suite brings its own facts")
     open_unlearning.check_format(args.format)
     likelihood.check_method(args.estimator, settings["mc_samples"], args.batch_size)
     if args.pairs_per_call < 1:

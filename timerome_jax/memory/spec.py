@@ -220,12 +220,18 @@ class MemorySpec:
         sampler_capture = base.sampler if sampler_steps is None else SamplerCapture.evenly(
             sampler_steps, gen_length=flag("gen_length", 96), steps=flag("gen_steps", 48),
             block_length=flag("block_length", 32))
+        values = base.rewrite
+        if values is not None:
+            values = dataclasses.replace(values, method=flag("rewrite_method", values.method),
+                                         steps=flag("rewrite_steps", values.steps),
+                                         learning_rate=flag("rewrite_lr", values.learning_rate),
+                                         kl_weight=flag("kl_weight", values.kl_weight))
         return cls(alpha=flag("alpha", base.alpha), lam=flag("lam", base.lam), q=flag("q", base.q),
                    capture_steps=flag("capture_steps", base.capture_steps),
                    key_positions=flag("key_positions", base.key_positions), sampler=sampler_capture,
                    gate_rate=flag("gate_rate", base.gate_rate), shrinkage=flag("shrinkage", base.shrinkage),
                    noise_samples=flag("noise_samples", base.noise_samples),
-                   noise_scale=flag("noise_scale", base.noise_scale))
+                   noise_scale=flag("noise_scale", base.noise_scale), rewrite=values)
 
 
 __all__ = ["KEY_POSITIONS", "VALUE_METHODS", "MemorySpec", "RewriteValues", "SamplerCapture", "check_steps"]
