@@ -161,5 +161,37 @@ def read_captures(intermediates: dict, sites: tuple[Site, ...]) -> tuple[Capture
     return tuple(out)
 
 
-__all__ = ["Captured", "Edit", "LAYERLESS", "MODULES", "SITES", "Site", "check_edit", "interceptor",
-           "read_captures"]
+# the projection whose kernel maps a site's key to its value, by module (value = key @ kernel)
+_WRITING_KERNEL = {"mlp": ("mlp", "down_proj"), "attn": ("attn", "o_proj")}
+
+
+def site_kernel(params: dict, config: TransformerConfig, site: Site) -> Array:
+    """The kernel [I, D] that writes the site's value from its key (value = key @ kernel + bias):
+    the down projection for `mlp`, the output projection (heads flattened) for `attn`."""
+    if site.module not in _WRITING_KERNEL or config.is_moe and site.module == "mlp":
+        raise ConfigError(f"no single projection writes the {site.module!r} site's value from its key"
+                          + (" (a mixture of experts)" if site.module == "mlp" else "")
+                          + "; weight edits need an 'mlp' or 'attn' site")
+    group, name = _WRITING_KERNEL[site.module]
+    kernel = params["blocks"][group][name]["kernel"][int(site.layer)]
+    return kernel.reshape(-1, kernel.shape[-1])
+
+
+def add_to_site_kernel(params: dict, config: TransformerConfig, site: Site, delta_ID: Array) -> dict:
+    """A copy of `params` whose site kernel (`site_kernel`) is kernel + delta_ID: afterwards the
+    site's value is key @ (kernel + delta), i.e. the old value + key @ delta, at every token."""
+    kernel = site_kernel(params, config, site)
+    if delta_ID.shape != kernel.shape:
+        raise ConfigError(f"a weight edit of the {site.module!r} site must be {list(kernel.shape)}, got "
+                          f"{list(delta_ID.shape)}")
+    group, name = _WRITING_KERNEL[site.module]
+    stacked = params["blocks"][group][name]["kernel"]
+    layer = int(site.layer)
+    new = (kernel + delta_ID.astype(kernel.dtype)).reshape(stacked.shape[1:])
+    out = jax.tree.map(lambda x: x, params)                           # a new tree; leaves shared
+    out["blocks"][group][name] = {**params["blocks"][group][name], "kernel": stacked.at[layer].set(new)}
+    return out
+
+
+__all__ = ["Captured", "Edit", "LAYERLESS", "MODULES", "SITES", "Site", "add_to_site_kernel", "check_edit",
+           "interceptor", "read_captures", "site_kernel"]

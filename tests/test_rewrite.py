@@ -289,3 +289,59 @@ def test_cli_rewrite_bad_records_and_mismatched_memories(tiny_model_dir_with_tok
     assert code != 0 and "is a forgetting memory: drop --rewrite" in err
     code, _, err = _cli(capsys, "eval", "--suite", "tofu-forget01", "--facts", cases, "--out", tmp_path / "e")
     assert code != 0 and "--facts goes with --suite counterfact" in err
+
+
+# --- baselines ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("module", ["mlp", "attn"])
+def test_memit_style_weight_edit_equals_the_linear_memory(model, module):
+    from timerome_jax.baselines import weight_edit
+
+    backbone, _ = model
+    site = ports.Site(1, module)
+    rng = np.random.default_rng(0)
+    keys = rng.normal(size=(3, site.key_width(backbone.config))).astype(np.float32)
+    values = rng.normal(size=(3, backbone.config.d_model)).astype(np.float32)
+    moment = np.cov(rng.normal(size=(200, keys.shape[1])), rowvar=False)
+    ids = jnp.asarray(rng.integers(0, 370, (2, 9)), jnp.int32)
+    for whitening in (None, mem.whitening_from_moment(moment)):
+        memory, _ = mem.build(keys, values, layer=1, module=module, alpha=2.0, lam=0.1, whitening=whitening)
+        written = weight_edit(backbone, memory)
+        np.testing.assert_allclose(np.asarray(written.apply(ids)), np.asarray(backbone.with_edits(memory).apply(ids)),
+                                   atol=2e-4)
+        assert written.edits == () and np.array_equal(written.params["embed"]["embedding"],
+                                                      backbone.params["embed"]["embedding"])
+    with pytest.raises(InputError, match="without a gate and without q"):
+        weight_edit(backbone, mem.with_gate(memory, 0.5))
+    resid, _ = mem.build(np.ones((1, 64), np.float32), values[:1], layer=1, module="resid", alpha=1.0, lam=0.1)
+    with pytest.raises(ports.ConfigError, match="weight edits need an 'mlp' or 'attn' site"):
+        weight_edit(backbone, resid)
+
+
+def test_ft_l_raises_the_new_object_within_its_bound(model, cases):
+    from timerome_jax.baselines import fine_tune_site
+
+    backbone, tok = model
+    facts = api.encode(backbone, tok, [c.fact() for c in cases])
+    tuned, losses = fine_tune_site(backbone, tok, facts, 1, "mlp", steps=10, learning_rate=1e-2, norm_bound=5e-2)
+    assert losses[-1] < losses[0] and len(losses) == 11
+    change = np.asarray(tuned.params["blocks"]["mlp"]["down_proj"]["kernel"] - backbone.params["blocks"]["mlp"]["down_proj"]["kernel"])
+    assert np.abs(change[1]).max() <= 5e-2 + 1e-7 and np.abs(change[1]).max() > 0
+    assert not change[0].any() and not change[2].any()        # only the traced layer's kernel moves
+    with pytest.raises(InputError, match="norm bound must be a finite number > 0"):
+        fine_tune_site(backbone, tok, facts, 1, norm_bound=0.0)
+
+
+def test_in_context_editing_prefixes_the_edited_prompts(model, cases):
+    from timerome_jax.baselines import in_context_prefix
+
+    backbone, tok = model
+    pad = tokenization.pad_token_id(tok, backbone)
+    rows = rewrite.case_metrics(backbone, backbone, tok, cases, pad_id=pad, mc_samples=4, prefix=in_context_prefix)
+    assert in_context_prefix(cases[0]) == "the author was born in a small town near the moon. "
+    for row, case in zip(rows, cases):
+        prompt = tok(in_context_prefix(case) + case.prompt, add_special_tokens=False)["input_ids"]
+        target = tok(" " + case.target_new, add_special_tokens=False)["input_ids"]
+        logits = np.array(backbone.apply(jnp.asarray([prompt + [backbone.mask_token_id] * len(target)])))[0]
+        logits[:, backbone.mask_token_id] = -np.inf
+        assert row["rewrite_acc"] == float(np.mean(logits[len(prompt):].argmax(-1) == target))

@@ -36,7 +36,7 @@ import json
 import os
 import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -364,7 +364,8 @@ METRICS = ("rewrite_acc", "rephrase_acc", "locality", "efficacy_score", "paraphr
 
 
 def case_metrics(edited: Backbone, unedited: Backbone, tokenizer, cases: Sequence[RewriteCase], *, pad_id: int,
-                 seeds: Sequence[int] = (0,), mc_samples: int = 32) -> list[dict]:
+                 seeds: Sequence[int] = (0,), mc_samples: int = 32,
+                 prefix: Callable[[RewriteCase], str] | None = None) -> list[dict]:
     """Per case, the rewrite metrics of `edited` (docs/rewrite.md):
 
     * rewrite_acc / rephrase_acc: EasyEdit's token-level accuracy of the new object under the
@@ -374,22 +375,28 @@ def case_metrics(edited: Backbone, unedited: Backbone, tokenizer, cases: Sequenc
     * efficacy_score / paraphrase_score: 1 where LP(o* | prompt) > LP(o | prompt) (MC-ELBO, mean
       over `seeds`), averaged over rephrases for the second; needs the old object;
     * neighborhood_score: 1 where LP(locality answer | locality prompt) > LP(o* | locality prompt).
-    A metric whose inputs a case lacks is None for that case."""
-    def pair(tag, prompt, target):
-        return Pair(tag, _ids(tokenizer, prompt), _ids(tokenizer, " " + target.strip()))
+    A metric whose inputs a case lacks is None for that case. `prefix(case)` is put before every
+    prompt the edited model answers (in-context editing); the unedited model answers the prompts."""
+    def pairs(context):
+        def pair(tag, i, prompt, target):
+            before = context(cases[i]) if context else ""
+            return Pair(tag, _ids(tokenizer, before + prompt), _ids(tokenizer, " " + target.strip()))
 
-    token_pairs, lp_pairs = [], []
-    for i, c in enumerate(cases):
-        token_pairs.append(pair(f"rewrite/{i}", c.prompt, c.target_new))
-        token_pairs += [pair(f"rephrase/{i}/{r}", p, c.target_new) for r, p in enumerate(c.rephrase_prompts)]
-        token_pairs += [pair(f"locality/{i}/{r}", p, a) for r, (p, a) in enumerate(c.locality)]
-        if c.ground_truth is not None:
-            for r, p in enumerate((c.prompt, *c.rephrase_prompts)):
-                lp_pairs += [pair(f"cf/{i}/{r}/new", p, c.target_new), pair(f"cf/{i}/{r}/old", p, c.ground_truth)]
-        for r, (p, a) in enumerate(c.locality):
-            lp_pairs += [pair(f"nb/{i}/{r}/true", p, a), pair(f"nb/{i}/{r}/new", p, c.target_new)]
+        token, lp = [], []
+        for i, c in enumerate(cases):
+            token.append(pair(f"rewrite/{i}", i, c.prompt, c.target_new))
+            token += [pair(f"rephrase/{i}/{r}", i, p, c.target_new) for r, p in enumerate(c.rephrase_prompts)]
+            token += [pair(f"locality/{i}/{r}", i, p, a) for r, (p, a) in enumerate(c.locality)]
+            if c.ground_truth is not None:
+                for r, p in enumerate((c.prompt, *c.rephrase_prompts)):
+                    lp += [pair(f"cf/{i}/{r}/new", i, p, c.target_new), pair(f"cf/{i}/{r}/old", i, p, c.ground_truth)]
+            for r, (p, a) in enumerate(c.locality):
+                lp += [pair(f"nb/{i}/{r}/true", i, p, a), pair(f"nb/{i}/{r}/new", i, p, c.target_new)]
+        return token, lp
+
+    token_pairs, lp_pairs = pairs(prefix)
     predicted = dict(zip((p.id for p in token_pairs), one_step_predictions(edited, token_pairs, pad_id)))
-    locality_pairs = [p for p in token_pairs if p.id.startswith("locality/")]
+    locality_pairs = [p for p in pairs(None)[0] if p.id.startswith("locality/")]
     before = dict(zip((p.id for p in locality_pairs), one_step_predictions(unedited, locality_pairs, pad_id)))
     lp = dict(zip((p.id for p in lp_pairs), score_pairs(edited, lp_pairs, list(seeds), pad_id=pad_id,
                                                          mc_samples=mc_samples).mean(axis=0))) if lp_pairs else {}
