@@ -59,3 +59,28 @@ def test_experiment_user_error_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("tie_heatmaps: error: no tokenizer files")
     assert not (tmp_path / "out").exists()
+
+
+def test_rewrite_quick_and_its_split_check(tiny_model_dir_with_tokenizer, tmp_path):
+    words = ["moon", "city", "sea", "north", "mat", "home", "night", "prize"]
+    cases = [{"prompt": f"the author was born in a small town near the {w} and the", "subject": "the author",
+              "target_new": words[(i + 1) % 8], "ground_truth": w, "rephrase_prompt": f"her first novel : the {w}",
+              "locality_prompt": "the cat sat on the", "locality_ground_truth": "mat"} for i, w in enumerate(words)]
+    files = {}
+    for name, rows in (("tune", cases[:2]), ("test", cases[2:4]), ("pool", cases[4:8])):
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps(rows))
+    args = ["--tune", files["tune"], "--test", files["test"], "--pool", files["pool"], "--coordinate", "1,mlp,0",
+            "--batch-sizes", "1,2", "--sequential", "2", "--every", "1"]
+    proc = run_experiment("rewrite", tiny_model_dir_with_tokenizer, tmp_path / "out", *map(str, args))
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["splits"]["test"] == str(files["test"]) and results["tuning"]["chosen"]["method"] in ("optimised", "in_context")
+    assert set(results["test"]) == {"memory (optimised)", "memory (in_context)", "in-context (IKE)", "FT-L",
+                                    "MEMIT-style weights", "unedited"}
+    assert [b["edits"] for b in results["batch_sizes"]] == [1, 2] and [s["inserted"] for s in results["sequential"]] == [1, 2]
+    assert results["test"]["unedited"]["locality"]["mean"] == 1.0
+    overlap = run_experiment("rewrite", tiny_model_dir_with_tokenizer, tmp_path / "bad",
+                             *map(str, [*args[:2], "--test", files["tune"], *args[4:]]))
+    assert overlap.returncode == 2 and "the tune and test cases overlap" in overlap.stderr
+    assert not (tmp_path / "bad").exists()
