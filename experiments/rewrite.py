@@ -9,7 +9,7 @@ the baselines, tuned on one part of the cases and reported on another (docs/rewr
 2. Tuning on --tune only: every memory configuration of the grid (value method × α × λ) and every
    FT-L learning rate is scored on the tune cases; the one with the best mean of rewrite_acc and
    locality is kept. Nothing below is chosen on --test or --pool; the script refuses overlapping
-   sets (`rewrite.check_disjoint`).
+   sets (`splits.check_disjoint`).
 3. Test (--test): the chosen memory (one batch of all test cases), the other value method with
    the same α, λ, in-context editing, FT-L at the chosen rate, and the MEMIT-style weight update
    from the chosen memory's keys and values with MEMIT's λ̃ C regulariser (C: the key second
@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 import time
 
-from timerome_jax import api, baselines, rewrite
+from timerome_jax import api, baselines, rewrite, splits
 from timerome_jax.memory import MemorySpec, RewriteValues
 
 import _common
@@ -49,8 +49,8 @@ def case_id(case) -> int | None:
 
 def main() -> None:
     p = _common.parser(__doc__.split("\n")[0], "runs/rewrite")
-    p.add_argument("--tune", default="counterfact[:40]", help="cases every choice is made on")
-    p.add_argument("--test", default="counterfact[40:80]", help="cases the comparison is reported on")
+    p.add_argument("--tune", default=splits.selection("rewrite_tune"), help="cases every choice is made on")
+    p.add_argument("--test", default=splits.selection("rewrite_test"), help="cases the comparison is reported on")
     p.add_argument("--pool", default="counterfact[40:400]", help="cases of the batch-size and sequential runs")
     p.add_argument("--batch-sizes", default="1,10,100,360")
     p.add_argument("--sequential", type=int, default=100, help="cases inserted one at a time")
@@ -75,8 +75,8 @@ def main() -> None:
         s = _common.setup(args)
         bb, tok = s.backbone, s.tokenizer
         tune, test, pool = (rewrite.load_cases(spec) for spec in (args.tune, args.test, args.pool))
-        rewrite.check_disjoint(tune=tune, test=test)
-        rewrite.check_disjoint(tune=tune, pool=pool)
+        splits.check_disjoint(tune=tune, test=test)
+        splits.check_disjoint(tune=tune, pool=pool)
         start = time.perf_counter()
         if args.coordinate:
             where = api.Coordinate.parse(args.coordinate, bb.config.n_layers, args.trace_steps)

@@ -82,5 +82,5 @@ def test_rewrite_quick_and_its_split_check(tiny_model_dir_with_tokenizer, tmp_pa
     assert results["test"]["unedited"]["locality"]["mean"] == 1.0
     overlap = run_experiment("rewrite", tiny_model_dir_with_tokenizer, tmp_path / "bad",
                              *map(str, [*args[:2], "--test", files["tune"], *args[4:]]))
-    assert overlap.returncode == 2 and "the tune and test cases overlap" in overlap.stderr
+    assert overlap.returncode == 2 and "the tune and test sets share 2 fact(s)" in overlap.stderr
     assert not (tmp_path / "bad").exists()

@@ -174,18 +174,6 @@ def check_distinct(cases: Sequence[RewriteCase]) -> None:
         seen[case.id] = case.where
 
 
-def check_disjoint(**sets: Sequence[RewriteCase]) -> None:
-    """One error when two named case sets share a case (tuning and test sets must not)."""
-    names = list(sets)
-    for i, a in enumerate(names):
-        ids = {c.id: c.where for c in sets[a]}
-        for b in names[i + 1:]:
-            shared = [c.where for c in sets[b] if c.id in ids]
-            if shared:
-                raise InputError(f"the {a} and {b} cases overlap ({len(shared)} shared, e.g. {shared[0]}); "
-                                 f"tune on one part and report on another")
-
-
 # --- the rows a case is read in ------------------------------------------------------------------
 
 def _ids(tokenizer, text: str, offsets: bool = False):
@@ -445,4 +433,4 @@ def summarise(rows: Sequence[dict]) -> dict:
 
 
 __all__ = ["METRICS", "RewriteCase", "capture", "case_metrics", "case_rows",
-           "check_disjoint", "check_distinct", "load_cases", "one_step_predictions", "parse_case", "read_cases", "summarise"]
+           "check_distinct", "load_cases", "one_step_predictions", "parse_case", "read_cases", "summarise"]
