@@ -65,7 +65,7 @@ def _entries(backbone: Backbone, tokenizer, facts: Facts, coordinate: Coordinate
     """Forgetting entries (`memory.capture`) or, with `spec.rewrite`, rewrite entries (`rewrite.capture`)."""
     if spec.rewrite is not None:
         keys, values, info = rewrite.capture(backbone, tokenizer, facts, coordinate.layer, coordinate.module,
-                                             spec.rewrite, seed=seed, cases_per_chunk=facts_per_chunk)
+                                             spec.rewrite, seed=seed, cases_per_chunk=facts_per_chunk, mesh=mesh)
         report("rewrite", info)
         return mem.Entries(keys, values, np.arange(facts.num_facts))
     return mem.capture(backbone, facts.batch, coordinate, jax.random.key(seed), steps=steps,

@@ -44,7 +44,7 @@ import numpy as np
 import optax
 
 from ports import Backbone, Site
-from timerome_jax import data
+from timerome_jax import data, distributed
 from timerome_jax.edits import RowEdit
 from timerome_jax.errors import InputError
 from timerome_jax.facts import Fact, Facts, char_span, token_span
@@ -258,10 +258,12 @@ def _point_edit(site: Site, position, delta_D) -> RowEdit:
 
 
 @functools.partial(jax.jit, static_argnames=("module", "method", "steps", "mc_samples"))
-def _entries(backbone: Backbone, rows: tuple, layer: Array, *, module: str, method: str, steps: int,
-             learning_rate: float, kl_weight: float, norm_weight: float, clamp: float, mc_samples: int):
-    """Keys [F, I], values δ [F, D] and the final objective terms [F, 3] of a chunk of cases."""
+def _entries(backbone: Backbone, rows: tuple, layer: Array, hyper: Array, *, module: str, method: str, steps: int,
+             mc_samples: int):
+    """Keys [F, I], values δ [F, D] and the final objective terms [F, 3] of a chunk of cases;
+    hyper = (learning rate, KL weight, norm weight, clamp)."""
     site = Site(layer, module)
+    learning_rate, kl_weight, norm_weight, clamp = hyper
 
     def one(p_ids, p_mask, a_ids, a_mask, last, c_ids, c_mask, c_last, e_ids, e_mask, e_last, key_data):
         key_I, value_D = _site_row(backbone, site, p_ids, p_mask, a_ids, a_mask, last)
@@ -294,12 +296,12 @@ def _entries(backbone: Backbone, rows: tuple, layer: Array, *, module: str, meth
 
         def step(carry, _):
             delta, state = carry
-            (_, terms), grad = jax.value_and_grad(objective, has_aux=True)(delta)
+            grad = jax.grad(lambda d: objective(d)[0])(delta)
             updates, state = optimizer.update(grad, state, delta)
             delta = optax.apply_updates(delta, updates)
             limit = clamp * jnp.sqrt(scale)
             delta = delta * jnp.minimum(1.0, limit / (jnp.linalg.norm(delta) + 1e-12))
-            return (delta, state), terms
+            return (delta, state), None
 
         (delta, _), _ = jax.lax.scan(step, (delta, optimizer.init(delta)), None, length=steps)
         _, terms = objective(delta)
@@ -309,28 +311,20 @@ def _entries(backbone: Backbone, rows: tuple, layer: Array, *, module: str, meth
 
 
 def capture(backbone: Backbone, tokenizer, facts: Facts, layer: int, module: str, config: RewriteValues = RewriteValues(),
-            *, seed: int = 0, cases_per_chunk: int = 8) -> tuple[np.ndarray, np.ndarray, dict]:
+            *, seed: int = 0, cases_per_chunk: int = 8, mesh=None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Keys [F, I] and values [F, D] of the rewrite facts `facts` (answers = new objects) at
     (layer, module), and per-case diagnostics (for "optimised": the final −ELBO/|o*|, KL and
-    relative norm terms)."""
+    relative norm terms). Chunks of `cases_per_chunk` cases (per data shard on a `mesh`)."""
     rows = case_rows(tokenizer, facts, seed, facts.pad_id)
-    fields = [getattr(rows, f.name) for f in dataclasses.fields(rows)]
-    F = facts.num_facts
-    static = dict(module=module, method=config.method, steps=config.steps, mc_samples=config.mc_samples)
-    dynamic = dict(learning_rate=config.learning_rate, kl_weight=config.kl_weight, norm_weight=config.norm_weight,
-                   clamp=config.clamp)
-    keys, values, terms = [], [], []
-    for start in range(0, F, cases_per_chunk):
-        take = np.minimum(np.arange(start, start + cases_per_chunk), F - 1)   # last chunk: copies, dropped
-        chunk = tuple(jnp.asarray(x[take]) for x in fields)
-        k, v, t = _entries(backbone, chunk, jnp.int32(layer), **static, **dynamic)
-        n = min(cases_per_chunk, F - start)
-        keys.append(np.asarray(k)[:n]), values.append(np.asarray(v)[:n]), terms.append(np.asarray(t)[:n])
-    terms = np.concatenate(terms)
+    fields = tuple(getattr(rows, f.name) for f in dataclasses.fields(rows))
+    hyper = jnp.asarray([config.learning_rate, config.kl_weight, config.norm_weight, config.clamp], jnp.float32)
+    keys, values, terms = distributed.map_chunks(
+        _entries, fields, chunk_size=cases_per_chunk, before=(backbone,), after=(jnp.int32(layer), hyper),
+        static=dict(module=module, method=config.method, steps=config.steps, mc_samples=config.mc_samples), mesh=mesh)
     info = {} if config.method == "in_context" else {
         "target_nll_per_token": terms[:, 0].tolist(), "essence_kl": terms[:, 1].tolist(),
         "relative_norm_sq": terms[:, 2].tolist()}
-    return np.concatenate(keys), np.concatenate(values), info
+    return keys, values, info
 
 
 # --- metrics ---------------------------------------------------------------------------------------
