@@ -102,3 +102,28 @@ def tiny_model_dir_with_tokenizer(tmp_path_factory) -> Path:
         shutil.copy(fixture_dir("llada") / name, out / name)
     build_word_tokenizer(out)
     return out
+
+
+# --- a test whose xdist worker crashes natively runs once more, in a fresh worker -----------------
+# CI saw one worker die with a fatal signal inside XLA's CPU runtime (stop 28: in
+# test_tracing.py::test_vmapped_grid_equals_python_loop, which passed in every other run, alone and
+# in the suite). A native crash loses the worker, not only the test, and says nothing about the test
+# itself; rerunning it once in a new worker tells a real defect (it crashes again and fails) from a
+# one-off. Only crashes are retried: an assertion failure is never rerun.
+_CRASH_RETRIED: set[str] = set()
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: the suite also runs without xdist
+def pytest_handlecrashitem(crashitem, report, sched):
+    if crashitem in _CRASH_RETRIED:
+        return  # second crash: reported as failed by xdist
+    _CRASH_RETRIED.add(crashitem)
+    sched.mark_test_pending(crashitem)
+    report.outcome = "rerun"
+    report.longrepr = f"{report.longrepr}; rerun once in a new worker"
+
+
+def pytest_report_teststatus(report, config):
+    if report.outcome == "rerun":
+        return "rerun", "R", ("RERUN", {"yellow": True})
+    return None
