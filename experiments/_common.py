@@ -130,10 +130,27 @@ def add_memory_arguments(p: argparse.ArgumentParser, *, forget: str = "forget01_
     p.add_argument("--lp-seeds", type=int, default=5, help="MC seeds (bootstrap CIs over seeds)")
 
 
+# the fact sets a memory experiment scores or chooses on; no two may share a fact (issue #19)
+SET_ARGUMENTS = ("forget", "retain", "real_authors", "gate_facts", "covariance")
+
+
+def check_sets(args: argparse.Namespace, **extra) -> None:
+    """One error (`splits.check_disjoint`) when two of the experiment's fact sets share a fact:
+    the `SET_ARGUMENTS` it has, plus `extra` (name -> selection or facts), empty ones skipped."""
+    from timerome_jax import splits
+
+    sets = {name: getattr(args, name) for name in SET_ARGUMENTS if getattr(args, name, None)}
+    sets.update({name: value for name, value in extra.items() if value})
+    splits.check_disjoint(**sets)
+
+
 def setup(args: argparse.Namespace) -> Setup:
+    """Load --model after checking that the experiment's fact sets are disjoint (`check_sets`)."""
     import ports
     from timerome_jax import api
     from timerome_jax.tokenization import pad_token_id
+
+    check_sets(args)
 
     backbone = ports.load_pretrained(args.model)
     tokenizer = api.tokenizer(backbone)

@@ -187,7 +187,7 @@ def operating_points(args: argparse.Namespace, which=tuple(POINTS)) -> list[Poin
             raise InputError(f"{path}: operating_points has no {key!r} entry with an alpha")
         covariance = point.get("covariance", args.covariance)
         if covariance is True:
-            covariance = args.covariance or "retain90[:40]"
+            covariance = args.covariance or "retain90[40:160]"  # not the scored retain90[:40]
         try:
             q = point.get("q")
             gate_rate = point.get("gate_rate")
@@ -471,6 +471,10 @@ def run(args: argparse.Namespace, command: str) -> dict:
         mem.check_hyperparameters(args.baseline_alpha, baseline_point.lam, None, 1)
         baseline_point = dataclasses.replace(baseline_point, alpha=float(args.baseline_alpha))
 
+    forget_set = suites.forget_facts(args.suite)
+    for point in points:  # each point's own regulariser and gate facts, against the scored sets
+        _common.check_sets(args, forget=forget_set, retain=f"retain90[:{args.num_retain}]",
+                           gate_facts=point.gate_facts or args.gate_facts, covariance=point.covariance)
     s = _common.setup(args)
     evaluate = Evaluator.for_model(args, args.model, s.tokenizer)
     suite = suites.load_suite(args.suite, num_retain=args.num_retain, limit=args.limit)

@@ -38,3 +38,27 @@ def test_an_overlap_is_one_error_naming_both_sets(tmp_path):
     with pytest.raises(InputError, match="the tune and pool sets share 1"):
         splits.check_disjoint(tune=cases[:2], pool=cases[1:])
     splits.check_disjoint(tune=cases[:1], test=cases[1:])
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("selectivity", ["--gate-facts", "retain90[:60]"]),           # gate calibration on scored retain facts
+    ("sequential", ["--retain", "forget01[:5]"]),                  # forget and retain share facts
+    ("forget_table", ["--gate-rate", "0.01", "--gate-facts", "retain90[2:8]"]),
+])
+def test_the_drivers_refuse_overlapping_sets_before_loading_anything(name, extra, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "experiments" / f"{name}.py"
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--model", str(tmp_path / "no-such-model"),
+                           "--out", str(out), *extra], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "sets share" in proc.stderr and "no-such-model" not in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
+def test_a_subject_annotation_does_not_make_a_fact_another_fact():
+    with pytest.raises(InputError, match="the forget and retain sets share 2 fact"):
+        splits.check_disjoint(forget="forget01_subjects[:3]", retain="forget01[1:3]")

@@ -16,8 +16,10 @@ table fixes the parts once, as data selections of the packaged splits (`timerome
 
 All of retain90[:160] is known to both embedded models, so every part measures knowledge the model
 has. `check_disjoint` is what the drivers call: it refuses, with one error naming both roles and a
-shared fact, any two sets that share a fact (by content id, `Fact.id`, so the same fact read from
-two files or selections is caught).
+shared fact, any two sets that share a fact (by content: form, prompt and answer, so the same fact
+read from two files or selections, with or without a subject annotation, is caught). The experiment
+drivers check their forget, retain, utility, gate-calibration and covariance sets before loading
+the model (`experiments/_common.check_sets`).
 """
 
 from __future__ import annotations
@@ -48,20 +50,31 @@ def selection(role: str) -> str:
 
 
 def check_disjoint(**sets: Iterable) -> None:
-    """One error when two named sets share an item. Items are facts or rewrite cases (anything
-    with `.id`, the content digest, and `.where`); a set may also be a data selection string."""
+    """One error when two named sets share an item. Items are facts (compared by form, prompt and
+    answer) or rewrite cases (by `.id`, their content digest); a set may also be a data selection."""
     from timerome_jax.facts import load_facts
 
     resolved: dict[str, Sequence] = {name: load_facts(items) if isinstance(items, str) else list(items)
                                      for name, items in sets.items()}
     names = list(resolved)
     for i, first in enumerate(names):
-        ids = {item.id: item.where for item in resolved[first]}
+        ids = {_content_key(item): item.where for item in resolved[first]}
         for second in names[i + 1:]:
-            shared = [(item.where, ids[item.id]) for item in resolved[second] if item.id in ids]
+            shared = [(item.where, ids[_content_key(item)]) for item in resolved[second]
+                      if _content_key(item) in ids]
             if shared:
                 raise InputError(f"the {first} and {second} sets share {len(shared)} fact(s), e.g. "
                                  f"{shared[0][1]} = {shared[0][0]}; tune on one part and report on another")
+
+
+def _content_key(item) -> str:
+    """What makes two items the same fact: a fact's form, prompt and answer (not its subject
+    annotation, so forget01 and forget01_subjects hold the same facts); a rewrite case's id."""
+    from timerome_jax.facts import Fact
+
+    if isinstance(item, Fact):
+        return " | ".join([item.kind, " ".join(item.prompt.split()), " ".join((item.answer or "").split())])
+    return item.id
 
 
 __all__ = ["FORGET_DIRECTIONS", "SPLITS", "check_disjoint", "selection"]
