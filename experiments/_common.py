@@ -183,15 +183,38 @@ def summary(values_S: np.ndarray) -> dict:
     return {"mean": mean, "ci_low": low, "ci_high": high, "per_seed": per_seed.tolist()}
 
 
-def lp_changes(base: dict, edited: dict) -> dict:
+def lp_changes(base: dict, edited: dict, labels: dict | None = None) -> dict:
     """Forget drop and retain (and real-author) change against no edit, paired per seed, with the
-    edited LPs; `base` / `edited` map 'forget', 'retain'[, 'real_authors'] to LPs [seeds, pairs]."""
+    edited LPs; `base` / `edited` map 'forget', 'retain'[, 'real_authors'] to LPs [seeds, pairs].
+
+    With per-pair LPs, the retain change is also summarised over facts (issue #19): its mean with a
+    bootstrap CI over facts (`retain_change_over_facts`, `metrics.fact_bootstrap_ci`) and its tail
+    (`retain_tail`: the share of retain facts losing more than 1 and 5 nats and the worst five,
+    named by `labels['retain']` when given)."""
+    from timerome_jax import metrics
+
     out = {"forget_drop": summary(base["forget"] - edited["forget"]),
            "retain_change": summary(edited["retain"] - base["retain"]),
            "forget_lp": summary(edited["forget"]), "retain_lp": summary(edited["retain"])}
     if "real_authors" in base:
         out["real_authors_change"] = summary(edited["real_authors"] - base["real_authors"])
+    change = np.asarray(edited["retain"], np.float64) - np.asarray(base["retain"], np.float64)
+    if change.ndim == 2:
+        per_fact = change.mean(axis=0)  # MC seeds averaged: one change per retain fact
+        mean, low, high = metrics.fact_bootstrap_ci(per_fact)
+        out["retain_change_over_facts"] = {"mean": mean, "ci_low": low, "ci_high": high}
+        out["retain_tail"] = metrics.loss_tail(per_fact, (labels or {}).get("retain"))
     return out
+
+
+def fact_labels(facts) -> list[str]:
+    """'where: question' of each fact, for the worst-facts lists."""
+    return [f"{f.where}: {' '.join(f.prompt.split())[:100]}" for f in facts]
+
+
+def fmt_tail(tail: dict) -> str:
+    """'a % > 1, b % > 5 nats' of a `metrics.loss_tail`."""
+    return f"{tail['share_losing_over_1']:.0%} > 1, {tail['share_losing_over_5']:.0%} > 5"
 
 
 def fmt(s: dict) -> str:

@@ -27,7 +27,9 @@ The variants address them one at a time (`api.build_memory`, `memory.with_gate`)
 Each variant is built at the traced coordinate and at every --extra-coordinates, and swept over
 --alphas (α = 0 is the unedited model). For each point: forget drop ForgetLP(no edit) −
 ForgetLP(edit) and retain change RetainLP(edit) − RetainLP(no edit), nats per answer, MC-ELBO with
-paired masks over --lp-seeds seeds, bootstrap 95 % CIs (`_common.lp_changes`). Per variant and
+paired masks over --lp-seeds seeds, bootstrap 95 % CIs over seeds and, for the retain change, over
+facts, with its tail: the share of retain facts losing more than 1 and 5 nats, and at each safe point
+the worst five facts with their questions (`_common.lp_changes`). Per variant and
 coordinate, the "safe" point is the largest forget drop whose mean retain change is within
 --retain-tolerance nats; its greedy generations give ROUGE-L recall on forget and retain.
 
@@ -195,11 +197,13 @@ def markdown(payload: dict) -> str:
              f"{payload['no_edit']['rouge_forget']:.3f}, retain {payload['no_edit']['rouge_retain']:.3f}; answers "
              f"reproduced (recall ≥ {REPRODUCED:g}) forget {payload['no_edit']['reproduced_forget']:.0%}, retain "
              f"{payload['no_edit']['reproduced_retain']:.0%}.", "",
-             "| coordinate | variant | α | forget drop | retain change | retain / forget |", "|---|---|---|---|---|---|"]
+             "| coordinate | variant | α | forget drop | retain change | retain change, CI over facts | "
+             "retain facts losing (nats) | retain / forget |", "|---|---|---|---|---|---|---|---|"]
     for r in payload["rows"]:
         ratio = -r["retain_change"]["mean"] / r["forget_drop"]["mean"] if r["forget_drop"]["mean"] > 0 else float("nan")
         lines.append(f"| {r['coordinate_label']} | {r['variant']} | {r['alpha']:g} | {_common.fmt(r['forget_drop'])} | "
-                     f"{_common.fmt(r['retain_change'])} | {ratio:.2f} |")
+                     f"{_common.fmt(r['retain_change'])} | {_common.fmt(r['retain_change_over_facts'])} | "
+                     f"{_common.fmt_tail(r['retain_tail'])} | {ratio:.2f} |")
     lines += ["", f"Safe points (largest forget drop with |retain change| ≤ {st['retain_tolerance']:g} nats):", "",
               "| coordinate | variant | α | forget drop | retain change | ROUGE-L forget | ROUGE-L retain | "
               "reproduced forget | reproduced retain |", "|---|---|---|---|---|---|---|---|---|"]
@@ -210,6 +214,11 @@ def markdown(payload: dict) -> str:
         lines.append(f"| {p['coordinate_label']} | {p['variant']} | {p['alpha']:g} | {_common.fmt(p['forget_drop'])} | "
                      f"{_common.fmt(p['retain_change'])} | {p['rouge_forget']:.3f} | {p['rouge_retain']:.3f} | "
                      f"{p['reproduced_forget']:.0%} | {p['reproduced_retain']:.0%} |")
+    for p in payload["safe_points"]:
+        if p["alpha"] is not None:
+            lines += ["", f"Worst five retain facts, {p['coordinate_label']} {p['variant']} α = {p['alpha']:g} "
+                      "(change in nats):", ""]
+            lines += [f"- {w['change']:.2f}: {w['fact']}" for w in p["retain_tail"]["worst"]]
     lines += ["", "Operating points (all variants): " + "; ".join(
         f"{name}: {p['variant']} α={p['alpha']:g}" for name, p in payload["operating_points"].items())]
     return "\n".join(lines) + "\n"
@@ -248,8 +257,10 @@ def main() -> None:
         coordinates = [traced] + [api.Coordinate.parse(c, s.backbone.config.n_layers, args.trace_steps)
                                   for c in args.extra_coordinates.split(";") if c.strip()]
         forget = s.encode(args.forget)
+        retain_facts = api.load_facts(args.retain)
         sets = {"forget": api.qa_pairs(s.tokenizer, forget.facts, "forget"),
-                "retain": s.pairs(args.retain, "retain")}
+                "retain": api.qa_pairs(s.tokenizer, retain_facts, "retain")}
+        labels = {"retain": _common.fact_labels(retain_facts)}
         base = {name: s.lp(s.backbone, pairs) for name, pairs in sets.items()}
         no_edit = {**generation(s, s.backbone, sets, args),
                    **{name: _common.summary(v) for name, v in base.items()}}
@@ -264,7 +275,7 @@ def main() -> None:
                     edited_memory = mem.with_hyperparameters(record.memory, alpha=alpha)
                     edited = {name: s.lp(s.backbone.with_edits(edited_memory), pairs) for name, pairs in sets.items()}
                     row = {"coordinate": coordinate.as_dict(), "coordinate_label": label, "variant": variant,
-                           "alpha": alpha, **_common.lp_changes(base, edited)}
+                           "alpha": alpha, **_common.lp_changes(base, edited, labels)}
                     rows.append(row)
                     curve.append(row)
                 within = [r for r in curve if abs(r["retain_change"]["mean"]) <= args.retain_tolerance]
@@ -273,7 +284,8 @@ def main() -> None:
                 if best is not None:
                     edited = s.backbone.with_edits(mem.with_hyperparameters(record.memory, alpha=best["alpha"]))
                     point = {**point, "alpha": best["alpha"], "forget_drop": best["forget_drop"],
-                             "retain_change": best["retain_change"], **generation(s, edited, sets, args)}
+                             "retain_change": best["retain_change"], "retain_tail": best["retain_tail"],
+                             **generation(s, edited, sets, args)}
                 safe_points.append(point)
         payload = {
             "experiment": "selectivity (memory variants)", "command": _common.command_line(),

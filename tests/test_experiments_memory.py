@@ -229,6 +229,11 @@ def test_selectivity_quick(tiny_model_dir_with_tokenizer, tmp_path):
     assert len(r["safe_points"]) == 2 * len(variants)
     for row in r["rows"]:
         assert len(row["forget_drop"]["per_seed"]) == 2
+        tail = row["retain_tail"]        # per-fact tail of the 3 quick retain facts
+        assert tail["num_facts"] == 3 and len(tail["worst"]) == 3
+        assert tail["worst"][0]["fact"].startswith("retain90:")
+        assert tail["share_losing_over_5"] <= tail["share_losing_over_1"]
+        assert row["retain_change_over_facts"]["mean"] == pytest.approx(row["retain_change"]["mean"])
     assert (out / "selectivity.png").read_bytes()[:4] == PNG
     assert "| variant |" in (out / "results.md").read_text()
     bad = run_experiment("selectivity", tiny_model_dir_with_tokenizer, tmp_path / "bad", "--gate-rate", "2")

@@ -328,3 +328,52 @@ def test_privacy_metrics_match_the_privacy_functions(tiny, suite, result):
     res = evaluate.evaluate_suite(backbone, tok, plain, seeds=(0,), **SMALL)
     assert res["mia_loss"]["mean"] is None and "no holdout" in res["mia_loss"]["reason"]
     assert res["exact_memorization"]["mean"] == pytest.approx(report["exact_memorization"])
+
+
+def test_fact_bootstrap_ci_against_the_enumerated_two_way_bootstrap():
+    import itertools
+
+    from timerome_jax.metrics import fact_bootstrap_ci
+
+    x = np.array([[0.0, -1.0, -9.0], [2.0, 1.0, -3.0]])  # [builds, facts]
+    # every (builds drawn, facts drawn) pair is equally likely: 2^2 x 3^3 = 108 resamples
+    exact = [x[np.ix_(b, f)].mean() for b in itertools.product(range(2), repeat=2)
+             for f in itertools.product(range(3), repeat=3)]
+    want_low, want_high = np.quantile(exact, [0.025, 0.975])
+    mean, low, high = fact_bootstrap_ci(x, n_resamples=20000)
+    assert mean == pytest.approx(x.mean())
+    spread = max(exact) - min(exact)
+    assert abs(low - want_low) < spread / 10 and abs(high - want_high) < spread / 10
+
+
+def test_fact_bootstrap_ci_widens_with_the_spread_between_builds():
+    from timerome_jax.metrics import fact_bootstrap_ci
+
+    facts = np.array([-3.0, -1.0, 0.0, 0.5, -0.5, -2.0, 1.0, -1.5])
+    same = np.stack([facts] * 5)
+    _, low0, high0 = fact_bootstrap_ci(same)
+    offsets = np.array([-4.0, -2.0, 0.0, 2.0, 4.0])[:, None]
+    _, low1, high1 = fact_bootstrap_ci(same + offsets)       # same mean, builds disagree
+    assert high1 - low1 > 1.5 * (high0 - low0)
+    # a shift moves the interval with it; one build is a facts-only bootstrap; degenerate inputs
+    m2, low2, high2 = fact_bootstrap_ci(same + 10.0)
+    assert (low2, high2) == pytest.approx((low0 + 10.0, high0 + 10.0))
+    assert fact_bootstrap_ci(facts)[1:] == pytest.approx(fact_bootstrap_ci(facts[None])[1:])
+    assert fact_bootstrap_ci([[2.0]]) == (2.0, None, None)
+    assert fact_bootstrap_ci(np.full((3, 4), -1.0)) == (-1.0, -1.0, -1.0)
+    with pytest.raises(InputError, match="builds, facts"):
+        fact_bootstrap_ci(np.zeros((2, 2, 2)))
+
+
+def test_loss_tail_counts_the_facts_losing_more_than_each_threshold():
+    from timerome_jax.metrics import loss_tail
+
+    change = [0.2, -0.5, -1.5, -7.0, -30.0, 3.0, -1.0, -5.0]
+    tail = loss_tail(change, [f"q{i}" for i in range(8)])
+    assert tail["num_facts"] == 8
+    assert tail["share_losing_over_1"] == 4 / 8        # -1.5, -7, -30, -5 (exactly -1 does not count)
+    assert tail["share_losing_over_5"] == 2 / 8        # -7, -30 (exactly -5 does not count)
+    assert [w["fact"] for w in tail["worst"]] == ["q4", "q3", "q7", "q2", "q6"]
+    assert tail["worst"][0]["change"] == -30.0
+    with pytest.raises(InputError, match="3 labels for 8 facts"):
+        loss_tail(change, ["a", "b", "c"])

@@ -233,9 +233,59 @@ def bootstrap_ci(values, *, confidence: float = 0.95, n_resamples: int = 9999,
         return mean, None, None
     return mean, low, high
 
+def fact_bootstrap_ci(values_BF, *, confidence: float = 0.95, n_resamples: int = 4000,
+                      rng_seed: int = 0) -> tuple[float, float | None, float | None]:
+    """(mean, ci_low, ci_high) of the mean of `values_BF` [builds, facts], resampling both units.
+
+    Each resample draws B builds and F facts with replacement, independently, and takes the mean of
+    the B x F sub-table (a two-way bootstrap, percentile interval): the interval covers the spread
+    between the facts a result is measured on *and* between the memories one could have built (noise
+    seeds), not only the MC masks. One build: facts only; one fact: builds only; one of each, or any
+    non-finite value: (mean, None, None).
+    """
+    x = np.asarray(values_BF, np.float64)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2 or x.size == 0:
+        raise InputError(f"fact_bootstrap_ci expects [builds, facts] values, got shape {x.shape}")
+    mean = float(np.mean(x))
+    if not np.all(np.isfinite(x)) or x.size == 1:
+        return mean, None, None
+    if np.all(x == x.flat[0]):
+        return mean, mean, mean
+    rng = np.random.default_rng(rng_seed)
+    builds, facts = x.shape
+    means = np.empty(n_resamples)
+    for start in range(0, n_resamples, 500):  # chunks keep the [chunk, B, F] gather small
+        n = min(500, n_resamples - start)
+        b = rng.integers(0, builds, size=(n, builds))
+        f = rng.integers(0, facts, size=(n, facts))
+        means[start:start + n] = x[b[:, :, None], f[:, None, :]].mean(axis=(1, 2))
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return mean, float(low), float(high)
+
+
+def loss_tail(change_F, labels=None, *, thresholds=(1.0, 5.0), worst: int = 5) -> dict:
+    """The tail of a per-fact change (edited − unedited LP, nats; negative = the fact lost
+    probability): the share of facts losing more than each threshold, and the `worst` facts with
+    their labels, most negative first. A mean hides a few facts that lose tens of nats; this shows
+    them."""
+    x = np.asarray(change_F, np.float64).reshape(-1)
+    if x.size == 0:
+        raise InputError("no facts to summarise")
+    labels = [str(i) for i in range(x.size)] if labels is None else [str(label) for label in labels]
+    if len(labels) != x.size:
+        raise InputError(f"{len(labels)} labels for {x.size} facts")
+    order = np.argsort(x, kind="stable")[:worst]
+    return {"num_facts": int(x.size),
+            **{f"share_losing_over_{t:g}": float(np.mean(x < -t)) for t in thresholds},
+            "worst": [{"fact": labels[i], "change": float(x[i])} for i in order]}
+
 
 __all__ = [
-    "METRICS", "PRIVACY_METRICS", "UTILITY_COMPONENTS", "bootstrap_ci", "first_words_match", "forget_quality",
+    "METRICS", "PRIVACY_METRICS", "UTILITY_COMPONENTS", "bootstrap_ci", "fact_bootstrap_ci", "first_words_match",
+    "forget_quality", "loss_tail",
     "harmonic_mean", "log_truth_ratio",
     "model_utility", "normalized_log_probability", "probability_with_options", "rouge_l_recall", "truth_ratio",
     "truth_ratio_forget_score", "truth_ratio_utility_score",
