@@ -185,25 +185,36 @@ def summary(values_S: np.ndarray) -> dict:
 
 def lp_changes(base: dict, edited: dict, labels: dict | None = None) -> dict:
     """Forget drop and retain (and real-author) change against no edit, paired per seed, with the
-    edited LPs; `base` / `edited` map 'forget', 'retain'[, 'real_authors'] to LPs [seeds, pairs].
+    edited LPs; `base` maps 'forget', 'retain'[, 'real_authors'] to LPs [seeds, pairs], `edited`
+    the same, or [builds, seeds, pairs] for memories built with several noise seeds (the per-seed
+    summaries then average the builds).
 
-    With per-pair LPs, the retain change is also summarised over facts (issue #19): its mean with a
-    bootstrap CI over facts (`retain_change_over_facts`, `metrics.fact_bootstrap_ci`) and its tail
-    (`retain_tail`: the share of retain facts losing more than 1 and 5 nats and the worst five,
-    named by `labels['retain']` when given)."""
+    With per-pair LPs, the forget drop and the retain change are also summarised over facts (issue
+    #19): mean and bootstrap CI over facts and builds (`*_over_facts`, `metrics.fact_bootstrap_ci`),
+    and the retain change's tail (`retain_tail`: the share of retain facts losing more than 1 and 5
+    nats and the worst five, named by `labels['retain']` when given)."""
     from timerome_jax import metrics
 
-    out = {"forget_drop": summary(base["forget"] - edited["forget"]),
-           "retain_change": summary(edited["retain"] - base["retain"]),
-           "forget_lp": summary(edited["forget"]), "retain_lp": summary(edited["retain"])}
+    def change(name, sign):  # edited − base (sign +1) or base − edited (-1), [builds, seeds, pairs]
+        e = np.asarray(edited[name], np.float64)
+        e = e[None] if e.ndim == np.asarray(base[name]).ndim else e
+        return sign * (e - np.asarray(base[name], np.float64)[None])
+
+    def over_seeds(x):  # builds averaged: what `summary` reads per seed
+        return x.mean(axis=0)
+
+    drop, retain = change("forget", -1.0), change("retain", 1.0)
+    out = {"forget_drop": summary(over_seeds(drop)), "retain_change": summary(over_seeds(retain)),
+           "forget_lp": summary(over_seeds(-drop) + np.asarray(base["forget"])),
+           "retain_lp": summary(over_seeds(retain) + np.asarray(base["retain"]))}
     if "real_authors" in base:
-        out["real_authors_change"] = summary(edited["real_authors"] - base["real_authors"])
-    change = np.asarray(edited["retain"], np.float64) - np.asarray(base["retain"], np.float64)
-    if change.ndim == 2:
-        per_fact = change.mean(axis=0)  # MC seeds averaged: one change per retain fact
-        mean, low, high = metrics.fact_bootstrap_ci(per_fact)
-        out["retain_change_over_facts"] = {"mean": mean, "ci_low": low, "ci_high": high}
-        out["retain_tail"] = metrics.loss_tail(per_fact, (labels or {}).get("retain"))
+        out["real_authors_change"] = summary(over_seeds(change("real_authors", 1.0)))
+    if retain.ndim == 3:
+        out["builds"] = int(retain.shape[0])
+        for key, x in (("forget_drop", drop), ("retain_change", retain)):
+            mean, low, high = metrics.fact_bootstrap_ci(x.mean(axis=1))  # MC seeds averaged: [builds, facts]
+            out[f"{key}_over_facts"] = {"mean": mean, "ci_low": low, "ci_high": high}
+        out["retain_tail"] = metrics.loss_tail(retain.mean(axis=(0, 1)), (labels or {}).get("retain"))
     return out
 
 

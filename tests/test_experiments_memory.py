@@ -244,6 +244,20 @@ def builds_covariance(r: dict) -> dict:
     return {b["variant"]: b["covariance"] for b in r["builds"] if b["covariance"]}
 
 
+def test_selectivity_build_seeds_average_memories_of_other_noise_draws(tiny_model_dir_with_tokenizer, tmp_path):
+    out = tmp_path / "out"
+    proc = run_experiment("selectivity", tiny_model_dir_with_tokenizer, out, "--variants", "paper", "--alphas", "4",
+                          "--build-seeds", "2", "--coordinate", "1,mlp,0")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((out / "results.json").read_text())
+    assert r["settings"]["build_seeds"] == 2 and [b["build_seed"] for b in r["builds"]] == [0, 1]
+    (row,) = r["rows"]
+    assert row["builds"] == 2 and row["retain_tail"]["num_facts"] == 3
+    assert row["forget_drop_over_facts"]["mean"] == pytest.approx(row["forget_drop"]["mean"])
+    bad = run_experiment("selectivity", tiny_model_dir_with_tokenizer, tmp_path / "bad", "--build-seeds", "0")
+    assert bad.returncode == 2 and "--build-seeds must be >= 1" in bad.stderr
+
+
 def test_selectivity_operating_points_feed_the_forget_table():
     sel, table = script("selectivity"), script("forget_table")
     import argparse
