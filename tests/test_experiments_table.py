@@ -163,3 +163,10 @@ def test_embedded_lp_quick(tiny_model_dir_with_tokenizer, tmp_path):
     for row in results["rows"]:
         assert row["pairs"] == 2 and len(row["answer_lp"]["per_seed"]) == 2
         assert row["answer_lp"]["mean"] < 0
+    (name,) = results["generation"]
+    gen = results["generation"][name]
+    assert [(g["set"], g["metric"], g["n"]) for g in gen] == [("forget01[:2]", "rougeL_recall", 2),
+                                                              ("counterfact_prompt[:2]", "first_words_match", 2)]
+    for g in gen:
+        assert 0.0 <= g["score"] <= 1.0 and len(g["samples"]) == 2
+    assert "| counterfact_prompt[:2] | first_words_match | 2 |" in (tmp_path / "o" / "results.md").read_text()
