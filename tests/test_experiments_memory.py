@@ -207,26 +207,26 @@ def test_trained_bytes(llada_backbone):
 
 def test_selectivity_quick(tiny_model_dir_with_tokenizer, tmp_path):
     out = tmp_path / "out"
-    proc = run_experiment("selectivity", tiny_model_dir_with_tokenizer, out, "--extra-coordinates", "1,resid,0")
+    proc = run_experiment("selectivity", tiny_model_dir_with_tokenizer, out)
     assert proc.returncode == 0, proc.stderr
     r = json.loads((out / "results.json").read_text())
     variants = ("paper", "multistep", "gated", "multistep+gated", "covariance", "covariance+gated", "subject+gated",
                 "multistep+subject+gated", "multistep+subject+sampler+gated")
-    assert len(r["rows"]) == 2 * len(variants) * 2      # 2 coordinates x 9 variants x α in {1, 2}
+    assert len(r["rows"]) == len(variants) * 2          # 9 variants x α in {1, 2} (extra coordinates: below)
     assert builds_covariance(r) == {"covariance": True, "covariance+gated": True}
-    builds = {(b["coordinate"]["layer"], b["variant"]): b for b in r["builds"]}
-    assert builds[(1, "paper")]["entries"] == 3 and builds[(1, "multistep")]["entries"] == 6   # K = 2 steps
-    assert builds[(1, "multistep")]["capture_steps"] == [0, 1]
-    subject = builds[(1, "subject+gated")]          # one entry per subject token (≥ 1 per fact)
+    builds = {b["variant"]: b for b in r["builds"]}     # one coordinate: the traced one
+    assert builds["paper"]["entries"] == 3 and builds["multistep"]["entries"] == 6   # K = 2 steps
+    assert builds["multistep"]["capture_steps"] == [0, 1]
+    subject = builds["subject+gated"]          # one entry per subject token (≥ 1 per fact)
     assert subject["key_positions"] == "subject" and subject["entries"] > 3
-    assert builds[(1, "multistep+subject+gated")]["entries"] == 2 * subject["entries"]
-    sampled = builds[(1, "multistep+subject+sampler+gated")]   # + 2 sampler steps (of G=32, 16 steps)
+    assert builds["multistep+subject+gated"]["entries"] == 2 * subject["entries"]
+    sampled = builds["multistep+subject+sampler+gated"]   # + 2 sampler steps (of G=32, 16 steps)
     assert sampled["sampler_capture"] == {"gen_length": 32, "steps": 16, "block_length": 32, "capture_steps": [0, 8],
                                           "mentions": False}
     assert sampled["entries"] >= 4 * subject["entries"]
-    gate = builds[(1, "gated")]["gate"]
+    gate = builds["gated"]["gate"]
     assert gate["rate"] == 0.001 and -1.0 <= gate["gate"] <= 1.0 and gate["tokens"] > 0
-    assert len(r["safe_points"]) == 2 * len(variants)
+    assert len(r["safe_points"]) == len(variants)
     for row in r["rows"]:
         assert len(row["forget_drop"]["per_seed"]) == 2
         tail = row["retain_tail"]        # per-fact tail of the 3 quick retain facts
@@ -247,12 +247,14 @@ def builds_covariance(r: dict) -> dict:
 def test_selectivity_build_seeds_average_memories_of_other_noise_draws(tiny_model_dir_with_tokenizer, tmp_path):
     out = tmp_path / "out"
     proc = run_experiment("selectivity", tiny_model_dir_with_tokenizer, out, "--variants", "paper", "--alphas", "4",
-                          "--build-seeds", "2", "--coordinate", "1,mlp,0")
+                          "--build-seeds", "2", "--coordinate", "1,mlp,0", "--extra-coordinates", "1,resid,0")
     assert proc.returncode == 0, proc.stderr
     r = json.loads((out / "results.json").read_text())
-    assert r["settings"]["build_seeds"] == 2 and [b["build_seed"] for b in r["builds"]] == [0, 1]
-    (row,) = r["rows"]
-    assert row["builds"] == 2 and row["retain_tail"]["num_facts"] == 3
+    assert r["settings"]["build_seeds"] == 2 and [b["build_seed"] for b in r["builds"]] == [0, 1, 0, 1]
+    assert [(b["coordinate"]["layer"], b["coordinate"]["module"]) for b in r["builds"]] == [(1, "mlp")] * 2 + [(1, "resid")] * 2
+    assert [p["coordinate_label"] for p in r["safe_points"]] == ["L1 mlp k0", "L1 resid k0"]
+    row = r["rows"][0]
+    assert len(r["rows"]) == 2 and row["builds"] == 2 and row["retain_tail"]["num_facts"] == 3
     assert row["forget_drop_over_facts"]["mean"] == pytest.approx(row["forget_drop"]["mean"])
     bad = run_experiment("selectivity", tiny_model_dir_with_tokenizer, tmp_path / "bad", "--build-seeds", "0")
     assert bad.returncode == 2 and "--build-seeds must be >= 1" in bad.stderr
