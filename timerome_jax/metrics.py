@@ -233,6 +233,7 @@ def bootstrap_ci(values, *, confidence: float = 0.95, n_resamples: int = 9999,
         return mean, None, None
     return mean, low, high
 
+
 def fact_bootstrap_ci(values_BF, *, confidence: float = 0.95, n_resamples: int = 4000,
                       rng_seed: int = 0) -> tuple[float, float | None, float | None]:
     """(mean, ci_low, ci_high) of the mean of `values_BF` [builds, facts], resampling both units.
