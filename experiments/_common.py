@@ -218,6 +218,23 @@ def lp_changes(base: dict, edited: dict, labels: dict | None = None) -> dict:
     return out
 
 
+# a greedy answer with ROUGE-L recall ≥ this against the reference "reproduces" it
+REPRODUCED = 0.9
+
+
+def rouge_scores(s: Setup, backbone, pairs, args) -> np.ndarray:
+    """ROUGE-L recall of each greedy answer against its reference [len(pairs)] (the schedule of
+    args.gen_length / gen_steps / block_length)."""
+    from timerome_jax import evaluate, metrics
+
+    prompts = [p.prompt_ids for p in pairs]
+    answers = evaluate.generate_answers(backbone, s.tokenizer, prompts, gen_length=args.gen_length,
+                                       steps=args.gen_steps, block_length=args.block_length, batch_size=64,
+                                       pad_id=s.pad_id)
+    references = [s.tokenizer.decode(list(p.answer_ids)) for p in pairs]
+    return np.asarray([metrics.rouge_l_recall(a, r) for a, r in zip(answers, references)])
+
+
 def fact_labels(facts) -> list[str]:
     """'where: question' of each fact, for the worst-facts lists."""
     return [f"{f.where}: {' '.join(f.prompt.split())[:100]}" for f in facts]

@@ -73,18 +73,11 @@ def parse_alphas(text: str) -> list[float]:
     return alphas
 
 
-# a greedy answer with ROUGE-L recall ≥ this against the reference "reproduces" it
-REPRODUCED = 0.9
+REPRODUCED = _common.REPRODUCED
 
 
 def rouge_scores(s: _common.Setup, backbone, facts, args) -> np.ndarray:
-    """ROUGE-L recall of each greedy answer against its reference [len(facts)]."""
-    prompts = [p.prompt_ids for p in facts]
-    answers = evaluate.generate_answers(backbone, s.tokenizer, prompts, gen_length=args.gen_length,
-                                       steps=args.gen_steps, block_length=args.block_length, batch_size=64,
-                                       pad_id=s.pad_id)
-    references = [s.tokenizer.decode(list(p.answer_ids)) for p in facts]
-    return np.asarray([metrics.rouge_l_recall(a, r) for a, r in zip(answers, references)])
+    return _common.rouge_scores(s, backbone, facts, args)
 
 
 def generation(s: _common.Setup, backbone, sets, args) -> dict:

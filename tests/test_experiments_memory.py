@@ -300,3 +300,63 @@ def test_selectivity_operating_points_feed_the_forget_table():
         path.write_text(json.dumps({"operating_points": {k: {**v, "key_positions": "first"} for k, v in subject.items()}}))
         with pytest.raises(InputError, match="key positions must be one of"):
             table.operating_points(argparse.Namespace(operating_points=str(path), lam=0.1, covariance=None))
+
+
+def test_heldout_quick_tunes_on_one_author_and_reports_the_controls_on_the_other(tiny_model_dir_with_tokenizer,
+                                                                                  tmp_path):
+    out = tmp_path / "out"
+    proc = run_experiment("heldout", tiny_model_dir_with_tokenizer, out, "--directions", "ab", "--candidates",
+                          "1,mlp,0", "--alphas", "0.25,0.5", "--retain-tolerance", "100", "--coordinate", "0,resid,0")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((out / "results.json").read_text())
+    (d,) = r["directions"]
+    assert (d["tune_author"], d["test_author"]) == ("forget_a", "forget_b")
+    # the grid: 2 coordinates × 1 gate rate × 2 α, each scored on the tuning author and retain_tune
+    assert len(d["tuning"]) == 4 and {t["coordinate_label"] for t in d["tuning"]} == {"L0 resid k0", "L1 mlp k0"}
+    ok = [t for t in d["tuning"] if t["retain_change"]["mean"] >= -100 and t["retain_change"]["tail"]["share_losing_over_5"] == 0]
+    best = max(ok, key=lambda t: t["forget_drop"]["mean"])
+    assert d["chosen"] == {"coordinate": best["coordinate"], "alpha": best["alpha"], "gate_rate": best["gate_rate"]}
+    results = d["results"]
+    assert list(results) == ["recommended", "steering", "random_coordinate", "ungated", "paper"]
+    for name, row in results.items():
+        assert len(row["builds"]) == 2                                 # --quick's two build seeds
+        assert len(row["retain_change"]["per_fact"]) == 3 and len(row["other_author_change"]["per_fact"]) == 3
+        assert row["retain_change"]["ci_low"] <= row["retain_change"]["mean"] <= row["retain_change"]["ci_high"]
+        assert row["falsifier"]["passes"] == all(row["falsifier"][k] for k in ("forget_drop", "retain_test", "other_author"))
+    assert results["ungated"]["gate_rate"] is None and results["paper"]["alpha"] == 1.0
+    assert results["random_coordinate"]["builds"][0]["coordinate"]["layer"] != best["coordinate"]["layer"]
+    # the other author is the tuning author; retain_test is the third retain part
+    assert results["recommended"]["other_author_change"]["tail"]["worst"][0]["fact"].startswith("forget01:")
+    assert all(w["fact"].startswith("retain90:6") for w in results["recommended"]["retain_change"]["tail"]["worst"])
+    text = (out / "results.md").read_text()
+    assert "Tune on forget_a, report on forget_b" in text and "| retain_test | `retain90[60:160] (first 3)` |" in text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gate-rates", "1"], "--gate-rates must be fractions in (0, 1)"),
+    (["--directions", "ac"], "--directions must be ab, ba or ab,ba"),
+    (["--controls", "steering,oracle"], "--controls: unknown oracle"),
+])
+def test_heldout_refuses_bad_flags(tiny_model_dir_with_tokenizer, tmp_path, flags, message):
+    proc = run_experiment("heldout", tiny_model_dir_with_tokenizer, tmp_path / "bad", *flags)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_mean_value_memory_adds_the_mean_delta_where_a_stored_key_matches():
+    from timerome_jax.baselines import mean_value_memory
+
+    rng = np.random.default_rng(0)
+    keys, deltas = rng.normal(size=(3, 16)).astype(np.float32), rng.normal(size=(3, 8)).astype(np.float32)
+    memory, _ = mem.build(keys, deltas, layer=0, module="resid", alpha=2.0, lam=1e-6)
+    memory = mem.with_gate(memory, 0.9)
+    steering = mean_value_memory(memory)
+    # the same keys, read-out and gate; every stored value is the mean δ
+    np.testing.assert_array_equal(steering.keys, memory.keys)
+    np.testing.assert_array_equal(steering.readout, memory.readout)
+    assert float(steering.gate) == float(memory.gate)
+    for j in range(3):   # at a stored key c(x) ≈ e_j: the memory adds α δ_j, the control α mean δ
+        np.testing.assert_allclose(memory.term(jnp.asarray(keys[j])), 2.0 * deltas[j], atol=1e-3)
+        np.testing.assert_allclose(steering.term(jnp.asarray(keys[j])), 2.0 * deltas.mean(axis=0), atol=1e-3)
+    far = -jnp.asarray(keys[0])   # below the gate: nothing is added
+    np.testing.assert_array_equal(steering.term(far), np.zeros(8, np.float32))

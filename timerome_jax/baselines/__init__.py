@@ -17,12 +17,13 @@ What an evaluator calls on a directory DIR written by `timerome unlearn`:
 
 from timerome_jax.baselines.editing import fine_tune_site, in_context_prefix, weight_edit
 from timerome_jax.baselines.inference import (INFERENCE_METHODS, InferenceBaseline, build_inference_baseline,
-                                              is_inference_baseline, load_inference_baseline, read_kind,
+                                              is_inference_baseline, load_inference_baseline, mean_value_memory,
+                                              read_kind,
                                               read_meta, save_inference_baseline, steer)
 from timerome_jax.baselines.training import TRAINING_METHODS, TrainConfig, TrainResult, train
 
 METHODS = TRAINING_METHODS + INFERENCE_METHODS
 
 __all__ = ["INFERENCE_METHODS", "InferenceBaseline", "METHODS", "TRAINING_METHODS", "TrainConfig", "TrainResult",
-           "build_inference_baseline", "fine_tune_site", "in_context_prefix", "is_inference_baseline", "load_inference_baseline", "read_kind", "read_meta",
+           "build_inference_baseline", "fine_tune_site", "in_context_prefix", "is_inference_baseline", "load_inference_baseline", "mean_value_memory", "read_kind", "read_meta",
            "save_inference_baseline", "steer", "train", "weight_edit"]

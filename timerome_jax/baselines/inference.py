@@ -142,6 +142,17 @@ def random_memory(backbone: Backbone, facts: Facts, traced: Coordinate, key: Arr
     return mem.MemoryRecord(memory, coordinate, lam, key_scale, facts.ids, backbone.fingerprint())
 
 
+def mean_value_memory(memory: mem.EditMemory) -> mem.EditMemory:
+    """The steering control of a memory: the same keys, read-out and gate, with every stored value
+    replaced by the mean of its values (the mean δ). Where one stored key matches, c(x) ≈ e_j, so
+    the term is ≈ α · mean δ: the memory still decides *where* to add, but no longer *what*. Compared
+    with the memory itself, it measures what the per-fact ridge read-out adds over a gated steering
+    vector (issue #19's controls)."""
+    valid = memory.valid[:, None]
+    mean_D = jnp.sum(jnp.where(valid, memory.deltas, 0.0), axis=0) / jnp.maximum(jnp.sum(memory.valid), 1)
+    return dataclasses.replace(memory, deltas=jnp.where(valid, mean_D[None], 0.0).astype(memory.deltas.dtype))
+
+
 @dataclasses.dataclass(frozen=True)
 class InferenceBaseline:
     """A built baseline: `kind`, what to save, and `attach(backbone)`."""
