@@ -279,7 +279,7 @@ def test_cli_rewrite_bad_records_and_mismatched_memories(tiny_model_dir_with_tok
     forget = tmp_path / "forget"
     facts = tmp_path / "facts.jsonl"
     facts.write_text(json.dumps({"prompt": "the cat sat on the", "subject": "the cat", "target": "mat"}) + "\n")
-    assert _cli(capsys, "edit", "--model", model, "--facts", facts, "--coordinate", "0,mlp,0", "--steps", "8",
+    assert _cli(capsys, "edit", "--paper", "--model", model, "--facts", facts, "--coordinate", "0,mlp,0", "--steps", "8",
                 "--out", forget)[0] == 0
     code, _, err = _cli(capsys, "edit", "--rewrite", "--append", forget, "--model", model, "--facts", bad.parent / "x.json")
     assert code != 0 and "does not exist" in err

@@ -79,7 +79,7 @@ def test_edit_append_remove_and_generate_with_memory(traced, tiny_model_dir_with
     model = tiny_model_dir_with_tokenizer
     memdir = tmp_path / "mem"
     first = write_jsonl(tmp_path / "first.jsonl", FACTS[:2])
-    code, out, err = run(capsys, "edit", "--model", model, "--facts", first, "--trace", trace_dir, *FAST,
+    code, out, err = run(capsys, "edit", "--paper", "--model", model, "--facts", first, "--trace", trace_dir, *FAST,
                          "--alpha", "2", "--lam", "0.1", "--out", memdir)
     assert code == 0, err
     record = mem.load(memdir)
@@ -107,7 +107,7 @@ def test_edit_append_remove_and_generate_with_memory(traced, tiny_model_dir_with
 
 def test_edit_with_explicit_coordinate(tiny_model_dir_with_tokenizer, tmp_path, capsys):
     facts = write_jsonl(tmp_path / "f.jsonl", FACTS)
-    code, out, err = run(capsys, "edit", "--model", tiny_model_dir_with_tokenizer, "--facts", facts,
+    code, out, err = run(capsys, "edit", "--paper", "--model", tiny_model_dir_with_tokenizer, "--facts", facts,
                          "--coordinate", "1,attn,0", "--q", "2", *FAST, "--out", tmp_path / "m")
     assert code == 0, err
     record = mem.load(tmp_path / "m")
@@ -120,7 +120,7 @@ def test_edit_gated_multi_step_memory_builds_appends_and_removes(tiny_model_dir_
     more = write_jsonl(tmp_path / "g.jsonl", FACTS[2:])
     retain = write_jsonl(tmp_path / "r.jsonl", [{"question": "what is the old city ?", "answer": "the city is old"},
                                                  {"prompt": "the author sat on the", "target": "cat"}])
-    code, out, err = run(capsys, "edit", "--model", tiny_model_dir_with_tokenizer, "--facts", facts,
+    code, out, err = run(capsys, "edit", "--paper", "--model", tiny_model_dir_with_tokenizer, "--facts", facts,
                          "--coordinate", "1,resid,0", *FAST, "--capture-steps", "all", "--gate-rate", "0.25",
                          "--gate-facts", retain, "--out", tmp_path / "m")
     assert code == 0 and "gated: cosine >=" in out and "(4 entries: steps 0,1, last tokens)" in out, err
@@ -142,21 +142,21 @@ def test_edit_subject_positions_build_and_append_like_a_batch_build(tiny_model_d
     more = write_jsonl(tmp_path / "g.jsonl", FACTS[2:])
     everything = write_jsonl(tmp_path / "all.jsonl", FACTS)
     common = ["--model", tiny_model_dir_with_tokenizer, "--coordinate", "1,resid,0", *FAST, "--key-positions", "subject"]
-    code, out, err = run(capsys, "edit", "--facts", facts, *common, "--out", tmp_path / "m")
+    code, out, err = run(capsys, "edit", "--paper", "--facts", facts, *common, "--out", tmp_path / "m")
     assert code == 0 and "subject tokens)" in out, err
     record = mem.load(tmp_path / "m")
     assert record.key_positions == "subject" and record.memory.size > 2 and len(set(record.fact_ids)) == 2
     code, out, err = run(capsys, "edit", "--model", tiny_model_dir_with_tokenizer, "--append", tmp_path / "m",
                          "--facts", more, *FAST)
     assert code == 0 and "now holds 3" in out, err
-    code, out, err = run(capsys, "edit", "--facts", everything, *common, "--out", tmp_path / "batch")
+    code, out, err = run(capsys, "edit", "--paper", "--facts", everything, *common, "--out", tmp_path / "batch")
     assert code == 0, err
     appended, batch = mem.load(tmp_path / "m"), mem.load(tmp_path / "batch")
     # fact ids come from content: the appended memory's entries are the batch build's, fact by fact
     assert appended.fact_ids == batch.fact_ids
     np.testing.assert_allclose(np.asarray(appended.memory.keys)[: batch.memory.size],
                                np.asarray(batch.memory.keys)[: batch.memory.size], rtol=1e-5, atol=1e-5)
-    code, _, err = run(capsys, "edit", "--facts", facts, *common, "--q", "100", "--out", tmp_path / "q")
+    code, _, err = run(capsys, "edit", "--paper", "--facts", facts, *common, "--q", "100", "--out", tmp_path / "q")
     assert code == 2 and f"q must lie in 1..n = 1..{record.memory.size} (number of memory entries)" in err, err
     assert not (tmp_path / "q").exists()
 
@@ -167,14 +167,14 @@ def test_edit_sampler_capture_builds_and_append_follows_it(tiny_model_dir_with_t
     everything = write_jsonl(tmp_path / "all.jsonl", FACTS)
     common = ["--model", tiny_model_dir_with_tokenizer, "--coordinate", "1,resid,0", *FAST, "--sampler-steps", "2",
               "--gen-length", "8", "--gen-steps", "4", "--block-length", "4"]
-    code, out, err = run(capsys, "edit", "--facts", facts, *common, "--out", tmp_path / "m")
+    code, out, err = run(capsys, "edit", "--paper", "--facts", facts, *common, "--out", tmp_path / "m")
     assert code == 0 and "and sampler steps 0,2 of G=8" in out, err
     record = mem.load(tmp_path / "m")
     assert record.sampler_capture == mem.SamplerCapture(8, 4, 4, (0, 2)) and record.memory.size == 6
     code, out, err = run(capsys, "edit", "--model", tiny_model_dir_with_tokenizer, "--append", tmp_path / "m",
                          "--facts", more, *FAST)
     assert code == 0 and "now holds 3" in out, err
-    assert run(capsys, "edit", "--facts", everything, *common, "--out", tmp_path / "batch")[0] == 0
+    assert run(capsys, "edit", "--paper", "--facts", everything, *common, "--out", tmp_path / "batch")[0] == 0
     appended, batch = mem.load(tmp_path / "m"), mem.load(tmp_path / "batch")
     assert appended.memory.size == batch.memory.size == 9
     # the same entries (keys: the appended fact's noise index differs, so its deltas do)
@@ -187,7 +187,7 @@ def test_edit_covariance_regularised_builds_appends_and_differs(tiny_model_dir_w
     more = write_jsonl(tmp_path / "g.jsonl", FACTS[2:])
     retain = write_jsonl(tmp_path / "r.jsonl", [{"question": "what is the old city ?", "answer": "the city is old"},
                                                  {"prompt": "the author sat on the", "target": "cat"}])
-    base = ["edit", "--model", tiny_model_dir_with_tokenizer, "--coordinate", "1,mlp,0", *FAST]
+    base = ["edit", "--paper", "--model", tiny_model_dir_with_tokenizer, "--coordinate", "1,mlp,0", *FAST]
     code, out, err = run(capsys, *base, "--facts", facts, "--covariance", retain, "--out", tmp_path / "cov")
     assert code == 0 and "C from" in out, err
     assert run(capsys, *base, "--facts", facts, "--out", tmp_path / "plain")[0] == 0
@@ -233,7 +233,6 @@ def test_trace_bad_inputs_one_line_and_no_output(rows, extra, message, tiny_mode
     (["--coordinate", "1,mlp,2"], "step 2 is outside 0..1"),
     (["--capture-steps", "0,5"], "capture steps must be distinct steps in 0..1"),
     (["--capture-steps", "a"], "--capture-steps must be comma-separated integers"),
-    (["--gate-rate", "0.1"], "--gate-rate and --gate-facts go together"),
     (["--gate-rate", "1.5", "--gate-facts", "retain90[:2]"], "--gate-rate must be a fraction in (0, 1)"),
     (["--q", "7", "--capture-steps", "all"], "q must lie in 1..n = 1..6"),
     (["--q", "7", "--sampler-steps", "1", "--gen-length", "8", "--gen-steps", "4", "--block-length", "4"],
@@ -244,7 +243,7 @@ def test_trace_bad_inputs_one_line_and_no_output(rows, extra, message, tiny_mode
 ])
 def test_edit_bad_inputs(extra, message, tiny_model_dir_with_tokenizer, tmp_path, capsys):
     facts = write_jsonl(tmp_path / "f.jsonl", FACTS)
-    args = ["edit", "--model", tiny_model_dir_with_tokenizer, "--facts", facts, *FAST, "--out", tmp_path / "m"]
+    args = ["edit", "--paper", "--model", tiny_model_dir_with_tokenizer, "--facts", facts, *FAST, "--out", tmp_path / "m"]
     if not any(a == "--coordinate" for a in extra):
         args += ["--coordinate", "1,mlp,0"]
     code, _, err = run(capsys, *args, *extra)
@@ -261,3 +260,55 @@ def test_append_to_a_memory_of_another_model_is_refused(traced, tmp_path, capsys
     code, _, err = run(capsys, "edit", "--model", Path(__file__).parent / "fixtures" / "llada", "--append",
                        tmp_path / "m", "--facts", facts)
     assert code == 2 and "built for model ffffffffffffffff" in err
+
+
+def test_edit_builds_the_recommended_memory_by_default_and_the_papers_with_paper(tiny_model_dir_with_tokenizer,
+                                                                                  tmp_path, capsys):
+    from timerome_jax import splits
+
+    facts = write_jsonl(tmp_path / "f.jsonl", FACTS[:2])
+    common = ["--model", tiny_model_dir_with_tokenizer, "--facts", facts, "--coordinate", "1,resid,0", *FAST]
+    code, out, err = run(capsys, "edit", *common, "--out", tmp_path / "rec")
+    assert code == 0, err
+    recommended, preset = mem.load(tmp_path / "rec"), mem.MemorySpec.selective()
+    # every step of the 2-step trajectory, every subject token, the preset's sampler steps, gated on retain_gate
+    assert recommended.capture_steps == (0, 1) and recommended.key_positions == "subject"
+    assert recommended.sampler_capture == preset.sampler and recommended.memory.gate is not None
+    assert float(recommended.memory.alpha) == preset.alpha
+    n_gate = len(mem_facts(splits.selection("retain_gate")))
+    assert f"of {n_gate} retain facts" in out and "subject tokens)" in out
+    code, out, err = run(capsys, "edit", "--paper", *common, "--out", tmp_path / "paper")
+    assert code == 0, err
+    paper = mem.load(tmp_path / "paper")
+    assert paper.capture_steps == (0,) and paper.key_positions == "last" and paper.sampler_capture is None
+    assert paper.memory.gate is None and float(paper.memory.alpha) == 1.0 and paper.memory.size == 2
+    # explicit flags override either preset
+    code, _, err = run(capsys, "edit", *common, "--alpha", "3", "--gate-rate", "0.2", "--sampler-steps", "1",
+                       "--gen-length", "8", "--gen-steps", "4", "--block-length", "4", "--out", tmp_path / "own")
+    assert code == 0, err
+    own = mem.load(tmp_path / "own")
+    assert float(own.memory.alpha) == 3.0 and own.sampler_capture.gen_length == 8
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--paper", "--gate-facts", "retain90[:2]"], "--gate-facts calibrates a gate: add --gate-rate"),
+    (["--paper", "--rewrite"], "--paper and --rewrite"),
+    (["--gate-facts", "retain90[:3]"], "the facts and gate_facts sets share 1 fact(s)"),
+])
+def test_edit_refuses_a_gate_without_a_rate_and_gate_facts_that_hold_an_edited_fact(extra, message, tmp_path, capsys,
+                                                                                     tiny_model_dir_with_tokenizer):
+    from timerome_jax import data
+
+    shared = data.load_split("retain90")[2]      # the same fact as retain90[2:3], with a subject of its own
+    shared = {"question": shared["question"], "answer": shared["answer"], "subject": "Jaime"}
+    facts = write_jsonl(tmp_path / "f.jsonl", [FACTS[0], shared])
+    code, _, err = run(capsys, "edit", "--model", tiny_model_dir_with_tokenizer, "--facts", facts, "--coordinate",
+                       "1,resid,0", *FAST, "--out", tmp_path / "m", *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "m").exists()
+
+
+def mem_facts(selection: str):
+    from timerome_jax.facts import load_facts
+
+    return load_facts(selection)

@@ -96,7 +96,7 @@ def test_outputs_are_checked_before_the_model_is_even_loaded(tmp_path, capsys):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("keep")
     facts = jsonl(tmp_path / "f.jsonl", FACTS)
-    for command in (["trace", "--facts", facts], ["edit", "--facts", facts, "--coordinate", "0,resid,0"],
+    for command in (["trace", "--facts", facts], ["edit", "--paper", "--facts", facts, "--coordinate", "0,resid,0"],
                     ["eval"], ["demo"], ["unlearn", "--method", "steer", "--suite", "tofu-forget01"]):
         code, _, err = run(capsys, *command, "--model", tmp_path / "no-such-model", "--out", tmp_path / "busy")
         one_error(code, err, "already exists and is not empty (pass --overwrite to replace it)")
@@ -123,7 +123,7 @@ def test_generate_overwrites_only_with_overwrite(tiny_model_dir_with_tokenizer, 
 
 def test_an_alpha_that_makes_the_model_degenerate_is_refused(tiny_model_dir_with_tokenizer, tmp_path, capsys):
     facts = jsonl(tmp_path / "f.jsonl", FACTS)
-    code, _, err = run(capsys, "edit", "--model", tiny_model_dir_with_tokenizer, "--facts", facts, "--coordinate",
+    code, _, err = run(capsys, "edit", "--paper", "--model", tiny_model_dir_with_tokenizer, "--facts", facts, "--coordinate",
                        "1,resid,0", *FAST, "--alpha", "1e30", "--out", tmp_path / "m")
     one_error(code, err, "alpha 1e+30 makes the edited model degenerate")
     assert not (tmp_path / "m").exists() and not leftovers(tmp_path)
@@ -146,7 +146,7 @@ def test_appending_the_same_facts_under_another_path_is_refused(tiny_model_dir_w
     monkeypatch.chdir(tmp_path)
     jsonl(tmp_path / "f.jsonl", FACTS)
     common = ["--model", tiny_model_dir_with_tokenizer, *FAST]
-    assert run(capsys, "edit", "--facts", "f.jsonl", "--coordinate", "1,resid,0", *common, "--out", "m")[0] == 0
+    assert run(capsys, "edit", "--paper", "--facts", "f.jsonl", "--coordinate", "1,resid,0", *common, "--out", "m")[0] == 0
     code, _, err = run(capsys, "edit", "--append", "m", "--facts", tmp_path / "f.jsonl", *common)
     one_error(code, err, "fact(s) already in the memory:")
     assert mem.load(tmp_path / "m").memory.size == 2
@@ -157,7 +157,7 @@ def test_appending_the_same_facts_under_another_path_is_refused(tiny_model_dir_w
 def test_a_memory_whose_widths_do_not_fit_the_model_is_refused(tiny_model_dir_with_tokenizer, tmp_path, capsys):
     facts = jsonl(tmp_path / "f.jsonl", FACTS)
     model = tiny_model_dir_with_tokenizer
-    assert run(capsys, "edit", "--model", model, "--facts", facts, "--coordinate", "1,resid,0", *FAST,
+    assert run(capsys, "edit", "--paper", "--model", model, "--facts", facts, "--coordinate", "1,resid,0", *FAST,
                "--out", tmp_path / "m")[0] == 0
     meta = json.loads((tmp_path / "m" / "memory.json").read_text())
     meta["module"] = "mlp"                        # same fingerprint, but the mlp key is 128 wide, not 64

@@ -1,11 +1,16 @@
 """`timerome edit`: build, extend or roll back an edit memory.
 
-    timerome edit --facts F [--trace DIR | --coordinate L,MODULE,STEP] [--alpha --lam --q] --out MEM
+    timerome edit --facts F [--trace DIR | --coordinate L,MODULE,STEP] [--paper] [--alpha --lam --q] --out MEM
     timerome edit --append MEM --facts F          # sequential insertion (incremental update)
     timerome edit --remove MEM --fact-ids ID ...  # roll back facts
     timerome edit --rewrite --facts CASES [--rewrite-method optimised|in_context] --out MEM
 
-Without --trace or --coordinate the facts are traced first (the trace options apply). With
+Without tuning flags the memory is the recommended one (`MemorySpec.selective`, the configuration
+docs/RESULTS.md reports: keys at every step of every subject token and along the sampler, gated on
+retain facts; its gate is calibrated on --gate-facts, by default the split table's `retain_gate`
+part); --paper builds DESIGN.md §3's memory as written (one key per fact at k*, α = 1, ungated).
+Explicit flags override either. Without --trace or --coordinate the facts are traced first (the
+trace options apply). With
 --rewrite, --facts holds rewrite cases (EasyEdit's JSON array, JSONL with the same fields, or a
 packaged selection such as counterfact[:40]); the traced facts are then the old ones (prompt ->
 ground_truth), and the memory stores values that make the model answer target_new
@@ -20,7 +25,7 @@ from timerome_jax import api
 from timerome_jax.commands import trace as trace_cmd
 from timerome_jax.commands._mesh import Placement, add_mesh_argument
 from timerome_jax.errors import InputError
-from timerome_jax import rewrite
+from timerome_jax import rewrite, splits
 from timerome_jax.memory import KEY_POSITIONS, VALUE_METHODS, MemorySpec
 
 
@@ -39,7 +44,11 @@ def register(sub, common) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--trace", metavar="DIR", help="use the coordinate in DIR/summary.json")
     source.add_argument("--coordinate", help="LAYER,MODULE,STEP, e.g. 3,mlp,1")
-    p.add_argument("--alpha", type=float, default=1.0, help="scale α of the edit (>= 0)")
+    p.add_argument("--paper", action="store_true",
+                   help="the paper's memory (DESIGN.md §3: one key per fact at k*, α = 1, λ = 0.1, ungated) instead of "
+                   "the recommended selective one")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="scale α of the edit (>= 0; default: the recommended memory's, 1 with --paper or --rewrite)")
     p.add_argument("--lam", type=float, default=None, help="ridge λ (> 0; scale-free; default 0.1, 0.01 with --rewrite)")
     p.add_argument("--q", type=int, default=None, help="keep the q largest coefficients (1..n; default n)")
     p.add_argument("--covariance", metavar="FACTS", default=None,
@@ -51,13 +60,14 @@ def register(sub, common) -> None:
                    help="capture each fact at these steps of the K-step trajectory ('0,3,7' or 'all'; "
                    "default: the coordinate's step k*): one entry per fact and step, so the memory also "
                    "matches the fact later in denoising")
-    p.add_argument("--key-positions", choices=KEY_POSITIONS, default="last",
+    p.add_argument("--key-positions", choices=KEY_POSITIONS, default=None,
                    help="where each fact's keys are read: its 'last' subject token (the paper's) or every "
-                   "'subject' token, one entry each (docs/memory.md)")
+                   "'subject' token, one entry each (default: 'subject'; 'last' with --paper; docs/memory.md)")
     p.add_argument("--sampler-steps", type=int, default=None, metavar="N",
                    help="also capture each fact in the states of the unedited greedy sampler before N evenly "
                    "spread steps of the --gen-length/--gen-steps/--block-length schedule (use the one you "
-                   "generate with), so a gated memory also fires during generation (docs/memory.md)")
+                   "generate with), so a gated memory also fires during generation (default 8; none with "
+                   "--paper; docs/memory.md)")
     p.add_argument("--gen-length", type=int, default=96, help="with --sampler-steps: answer tokens G (default 96)")
     p.add_argument("--gen-steps", type=int, default=48, help="with --sampler-steps: sampler steps (default 48)")
     p.add_argument("--block-length", type=int, default=32,
@@ -66,7 +76,8 @@ def register(sub, common) -> None:
                    help="gated memory: edit only tokens whose key is close to a stored key, with the cosine "
                    "threshold set so that this fraction of the --gate-facts tokens is still edited")
     p.add_argument("--gate-facts", metavar="FACTS", default=None,
-                   help="retain facts that calibrate --gate-rate (a data selection or a JSONL file)")
+                   help="retain facts that calibrate the gate (a data selection or a JSONL file; default the split "
+                   f"table's retain_gate part, {splits.selection('retain_gate')}); they must not hold a fact of --facts")
     p.add_argument("--rewrite", action="store_true",
                    help="rewrite facts instead of forgetting them: --facts holds EasyEdit/CounterFact cases "
                    "(prompt, subject, target_new, ground_truth, ...)")
@@ -107,6 +118,13 @@ def report(stage: str, info: dict) -> None:
               f"{info['retain_facts']} retain facts)")
 
 
+def base_spec(args: argparse.Namespace) -> MemorySpec:
+    """The preset explicit flags override: a rewrite memory's, the paper's (--paper) or the recommended one."""
+    if args.rewrite:
+        return MemorySpec.rewriting()
+    return MemorySpec.paper() if args.paper else MemorySpec.selective()
+
+
 def run(args: argparse.Namespace) -> int:
     if args.remove:
         if not args.fact_ids:
@@ -118,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.facts:
         raise InputError("--facts is required (the facts to edit)")
     trace_cmd.check_trace_arguments(args)
+    if args.paper and args.rewrite:
+        raise InputError("--paper and --rewrite: a rewrite memory has its own preset (docs/rewrite.md); drop --paper")
     rewrite_flags = [f"--{n.replace('_', '-')}" for n in ("rewrite_method", "rewrite_steps", "rewrite_lr", "kl_weight")
                      if getattr(args, n) is not None]
     if rewrite_flags and not args.rewrite:
@@ -151,14 +171,18 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise InputError("--out is required when building a memory")
-    if (args.gate_rate is None) != (args.gate_facts is None):
-        raise InputError("--gate-rate and --gate-facts go together (the rate is measured on those facts)")
-    spec = MemorySpec.from_flags(args, base=MemorySpec.rewriting() if args.rewrite else None)
+    spec = MemorySpec.from_flags(args, base=base_spec(args))
+    if spec.gate_rate is None and args.gate_facts is not None:
+        raise InputError("--gate-facts calibrates a gate: add --gate-rate (the paper's memory is ungated)")
+    if spec.gate_rate is not None and args.gate_facts is None:
+        args.gate_facts = splits.selection("retain_gate")
     if args.rewrite and any(c.ground_truth is None for c in cases) and not (args.coordinate or args.trace):
         missing = next(c for c in cases if c.ground_truth is None)
         raise InputError(f"{missing.where}: no ground_truth, so the old fact cannot be traced; give one or pass "
                          f"--coordinate / --trace")
-    gate_facts = None if args.gate_facts is None else api.load_facts(args.gate_facts)
+    gate_facts = None if spec.gate_rate is None else api.load_facts(args.gate_facts)
+    if gate_facts is not None:
+        splits.check_disjoint(facts=records, gate_facts=gate_facts)
     covariance_facts = None if args.covariance is None else api.load_facts(args.covariance)
     backbone = placement.load(args.model)
     tokenizer = api.tokenizer(backbone)
