@@ -360,3 +360,23 @@ def test_the_mean_value_memory_adds_the_mean_delta_where_a_stored_key_matches():
         np.testing.assert_allclose(steering.term(jnp.asarray(keys[j])), 2.0 * deltas.mean(axis=0), atol=1e-3)
     far = -jnp.asarray(keys[0])   # below the gate: nothing is added
     np.testing.assert_array_equal(steering.term(far), np.zeros(8, np.float32))
+
+
+def test_baseline_curves_quick_scores_early_stops_of_each_method_and_rate(tiny_model_dir_with_tokenizer, tmp_path):
+    out = tmp_path / "out"
+    proc = run_experiment("baseline_curves", tiny_model_dir_with_tokenizer, out, "--lrs", "1e-4,1e-3")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((out / "results.json").read_text())
+    assert [(run["method"], run["lr"]) for run in r["runs"]] == [("gradascent", 1e-4), ("gradascent", 1e-3),
+                                                               ("npo", 1e-4), ("npo", 1e-3)]
+    for run in r["runs"]:
+        steps = [c["step"] for c in run["checkpoints"]]
+        # the scored checkpoints of --checkpoints 0,2, then the run's last model
+        assert steps[:2] == [0, 2] and steps[-1] == run["steps"] and run["checkpoints"][-1]["final"]
+        assert run["checkpoints"][0]["forget_drop"]["mean"] == 0.0      # step 0 is the unedited model
+        assert len(run["checkpoints"][0]["retain_change"]["per_fact"]) == 3
+    # the regulariser (retain_tune) is apart from every scored set
+    assert r["settings"]["regulariser"] == "retain_tune = retain90[:30]" and "retain90[60:160]" in r["settings"]["retain"]
+    assert (out / "curves.png").read_bytes()[:4] == PNG and "| gradascent | 0.001 |" in (out / "results.md").read_text()
+    bad = run_experiment("baseline_curves", tiny_model_dir_with_tokenizer, tmp_path / "bad", "--regulariser-part", "retain_test")
+    assert bad.returncode == 2 and "share" in bad.stderr and not (tmp_path / "bad").exists()

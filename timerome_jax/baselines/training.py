@@ -371,9 +371,15 @@ def _stop_reason(forget_lp: list[float], config: TrainConfig, plateau_allowed: b
 
 
 def train(backbone: Backbone, forget: Rows, retain: Rows | None, config: TrainConfig,
-          progress: Callable[[dict], None] | None = None) -> TrainResult:
+          progress: Callable[[dict], None] | None = None,
+          checkpoint: Callable[[int, Backbone], dict] | None = None) -> TrainResult:
     """Run one training-time baseline to convergence (module docstring). Returns the new params
-    (same tree structure, shapes and dtypes) and the statistics written to train_stats.json."""
+    (same tree structure, shapes and dtypes) and the statistics written to train_stats.json.
+
+    `checkpoint(step, model)`, when given, is called at every evaluation (step 0 included) with the
+    model of that step; the dict it returns joins that evaluation's row (an early-stopped
+    checkpoint's own scores, e.g. on held-out sets), and its time is reported apart
+    (`checkpoint_seconds`), outside the training and evaluation costs."""
     L = backbone.config.n_layers
     objective = config.objective(L)
     if objective.uses_retain and retain is None:
@@ -436,14 +442,20 @@ def train(backbone: Backbone, forget: Rows, retain: Rows | None, config: TrainCo
     train_seconds = eval_seconds = 0.0
     stop_reason = None
 
+    checkpoint_seconds = 0.0
+
     def evaluate(step: int, params) -> None:
-        nonlocal eval_seconds
+        nonlocal eval_seconds, checkpoint_seconds
         start = time.perf_counter()
         model = dataclasses.replace(backbone, params=params)
         row = {"step": step, "forget_lp": float(est_fns["forget"](model, *forget_est, eval_key))}
         if "retain" in est_fns:
             row["retain_lp"] = float(est_fns["retain"](model, *retain_est, eval_key))
         eval_seconds += time.perf_counter() - start
+        if checkpoint is not None:
+            start = time.perf_counter()
+            row.update(checkpoint(step, model))
+            checkpoint_seconds += time.perf_counter() - start
         evaluations.append(row)
         if progress:
             progress(row)
@@ -496,7 +508,7 @@ def train(backbone: Backbone, forget: Rows, retain: Rows | None, config: TrainCo
         "retain_lp_initial": first.get("retain_lp"), "retain_lp_final": last.get("retain_lp"),
         "evaluations": evaluations, "loss_curve": losses,
         "setup_seconds": setup_seconds, "compile_seconds": compile_seconds, "wall_clock_seconds": cost["seconds"],
-        "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+        "train_seconds": train_seconds, "eval_seconds": eval_seconds, "checkpoint_seconds": checkpoint_seconds,
         "seconds_per_step": train_seconds / max(step, 1),
         "peak_memory": cost, "device": resources.device_description(),
     }
