@@ -9,6 +9,7 @@ import pytest
 from timerome_jax import cli
 from timerome_jax import memory as mem
 from timerome_jax import tracing
+from timerome_jax.errors import InputError
 from timerome_jax.facts import read_facts
 
 FACTS = [
@@ -312,3 +313,40 @@ def mem_facts(selection: str):
     from timerome_jax.facts import load_facts
 
     return load_facts(selection)
+
+
+def test_edit_and_its_defaults_follow_the_models_edit_config(tiny_model_dir_with_tokenizer, tmp_path, capsys):
+    import shutil
+    from types import SimpleNamespace
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir_with_tokenizer, model)
+    (model / mem.EDIT_CONFIG_FILE).write_text(json.dumps(
+        {"alpha": 5.0, "gate_rate": 0.25, "coordinate": {"layer": 2, "module": "mlp", "step": 1, "steps": 2},
+         "note": "chosen on the tuning split"}))
+    facts = write_jsonl(tmp_path / "f.jsonl", FACTS[:2])
+    code, out, err = run(capsys, "edit", "--model", model, "--facts", facts, *FAST, "--sampler-steps", "1",
+                         "--out", tmp_path / "m")
+    assert code == 0 and "(the model's edit config)" in out, err
+    record = mem.load(tmp_path / "m")
+    assert record.coordinate.as_dict() == {"layer": 2, "module": "mlp", "step": 1, "steps": 2}
+    assert float(record.memory.alpha) == 5.0 and record.key_positions == "subject"
+    # explicit flags win; --paper ignores the config (the traced coordinate, α = 1)
+    code, out, err = run(capsys, "edit", "--model", model, "--facts", facts, *FAST, "--sampler-steps", "1",
+                         "--coordinate", "0,resid,0", "--alpha", "2", "--out", tmp_path / "own")
+    assert code == 0, err
+    own = mem.load(tmp_path / "own")
+    assert own.coordinate.layer == 0 and float(own.memory.alpha) == 2.0
+    code, out, err = run(capsys, "edit", "--paper", "--model", model, "--facts", facts, *FAST, "--coordinate",
+                         "1,resid,0", "--out", tmp_path / "paper")
+    assert code == 0 and float(mem.load(tmp_path / "paper").memory.alpha) == 1.0, err
+    # a bad config is one error naming the file
+    fake = SimpleNamespace(source=str(model), config=SimpleNamespace(n_layers=3))
+    for bad, message in (('{"alpha": -1}', "alpha must be a finite number >= 0"),
+                         ('{"coordinate": {"layer": 9, "module": "mlp", "step": 0}}', "outside this model's 3 layers"),
+                         ("[1, 2", "is not a valid edit config")):
+        (model / mem.EDIT_CONFIG_FILE).write_text(bad)
+        with pytest.raises(InputError, match=message) as info:
+            mem.recommended(fake)
+        assert str(model / mem.EDIT_CONFIG_FILE) in str(info.value)
+    assert mem.recommended(SimpleNamespace(source=None)).spec == mem.MemorySpec.selective()

@@ -24,6 +24,7 @@ import jax
 import ports
 from ports.fileio import atomic_directory
 from timerome_jax import api, splits
+from timerome_jax import memory as mem
 from timerome_jax.commands.trace import MIN_EFFECT, progress, write_trace
 from timerome_jax.memory import KEY_POSITIONS, MemorySpec
 from timerome_jax.memory.spec import SELECTIVE_SCHEDULE
@@ -80,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
                           **({"gate_facts": gate_facts} if gate_facts else {}))
     backbone = ports.load_pretrained(args.model)
     tokenizer = api.tokenizer(backbone)
+    preset = mem.recommended(backbone)          # the model's tuned α, gate rate and coordinate, if it has them
+    spec = MemorySpec.from_flags(args, base=preset.spec)
     say(f"model {args.model}: {backbone.config.family}, {backbone.config.n_layers} layers, "
         f"{backbone.num_params():,} parameters")
 
@@ -95,10 +98,12 @@ def run(args: argparse.Namespace) -> int:
         f"log-probability (total effect {gap:.3f} nats): layer {coordinate.layer}, module '{coordinate.module}', "
         f"step {coordinate.step} is not a finding")
 
-    # 2. edit: the recommended memory and the paper's, of every forget fact at that coordinate
+    # 2. edit: the recommended memory (at the model's recommended coordinate, if it has one) and the
+    #    paper's (at the traced coordinate), of every forget fact
     forget = api.encode(backbone, tokenizer, sets["forget"])
     n = forget.num_facts
-    records = {"recommended": api.build_memory(backbone, tokenizer, forget, coordinate, spec, seed=args.seed,
+    site = api.Coordinate(**preset.coordinate) if preset.coordinate else coordinate
+    records = {"recommended": api.build_memory(backbone, tokenizer, forget, site, spec, seed=args.seed,
                                                gate_facts=gate_facts, facts_per_chunk=8),
                "paper": api.build_memory(backbone, tokenizer, forget, coordinate, paper_spec, seed=args.seed,
                                          facts_per_chunk=8)}
@@ -111,10 +116,12 @@ def run(args: argparse.Namespace) -> int:
     gated = "" if memory.gate is None else (f", gated at cosine {float(memory.gate):.5f} (edits {spec.gate_rate:g} of "
                                             f"the {args.gate_facts} tokens)")
     nbytes = lambda m: sum(x.nbytes for x in jax.tree.leaves(m))  # noqa: E731
-    say(f"\n2. built the recommended memory of {n} facts (α={spec.alpha:g}, λ={spec.lam:g}, q={spec.q or memory.size}"
-        f"{entries}{gated}; {nbytes(memory):,} bytes) and, for comparison, the paper's (one key per fact at "
-        f"step {coordinate.step}, α={paper_spec.alpha:g}, ungated; {nbytes(records['paper'].memory):,} bytes); "
-        "backbone weights untouched")
+    where = (f"at layer {site.layer}, module '{site.module}' ({preset.source})" if preset.coordinate
+             else "at the traced coordinate")
+    say(f"\n2. built the recommended memory of {n} facts {where} (α={spec.alpha:g}, λ={spec.lam:g}, "
+        f"q={spec.q or memory.size}{entries}{gated}; {nbytes(memory):,} bytes) and, for comparison, the paper's "
+        f"(one key per fact at the traced coordinate, α={paper_spec.alpha:g}, ungated; "
+        f"{nbytes(records['paper'].memory):,} bytes); backbone weights untouched")
 
     # 3. what did the edits do? (the same MC masks for every model)
     models = {"no edit": backbone, **{name: backbone.with_edits(r.memory) for name, r in records.items()}}
@@ -147,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                    "warnings": [] if gap > MIN_EFFECT else ["the corruption does not lower the answers' log-probability"],
                    "sets": {"forget": args.forget, "other": args.other, "retain": args.retain,
                             "gate_facts": args.gate_facts if gate_facts else None},
-                   "recommended_spec": {"alpha": spec.alpha, "lam": spec.lam, "gate_rate": spec.gate_rate,
+                   "recommended_spec": {"coordinate": site.as_dict(), "source": preset.source, "alpha": spec.alpha, "lam": spec.lam, "gate_rate": spec.gate_rate,
                                         "key_positions": spec.key_positions,
                                         "capture_steps": list(records["recommended"].capture_steps),
                                         "entries": memory.size},

@@ -8,7 +8,10 @@
 Without tuning flags the memory is the recommended one (`MemorySpec.selective`, the configuration
 docs/RESULTS.md reports: keys at every step of every subject token and along the sampler, gated on
 retain facts; its gate is calibrated on --gate-facts, by default the split table's `retain_gate`
-part); --paper builds DESIGN.md §3's memory as written (one key per fact at k*, α = 1, ungated).
+part), with the α, gate rate and coordinate of the model directory's `edit_config.json` when it
+has one (`memory.recommended`; the embedded models do: chosen on their tuning split by
+experiments/heldout.py); --paper builds DESIGN.md §3's memory as written (one key per fact at the
+traced k*, α = 1, ungated).
 Explicit flags override either. Without --trace or --coordinate the facts are traced first (the
 trace options apply). With
 --rewrite, --facts holds rewrite cases (EasyEdit's JSON array, JSONL with the same fields, or a
@@ -26,6 +29,7 @@ from timerome_jax.commands import trace as trace_cmd
 from timerome_jax.commands._mesh import Placement, add_mesh_argument
 from timerome_jax.errors import InputError
 from timerome_jax import rewrite, splits
+from timerome_jax import memory as mem
 from timerome_jax.memory import KEY_POSITIONS, VALUE_METHODS, MemorySpec
 
 
@@ -186,9 +190,20 @@ def run(args: argparse.Namespace) -> int:
     covariance_facts = None if args.covariance is None else api.load_facts(args.covariance)
     backbone = placement.load(args.model)
     tokenizer = api.tokenizer(backbone)
+    suggested = None
+    if not (args.paper or args.rewrite):   # the model's own tuned values (its edit_config.json), if it has them
+        preset = mem.recommended(backbone)
+        spec = MemorySpec.from_flags(args, base=preset.spec)
+        if preset.source:
+            suggested = preset.coordinate
+            print(f"recommended configuration from {preset.source}")
     facts = trace_cmd.encode_facts(args, backbone, tokenizer, records, "edit")
-    where = coordinate(args, backbone, placement,
-                       [c.fact(target=c.ground_truth) for c in cases] if args.rewrite else records)
+    if suggested is not None and not (args.coordinate or args.trace):
+        where = api.Coordinate(**suggested)
+        print(f"coordinate: layer {where.layer}, step {where.step}, module {where.module} (the model's edit config)")
+    else:
+        where = coordinate(args, backbone, placement,
+                           [c.fact(target=c.ground_truth) for c in cases] if args.rewrite else records)
     record = api.build_memory(backbone, tokenizer, facts, where, spec, seed=args.seed, gate_facts=gate_facts,
                               covariance_facts=covariance_facts, facts_per_chunk=args.facts_per_chunk,
                               mesh=placement.mesh, report=report)

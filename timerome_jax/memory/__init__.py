@@ -16,10 +16,11 @@ from timerome_jax.memory.capturing import Entries, capture, retain_gate, retain_
 from timerome_jax.memory.ridge import (FORMS, MAX_CAPACITY, EditMemory, build, check_gate_rate,
                                        check_hyperparameters, gate_for_rate, insert, remove,
                                        whitening_from_moment, with_gate, with_hyperparameters)
-from timerome_jax.memory.spec import KEY_POSITIONS, VALUE_METHODS, MemorySpec, RewriteValues, SamplerCapture, check_steps
+from timerome_jax.memory.spec import (EDIT_CONFIG_FILE, KEY_POSITIONS, VALUE_METHODS, MemorySpec, Recommended,
+                                      RewriteValues, SamplerCapture, check_steps, recommended)
 from timerome_jax.memory.storage import MEMORY_FORMAT, MemoryRecord, load, save
 
-__all__ = ["EditMemory", "Entries", "FORMS", "KEY_POSITIONS", "MAX_CAPACITY", "MEMORY_FORMAT", "MemoryRecord",
-           "MemorySpec", "RewriteValues", "SamplerCapture", "VALUE_METHODS", "build", "capture", "check_gate_rate", "check_hyperparameters",
-           "check_steps", "gate_for_rate", "insert", "load", "remove", "retain_gate", "retain_whitening",
+__all__ = ["EDIT_CONFIG_FILE", "EditMemory", "Entries", "FORMS", "KEY_POSITIONS", "MAX_CAPACITY", "MEMORY_FORMAT", "MemoryRecord",
+           "MemorySpec", "Recommended", "RewriteValues", "SamplerCapture", "VALUE_METHODS", "build", "capture", "check_gate_rate", "check_hyperparameters",
+           "check_steps", "gate_for_rate", "insert", "load", "recommended", "remove", "retain_gate", "retain_whitening",
            "sampler_states", "save", "whitening_from_moment", "with_gate", "with_hyperparameters"]

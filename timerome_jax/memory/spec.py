@@ -234,4 +234,50 @@ class MemorySpec:
                    noise_scale=flag("noise_scale", base.noise_scale), rewrite=values)
 
 
-__all__ = ["KEY_POSITIONS", "VALUE_METHODS", "MemorySpec", "RewriteValues", "SamplerCapture", "check_steps"]
+# in a model directory: the edit configuration tuned for that model (as generation_config.json holds its
+# recommended sampler schedule), written from experiments/heldout.py's tuning step
+EDIT_CONFIG_FILE = "edit_config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Recommended:
+    """What `timerome edit` / `demo` build without tuning flags: `spec` (the selective preset with the
+    model's tuned α and gate rate), `coordinate` (LAYER,MODULE,STEP and K as a dict, or None: trace
+    the facts) and `source` (the edit_config.json it came from, or None: the preset alone)."""
+
+    spec: MemorySpec
+    coordinate: dict | None = None
+    source: str | None = None
+
+
+def recommended(backbone) -> Recommended:
+    """The recommended memory for this backbone: `MemorySpec.selective()` with the values of the
+    model directory's `edit_config.json` when it has one ({"alpha", "gate_rate", "coordinate":
+    {"layer", "module", "step", "steps"}}, each optional; other keys are notes), else the preset
+    alone. A malformed file is one error naming it."""
+    import json
+    from pathlib import Path
+
+    path = Path(backbone.source or "") / EDIT_CONFIG_FILE
+    if not backbone.source or not path.is_file():
+        return Recommended(MemorySpec.selective())
+    try:
+        found = json.loads(path.read_text())
+        changes = {k: float(found[k]) for k in ("alpha", "gate_rate") if k in found}
+        spec = MemorySpec.selective(**changes)
+        coordinate = found.get("coordinate")
+        if coordinate is not None:
+            coordinate = {"layer": int(coordinate["layer"]), "module": str(coordinate["module"]),
+                          "step": int(coordinate["step"]), "steps": int(coordinate.get("steps", 8))}
+            n_layers = backbone.config.n_layers
+            if not (0 <= coordinate["layer"] < n_layers and 0 <= coordinate["step"] < coordinate["steps"]):
+                raise ValueError(f"coordinate {coordinate} is outside this model's {n_layers} layers or its K steps")
+    except InputError as e:
+        raise InputError(f"{path}: {e}") from None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise InputError(f"{path} is not a valid edit config: {e}") from None
+    return Recommended(spec, coordinate, str(path))
+
+
+__all__ = ["EDIT_CONFIG_FILE", "KEY_POSITIONS", "VALUE_METHODS", "MemorySpec", "Recommended", "RewriteValues",
+           "SamplerCapture", "check_steps", "recommended"]
