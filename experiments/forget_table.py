@@ -559,7 +559,7 @@ def main() -> None:
                    help="with --operating-points: whose α/λ/q the inference baselines use")
     p.add_argument("--baseline-alpha", type=float, default=None,
                    help="α of the inference baselines instead of the point's (a gated memory's α is not a "
-                   "steering vector's: docs/RESULTS.md §2)")
+                   "steering vector's: docs/RESULTS_v3.md §2)")
     args = p.parse_args()
     resolve(args, QUICK, DEFAULTS)
     command = _common.command_line()

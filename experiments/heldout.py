@@ -27,8 +27,10 @@ test author E) of `splits.FORGET_DIRECTIONS`:
 The falsifier of the seed, per direction: forget drop ≥ 40 nats on E while `retain_test` and T
 each lose ≤ 5 nats on average. LP is the MC-ELBO with paired masks (--lp-seeds × --mc-samples).
 
-Writes results.json (every row, the tuning grid, the chosen points, per-fact changes) and
-results.md (the split table, the tuning grid, the test and control tables, the verdicts).
+Writes results.json (every row, the tuning grid, the chosen points, per-fact changes), results.md
+(the split table, the tuning grid, the test and control tables, the verdicts) and edit_config.json
+(the first direction's choice: copy it into the model directory and `timerome edit` / `demo` build
+that configuration by default; `memory.recommended`).
 """
 
 from __future__ import annotations
@@ -369,6 +371,12 @@ def main() -> None:
         }
         _common.write_json(out / "results.json", payload)
         (out / "results.md").write_text(markdown(payload))
+        first = payload_directions[0]
+        if first["chosen"] is not None:   # the first direction's choice, as a model directory's edit_config.json
+            _common.write_json(out / mem.EDIT_CONFIG_FILE, {
+                **{k: first["chosen"][k] for k in ("alpha", "gate_rate", "coordinate")},
+                "chosen_by": f"experiments/heldout.py, tuned on {first['tune_author']} and retain_tune "
+                             f"({payload['fingerprint']}); {_common.command_line()}"})
         for d in payload_directions:
             if d["results"] is None:
                 print(f"{d['tune_author']} -> {d['test_author']}: no tuning point within the tolerance")

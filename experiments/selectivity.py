@@ -3,7 +3,7 @@
     python experiments/selectivity.py [--model tofu-tiny] [--quick] --out runs/selectivity
 
 Why: on the embedded model the paper's memory (key at k*, added at every token) costs the retain
-set 0.6–0.9 nats per nat of forget drop at every α (docs/RESULTS.md). Two causes are measurable:
+set 0.6–0.9 nats per nat of forget drop at every α (docs/RESULTS_v3.md). Two causes are measurable:
 (1) the key of a fact at its last subject token moves as the answer is revealed (bidirectional
 attention), so the key stored at step k* no longer matches the fact's own forwards later in
 denoising; (2) the ridge read-out c(x) = G⁻¹Kᵀx responds to every token, retain ones included.

@@ -328,6 +328,8 @@ def test_heldout_quick_tunes_on_one_author_and_reports_the_controls_on_the_other
     # the other author is the tuning author; retain_test is the third retain part
     assert results["recommended"]["other_author_change"]["tail"]["worst"][0]["fact"].startswith("forget01:")
     assert all(w["fact"].startswith("retain90:6") for w in results["recommended"]["retain_change"]["tail"]["worst"])
+    config = json.loads((out / "edit_config.json").read_text())    # what a model directory takes
+    assert {k: config[k] for k in ("alpha", "gate_rate", "coordinate")} == d["chosen"]
     text = (out / "results.md").read_text()
     assert "Tune on forget_a, report on forget_b" in text and "| retain_test | `retain90[60:160] (first 3)` |" in text
 
