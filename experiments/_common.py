@@ -235,6 +235,11 @@ def rouge_scores(s: Setup, backbone, pairs, args) -> np.ndarray:
     return np.asarray([metrics.rouge_l_recall(a, r) for a, r in zip(answers, references)])
 
 
+def page_header(title: str, payload: dict) -> list[str]:
+    """The first lines of an experiment's results.md: title with model and fingerprint, the command."""
+    return [f"# {title}: {payload['model']} ({payload['fingerprint']})", "", f"Command: `{payload['command']}`", ""]
+
+
 def fact_labels(facts) -> list[str]:
     """'where: question' of each fact, for the worst-facts lists."""
     return [f"{f.where}: {' '.join(f.prompt.split())[:100]}" for f in facts]

@@ -103,8 +103,7 @@ def figure(runs: list[dict], memories: list[dict], path: Path) -> None:
 
 def markdown(payload: dict) -> str:
     st = payload["settings"]
-    lines = [f"# Training baselines as curves: {payload['model']} ({payload['fingerprint']})", "",
-             f"Command: `{payload['command']}`", "",
+    lines = [*_common.page_header("Training baselines as curves", payload),
              f"Forget `{st['forget']}`, regulariser `{st['regulariser']}`; scored on forget, other author "
              f"`{st['other']}` and retain `{st['retain']}` ({st['lp_seeds']} MC seeds × {st['mc_samples']} samples, "
              "paired); changes in nats per answer, [95 % CI] over facts. Convergence: forget LP on the training "

@@ -204,8 +204,7 @@ def verdict(row: dict) -> dict:
 
 def markdown(payload: dict) -> str:
     st = payload["settings"]
-    lines = [f"# Held-out protocol: {payload['model']} ({payload['fingerprint']})", "",
-             f"Command: `{payload['command']}`", "",
+    lines = [*_common.page_header("Held-out protocol", payload),
              f"λ = {st['lam']:g}; {st['lp_seeds']} MC seeds × "
              f"{st['mc_samples']} MC-ELBO samples; {st['build_seeds']} build seeds at test; noise draws R = "
              f"{st['noise_samples']}. Changes in nats per answer; [95 % CI] over facts × build seeds.", "",

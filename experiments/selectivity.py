@@ -183,8 +183,7 @@ def figure(rows: list[dict], tolerance: float, path) -> None:
 
 def markdown(payload: dict) -> str:
     st = payload["settings"]
-    lines = [f"# Memory selectivity: {payload['model']} ({payload['fingerprint']})", "",
-             f"Command: `{payload['command']}`", "",
+    lines = [*_common.page_header("Memory selectivity", payload),
              f"{payload['num_forget']} forget facts, retain `{st['retain']}`; gate calibrated on `{st['gate_facts']}` "
              f"at rate {st['gate_rate']:g}; λ = {st['lam']:g}; {st['lp_seeds']} seeds × {st['mc_samples']} MC "
              f"samples; {st['build_seeds']} build seed(s) per variant; mean [95 % CI] over MC seeds, and for "

@@ -72,7 +72,7 @@ class SamplerCapture:
     the true answer; the sampler lays it out as prompt + `gen_length` masks and reveals its own
     proposals block by block. With bidirectional attention the subject's keys differ between the
     two, and a gated memory built from the tracer's states alone fires on a minority of the
-    subject tokens of a generation (docs/RESULTS.md §9). With a SamplerCapture, each fact also
+    subject tokens of a generation (docs/RESULTS_v3.md §9). With a SamplerCapture, each fact also
     gets entries in the unedited greedy sampler's states before `capture_steps` of its
     (`gen_length`, `steps`, `block_length`) schedule; use the schedule you generate with.
     `mentions` (with key positions "subject"): the subject's copies in the generated answer are
