@@ -67,7 +67,7 @@ def test_demo_flags_shape_the_recommended_memory(tiny_model_dir_with_tokenizer, 
     code, out, _ = run_demo(tiny_model_dir_with_tokenizer, tmp_path, "--gate-rate", "0.2", "--capture-steps", "1",
                             "--key-positions", "last", "--alpha", "4")
     printed = capsys.readouterr().out
-    assert code == 0 and "built the recommended memory of 2 facts (α=4" in printed and "gated at cosine" in printed
+    assert code == 0 and "built the recommended memory of 2 facts" in printed and "(α=4" in printed and "gated at cosine" in printed
     record = mem.load(out / "memory")
     assert record.memory.gate is not None and record.capture_steps == (1,) and record.key_positions == "last"
     assert float(record.memory.alpha) == 4.0     # explicit flags win over the preset

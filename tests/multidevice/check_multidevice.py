@@ -255,7 +255,7 @@ def test_cli_trace_and_edit_with_mesh_equal_single_device(setting, single_device
     assert summary["coordinate"] == expected.as_dict()
 
     c = COORDINATE
-    assert cli.main(["edit", *common, "--coordinate", f"{c['layer']},{c['module']},{c['step']}",
+    assert cli.main(["edit", "--paper", *common, "--coordinate", f"{c['layer']},{c['module']},{c['step']}",
                      "--out", str(tmp_path / "memory")]) == 0
     record = mem.load(tmp_path / "memory", setting[2])  # fingerprint matches the unsharded model
     _, _, m1 = single_device_memory
