@@ -185,14 +185,15 @@ def generation(s, backbone, sets: dict, args) -> dict:
     return out
 
 
-def no_edit_generation(s, pairs, test_role, tune_role, args, _cache={}) -> dict:
-    """The unedited model's generation on the sets `test` scores (each set generated once per run)."""
+def no_edit_generation(s, pairs, test_role, tune_role, args, cache: dict) -> dict:
+    """The unedited model's generation on the sets `test` scores; `cache` (one per run, set name ->
+    result) keeps each set from being generated twice across directions."""
     names = {"forget": test_role, "retain": "retain_test", "other_author": tune_role,
              **{probe: f"{test_role}:{probe}" for probe in PARAPHRASES[test_role]}}
     for name in names.values():
-        if name not in _cache:
-            _cache[name] = generation(s, s.backbone, {name: pairs[name]}, args)[name]
-    return {key: _cache[name] for key, name in names.items()}
+        if name not in cache:
+            cache[name] = generation(s, s.backbone, {name: pairs[name]}, args)[name]
+    return {key: cache[name] for key, name in names.items()}
 
 
 def verdict(row: dict) -> dict:
@@ -304,7 +305,7 @@ def main() -> None:
         pairs.update({name: api.qa_pairs(s.tokenizer, facts, name.split(":")[1]) for name, facts in probes.items()})
         base = {name: s.lp(s.backbone, pairs[name]) for name in ("forget_a", "forget_b", "retain_tune", "retain_test",
                                                                   *probes)}
-        payload_directions = []
+        payload_directions, generated = [], {}
         coordinate_info = None
         for d in directions:
             tune_role, test_role = names[d]
@@ -344,7 +345,7 @@ def main() -> None:
                                            "gate_rate": chosen["gate_rate"]},
                                        "results": tested,
                                        "no_edit_generation": None if tested is None else
-                                       no_edit_generation(s, pairs, test_role, tune_role, args)})
+                                       no_edit_generation(s, pairs, test_role, tune_role, args, generated)})
         tested = [d["results"] for d in payload_directions if d["results"]]
         mean_over = {} if len(tested) < 2 else {
             name: {key: float(np.mean([t[name][key]["mean"] for t in tested]))
