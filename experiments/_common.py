@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ports.errors import UserError
+from timerome_jax.errors import InputError
 from ports.fileio import atomic_directory
 
 
@@ -29,6 +30,26 @@ def parser(description: str, default_out: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     return p
+
+
+def parse_list(text: str, kind, flag: str, *, valid=None, must: str = "", unique: bool = False) -> list:
+    """A comma-separated option of `kind` values (float, int, str), one error naming `flag` for an
+    unreadable, empty or invalid list. `valid` (value -> bool) with `must` (what valid values are,
+    for the error); `unique` returns the distinct values in ascending order."""
+    try:
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        noun = {float: "numbers", int: "integers"}.get(kind, "values")
+        raise InputError(f"{flag} must be comma-separated {noun}, got {text!r}") from None
+    if not values:
+        raise InputError(f"{flag} is empty")
+    if valid is not None and not all(valid(v) for v in values):
+        raise InputError(f"{flag} must be {must}, got {text!r}")
+    return sorted(set(values)) if unique else values
+
+
+def positive(v: float) -> bool:
+    return bool(np.isfinite(v) and v > 0)
 
 
 def command_line() -> str:

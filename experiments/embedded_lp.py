@@ -21,8 +21,6 @@ Writes results.json (every score, every generation) and results.md.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 import ports

@@ -60,17 +60,6 @@ CONTROLS = ("steering", "random_coordinate", "ungated", "paper")
 FALSIFIER = {"forget_drop": 40.0, "retain_loss": 5.0}
 
 
-def parse_numbers(text: str, flag: str, *, fraction: bool = False) -> list[float]:
-    try:
-        values = sorted({float(a) for a in text.split(",") if a.strip()})
-    except ValueError:
-        raise InputError(f"{flag} must be comma-separated numbers, got {text!r}") from None
-    bad = [v for v in values if not np.isfinite(v) or v <= 0 or (fraction and v >= 1)]
-    if not values or bad:
-        raise InputError(f"{flag} must be {'fractions in (0, 1)' if fraction else 'finite numbers > 0'}, got {text!r}")
-    return values
-
-
 def part(role: str, limit: int | None):
     facts = api.load_facts(splits.selection(role))
     return facts[:limit] if limit else facts
@@ -281,8 +270,10 @@ def main() -> None:
         _quick.apply_quick(p, args, QUICK)
     with _common.experiment(args) as out:
         start = time.perf_counter()
-        args.alpha_list = parse_numbers(args.alphas, "--alphas")
-        args.gate_rate_list = parse_numbers(args.gate_rates, "--gate-rates", fraction=True)
+        args.alpha_list = _common.parse_list(args.alphas, float, "--alphas", valid=_common.positive,
+                                             must="finite numbers > 0", unique=True)
+        args.gate_rate_list = _common.parse_list(args.gate_rates, float, "--gate-rates", valid=lambda v: 0 < v < 1,
+                                                 must="fractions in (0, 1)", unique=True)
         args.control_list = [c.strip() for c in args.controls.split(",") if c.strip()]
         unknown = [c for c in args.control_list if c not in CONTROLS]
         if unknown:

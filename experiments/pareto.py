@@ -52,21 +52,11 @@ QUICK = {"forget": "forget01_subjects[:3]", "retain": "retain90[:3]", "trace_fac
          "trace_steps": 2, "noise_samples": 2, "mc_samples": 2, "lp_seeds": 2, "alphas": "0,1,2"}
 
 
-def parse_numbers(text: str, kind, what: str) -> list:
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise InputError(f"{what} must be a comma-separated list of numbers, got {text!r}") from None
-    if not values:
-        raise InputError(f"{what} is empty")
-    return values
-
-
 def q_values(text: str | None, n: int) -> list[int]:
     """--q-values, or n, n // 2, n // 4 (q = n: no sparsification), distinct, descending."""
     if not text:
         return sorted({v for v in (n, n // 2, n // 4) if v >= 1}, reverse=True)
-    values = sorted(set(parse_numbers(text, int, "--q-values")), reverse=True)
+    values = sorted(set(_common.parse_list(text, int, "--q-values")), reverse=True)
     for v in values:
         if not 1 <= v <= n:
             raise InputError(f"q must lie in 1..{n} (the number of forget facts), got {v}")
@@ -230,7 +220,7 @@ def main() -> None:
         _quick.apply_quick(p, args, QUICK)   # options typed on the command line win
     with _common.experiment(args) as out:
         start = time.perf_counter()
-        alphas = parse_numbers(args.alphas, float, "--alphas")
+        alphas = _common.parse_list(args.alphas, float, "--alphas")
         if any(not np.isfinite(a) or a < 0 for a in alphas):
             raise InputError(f"α values must be finite and >= 0, got {args.alphas}")
         if {"alpha", "q"} & _quick.given_options(p):

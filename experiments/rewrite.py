@@ -70,8 +70,10 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         _quick.apply_quick(p, args, QUICK)
-    floats = lambda text: [float(x) for x in text.split(",") if x]  # noqa: E731
     with _common.experiment(args) as out:
+        floats = {flag: _common.parse_list(getattr(args, flag.lstrip("-").replace("-", "_")), float, flag,
+                                           valid=_common.positive, must="finite numbers > 0")
+                  for flag in ("--alphas", "--lams", "--ft-lrs")}
         s = _common.setup(args)
         bb, tok = s.backbone, s.tokenizer
         tune, test, pool = (rewrite.load_cases(spec) for spec in (args.tune, args.test, args.pool))
@@ -100,14 +102,14 @@ def main() -> None:
 
         # 2. tuning, on --tune only
         grid = []
-        for method, alpha, lam in itertools.product(("optimised", "in_context"), floats(args.alphas), floats(args.lams)):
+        for method, alpha, lam in itertools.product(("optimised", "in_context"), floats["--alphas"], floats["--lams"]):
             spec = MemorySpec.rewriting(alpha=alpha, lam=lam, rewrite=RewriteValues(method=method, steps=args.value_steps))
             _, summ = score(bb.with_edits(memory(tune, spec).memory), tune)
             grid.append({"method": method, "alpha": alpha, "lam": lam, "tune": summ, "goal": goal(summ)})
         best = max(grid, key=lambda g: g["goal"])
         tune_facts = api.encode(bb, tok, [c.fact() for c in tune])
         ft_grid = []
-        for lr in floats(args.ft_lrs):
+        for lr in floats["--ft-lrs"]:
             tuned, losses = baselines.fine_tune_site(bb, tok, tune_facts, where.layer, where.module, steps=args.ft_steps,
                                                      learning_rate=lr, norm_bound=args.ft_bound, seed=args.seed)
             _, summ = score(tuned, tune)

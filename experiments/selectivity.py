@@ -48,7 +48,7 @@ import time
 
 import numpy as np
 
-from timerome_jax import api, evaluate, metrics
+from timerome_jax import api
 from timerome_jax import memory as mem
 from timerome_jax.errors import InputError
 
@@ -61,16 +61,6 @@ QUICK = {"forget": "forget01_subjects[:3]", "retain": "retain90[:3]", "trace_fac
          "sampler_steps": 2}
 VARIANTS = ("paper", "multistep", "gated", "multistep+gated", "covariance", "covariance+gated", "subject+gated",
             "multistep+subject+gated", "multistep+subject+sampler+gated")
-
-
-def parse_alphas(text: str) -> list[float]:
-    try:
-        alphas = sorted({float(a) for a in text.split(",") if a.strip()})
-    except ValueError:
-        raise InputError(f"--alphas must be comma-separated numbers, got {text!r}") from None
-    if not alphas or any(not np.isfinite(a) or a <= 0 for a in alphas):
-        raise InputError(f"--alphas must be finite numbers > 0 (α = 0 is the no-edit row), got {text!r}")
-    return alphas
 
 
 REPRODUCED = _common.REPRODUCED
@@ -245,7 +235,8 @@ def main() -> None:
         _quick.apply_quick(p, args, QUICK)
     with _common.experiment(args) as out:
         start = time.perf_counter()
-        alphas = parse_alphas(args.alphas)
+        alphas = _common.parse_list(args.alphas, float, "--alphas", valid=_common.positive, unique=True,
+                                    must="finite numbers > 0 (α = 0 is the no-edit row)")
         args.variant_list = parse_variants(args.variants)
         mem.check_gate_rate(args.gate_rate, "--gate-rate")
         if args.build_seeds < 1:

@@ -52,7 +52,6 @@ results.md.
 
 from __future__ import annotations
 
-import math
 import time
 
 import jax
@@ -67,16 +66,6 @@ import _quick
 
 QUICK = dict(trace_facts="forget01_subjects[:2]", trace_steps=2, noise_samples=2, forget="forget01_subjects[:3]",
              retain="retain90[:3]", real_authors="real_authors[:3]", mc_samples=2, lp_seeds=2)
-
-
-def parse_alphas(text: str) -> list[float]:
-    try:
-        alphas = [float(a) for a in text.split(",") if a.strip()]
-    except ValueError:
-        raise InputError(f"--alphas must be comma-separated numbers, got {text!r}") from None
-    if not alphas or any(not math.isfinite(a) or a < 0 for a in alphas):
-        raise InputError(f"--alphas must be finite numbers >= 0, got {text!r}")
-    return alphas
 
 
 def measured_steps(n_facts: int, every: int) -> list[int]:
@@ -189,7 +178,8 @@ def main() -> None:
         _quick.apply_quick(p, args, dict(QUICK, every=1))
     start = time.perf_counter()
     with _common.experiment(args) as out:
-        alphas = parse_alphas(args.alphas)
+        alphas = _common.parse_list(args.alphas, float, "--alphas", valid=lambda a: bool(np.isfinite(a) and a >= 0),
+                                    must="finite numbers >= 0")
         if args.every < 1:
             raise InputError(f"--every must be >= 1, got {args.every}")
         if args.q is not None and args.q < 1:

@@ -202,7 +202,7 @@ def test_pareto_and_ablations_agree_on_the_traced_memory(pareto_run, ablations_a
 
 
 @pytest.mark.parametrize("script, extra, message", [
-    ("pareto", ("--alphas", "1,x"), "--alphas must be a comma-separated list of numbers, got '1,x'"),
+    ("pareto", ("--alphas", "1,x"), "--alphas must be comma-separated numbers, got '1,x'"),
     ("pareto", ("--q", "2"), "pareto sweeps α and q: give --alphas and --q-values, not --alpha or --q"),
     ("ablations", ("--only", "a,z"), "--only takes a comma-separated subset of a,b,c,d,e, got 'a,z'"),
     ("ablations", ("--covariance-facts", "retain90[:5]"), "--covariance-facts must be disjoint from --retain"),

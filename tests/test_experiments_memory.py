@@ -155,9 +155,22 @@ def test_measured_steps_and_alphas():
     assert sequential.measured_steps(40, 10) == [1, 10, 20, 30, 40]
     assert sequential.measured_steps(7, 3) == [1, 3, 6, 7]
     assert sequential.measured_steps(3, 1) == [1, 2, 3]
-    assert sequential.parse_alphas("0.5, 1") == [0.5, 1.0]
-    with pytest.raises(InputError):
-        sequential.parse_alphas("-1")
+
+
+
+def test_list_options_parse_once_for_every_experiment():
+    common = script("_common")
+    assert common.parse_list("0.5, 1", float, "--alphas") == [0.5, 1.0]
+    assert common.parse_list("4,1,4", float, "--alphas", unique=True) == [1.0, 4.0]
+    assert common.parse_list("npo, rmu", str, "--methods") == ["npo", "rmu"]
+    for text, kind, kwargs, message in (
+            ("1,x", float, {}, "--o must be comma-separated numbers, got '1,x'"),
+            ("2.5", int, {}, "--o must be comma-separated integers"),
+            (" , ", float, {}, "--o is empty"),
+            ("1,-1", float, dict(valid=common.positive, must="finite numbers > 0"), "--o must be finite numbers > 0"),
+            ("nan", float, dict(valid=common.positive, must="finite numbers > 0"), "--o must be finite numbers > 0")):
+        with pytest.raises(InputError, match=message):
+            common.parse_list(text, kind, "--o", **kwargs)
 
 
 def test_sizes_and_slope():
