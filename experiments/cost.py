@@ -1,8 +1,15 @@
 """Cost: wall-clock and peak memory of building the edit memory (trace, capture, solve) vs the
 strongest converged training baseline on the same model, in the same run, at a stated quality.
 
-    python experiments/cost.py [--model tofu-tiny] [--baseline npo | best | gradascent,npo,...] \\
-        [--quick] --out runs/cost
+    python experiments/cost.py [--model tofu-tiny] [--memory recommended | paper] \\
+        [--baseline npo | best | gradascent,npo,...] [--quick] --out runs/cost
+
+--memory recommended (the default) times the memory `timerome edit` builds without tuning flags
+(`memory.recommended`: every subject token at every step and along the sampler, gated; on a model
+with edit_config.json at its coordinate, so nothing is traced) and adds its gate calibration on
+--gate-facts as a phase; --memory paper times DESIGN.md §3's memory (one key per fact at k*). The
+defaults are the split table's: forget = forget_b, the baselines' retain regulariser and the
+RetainLP = retain_tune, gate = retain_gate.
 
 Memory, three phases, each inside `resources.Measure` (wall-clock; host peak RSS with the
 high-water mark reset at the phase's start via /proc/self/clear_refs; device peak where the
@@ -60,7 +67,7 @@ import _quick
 
 QUICK = dict(trace_facts="forget01_subjects[:2]", trace_steps=2, noise_samples=2, forget="forget01_subjects[:3]",
              retain="retain90[:3]", real_authors="real_authors[:3]", mc_samples=2, lp_seeds=2, max_steps=3,
-             batch_size=2, train_mc_samples=2)
+             batch_size=2, train_mc_samples=2, gate_facts="retain90[30:33]")
 BEST = "best"
 
 
@@ -73,6 +80,21 @@ def parse_baselines(text: str) -> list[str]:
         raise InputError(f"--baseline must be '{BEST}' or training methods from "
                          f"{', '.join(training.TRAINING_METHODS)}, got {text!r}")
     return list(dict.fromkeys(methods))
+
+
+def memory_spec(args, backbone) -> tuple[api.MemorySpec, str | None]:
+    """The memory whose cost is measured, and its coordinate when it brings one ("L,MODULE,STEP"):
+    --memory recommended (`timerome edit`'s default: `memory.recommended`, with the model's
+    edit_config.json) or paper (DESIGN.md §3). --alpha / --lam / --q override either."""
+    if args.memory == "paper":
+        spec, coordinate = api.MemorySpec.paper(noise_samples=args.noise_samples), None
+    else:
+        found = mem.recommended(backbone)
+        spec = dataclasses.replace(found.spec, noise_samples=args.noise_samples)
+        c = found.coordinate
+        coordinate = None if c is None else f"{c['layer']},{c['module']},{c['step']}"
+    changes = {k: getattr(args, k) for k in ("alpha", "lam", "q") if getattr(args, k) is not None}
+    return dataclasses.replace(spec, **changes), coordinate
 
 
 def measured(fn):
@@ -117,7 +139,7 @@ def trained_bytes(backbone, config: training.TrainConfig) -> int:
 
 
 def memory_bytes(memory: mem.EditMemory) -> dict:
-    """Bytes of the memory's buffers (at capacity) and of the rows its n facts occupy."""
+    """Bytes of the memory's buffers (at capacity) and of the rows its n entries occupy."""
     n = memory.size
     factor = memory.cholesky[:n, :n] if memory.form == "dual" else memory.inverse
     used = [memory.keys[:n], memory.deltas[:n], memory.readout[:n], factor, memory.valid[:n],
@@ -125,7 +147,7 @@ def memory_bytes(memory: mem.EditMemory) -> dict:
     if memory.whitening is not None:
         used.append(memory.whitening)
     return {"allocated": int(sum(x.nbytes for x in jax.tree.leaves(memory))),
-            "used_by_facts": int(sum(np.asarray(x).nbytes for x in used)), "capacity": memory.capacity, "facts": n}
+            "used_by_facts": int(sum(np.asarray(x).nbytes for x in used)), "capacity": memory.capacity, "entries": n}
 
 
 def quality(lp_SP: np.ndarray, base_SP: np.ndarray, columns: dict) -> dict:
@@ -144,7 +166,7 @@ def ratio(a, b):
 def plot(path, phases: dict, train_stats: dict, method: str) -> None:
     plt = _common.figure()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    names = [n for n in ("trace", "capture", "solve") if phases.get(n)]
+    names = [n for n in ("trace", "capture", "solve", "gate") if phases.get(n)]
     train_parts = [("setup", train_stats["setup_seconds"]), ("compile", train_stats["compile_seconds"]),
                    ("train steps", train_stats["train_seconds"]), ("convergence checks", train_stats["eval_seconds"])]
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -206,12 +228,12 @@ def markdown(r: dict) -> str:
     fmt_ratio = lambda x: "—" if x is None else f"{x:.1f}×"
     lines += ["", f"Speed-up of the memory over {r['strongest']}: {fmt_ratio(sp['compile_excluded'])} (compile "
               f"excluded), {fmt_ratio(sp['compile_included'])} (compile included), "
-              f"{fmt_ratio(sp['coordinate_known'])} with the coordinate known (capture + solve); per memory phase: "
+              f"{fmt_ratio(sp['coordinate_known'])} with the coordinate known (capture + solve + gate); per memory phase: "
               + ", ".join(f"{k} {fmt_ratio(v)}" for k, v in sp["per_memory_phase"].items()) + ".", "",
               "| | ForgetLP drop | RetainLP change | RealAuthorLP change | bytes |", "|---|---|---|---|---|"]
     mq = r["memory"]["quality"]
     real = lambda q: _common.fmt(q["real_authors"]["change"]) if "real_authors" in q else "—"
-    lines.append(f"| memory (α={r['settings']['alpha']:g}) | {_common.fmt(mq['forget']['drop'])} | "
+    lines.append(f"| memory ({r['memory']['kind']}, α={r['memory']['alpha']:g}) | {_common.fmt(mq['forget']['drop'])} | "
                  f"{_common.fmt(mq['retain']['change'])} | {real(mq)} | {r['memory']['bytes']['allocated']:,} added "
                  f"({r['memory']['bytes']['used_by_facts']:,} used by the facts) |")
     for method, t in r["training"].items():
@@ -227,7 +249,13 @@ def markdown(r: dict) -> str:
 def main() -> None:
     p = _common.parser(__doc__.split("\n")[0], "runs/cost")
     _common.add_memory_arguments(p)
-    p.set_defaults(mc_samples=8)
+    # the split table's parts (timerome_jax/splits.py): the test author, the regulariser's retain_tune
+    p.set_defaults(mc_samples=8, alpha=None, lam=None, forget="forget01_subjects[20:40]", retain="retain90[:30]",
+                   trace_facts="forget01_subjects[20:28]")
+    p.add_argument("--memory", choices=("recommended", "paper"), default="recommended",
+                   help="the memory whose cost is measured: timerome edit's default, or DESIGN §3's (--paper)")
+    p.add_argument("--gate-facts", default="retain90[30:60]",
+                   help="retain facts that calibrate the recommended memory's gate (the split table's retain_gate)")
     p.add_argument("--baseline", default="npo", help=f"training method(s), comma-separated, or '{BEST}' (all)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW rate (1e-4 suits the 5M embedded models; "
                    "docs/baselines.md)")
@@ -247,7 +275,7 @@ def main() -> None:
                                            mc_samples=args.train_mc_samples) for m in methods}
         for config in configs.values():
             config.validate()
-        s = _common.setup(args)
+        s = _common.setup(args)   # refuses overlapping --forget, --retain, --real-authors, --gate-facts
         bb = s.backbone
         eos = s.tokenizer.eos_token_id if s.tokenizer.eos_token_id is not None else bb.config.eos_token_id
         if eos is None:
@@ -259,6 +287,9 @@ def main() -> None:
         retain_rows = rows_of(retain_facts, s.tokenizer, int(eos), bb.config.max_seq_len, "window", "retain")
 
         # --- the memory, phase by phase (cold: with compilation; warm: the same call again)
+        spec, recommended_coordinate = memory_spec(args, bb)
+        if recommended_coordinate and not args.coordinate:
+            args.coordinate = recommended_coordinate   # the recommended memory's own (edit_config.json): no trace
         phases = {"trace": None}
         if not args.coordinate:
             phases["trace"] = {}
@@ -270,11 +301,20 @@ def main() -> None:
         phases["capture"], phases["solve"] = {}, {}
         for kind in ("cold", "warm"):
             (keys, deltas, _), phases["capture"][kind] = measured(lambda: mem.capture(
-                bb, forget.batch, coordinate, key, noise_samples=args.noise_samples, facts_per_chunk=8))
+                bb, forget.batch, coordinate, key, steps=spec.steps_for(coordinate), positions=spec.key_positions,
+                sampler_capture=spec.sampler, noise_samples=spec.noise_samples, noise_scale=spec.noise_scale,
+                facts_per_chunk=8))
         for kind in ("cold", "warm"):
             (memory, key_scale), phases["solve"][kind] = measured(lambda: mem.build(
-                keys, deltas, layer=coordinate.layer, module=coordinate.module, alpha=args.alpha, lam=args.lam,
-                q=args.q))
+                keys, deltas, layer=coordinate.layer, module=coordinate.module, alpha=spec.alpha, lam=spec.lam,
+                q=spec.q))
+        if spec.gate_rate is not None:   # the recommended memory's gate, calibrated on --gate-facts
+            gate_facts = api.load_facts(args.gate_facts)
+            phases["gate"] = {}
+            for kind in ("cold", "warm"):
+                (gate, gate_info), phases["gate"][kind] = measured(lambda: mem.retain_gate(
+                    bb, s.tokenizer, gate_facts, memory, pad_id=s.pad_id, rate=spec.gate_rate))
+            memory = mem.with_gate(memory, gate)
         seconds = {kind: sum(ph[kind]["seconds"] for ph in phases.values() if ph) for kind in ("cold", "warm")}
 
         # --- quality of every model on the same pairs and masks
@@ -309,7 +349,7 @@ def main() -> None:
         warm = {name: ph["warm"]["seconds"] for name, ph in phases.items() if ph}
         speedup = {"compile_excluded": ratio(loop, seconds["warm"]),
                    "compile_included": ratio(runs[strongest]["call_seconds"], seconds["cold"]),
-                   "coordinate_known": ratio(loop, warm["capture"] + warm["solve"]),
+                   "coordinate_known": ratio(loop, sum(sec for name, sec in warm.items() if name != "trace")),
                    "per_memory_phase": {name: ratio(loop, sec) for name, sec in warm.items()},
                    "definition": "training (setup + loop of steps and convergence checks) / memory warm phases; "
                                  "compile_included: the whole train() call / memory cold phases"}
@@ -318,7 +358,9 @@ def main() -> None:
             "fingerprint": bb.fingerprint(), "seed": args.seed, "device": resources.device_description(),
             "settings": {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")},
             "coordinate": coordinate_info,
-            "memory": {"facts": forget.num_facts, "phases": phases, "seconds_cold": seconds["cold"],
+            "memory": {"kind": args.memory, "alpha": float(memory.alpha), "lam": spec.lam,
+                       "gate": None if memory.gate is None else float(memory.gate), "entries": memory.size,
+                       "facts": forget.num_facts, "phases": phases, "seconds_cold": seconds["cold"],
                        "seconds_warm": seconds["warm"], "key_scale": key_scale, "bytes": memory_bytes(memory),
                        "quality": memory_quality},
             "training": runs, "strongest": strongest, "strongest_converged": strongest in converged,
