@@ -16,6 +16,9 @@ and a 95 % bootstrap CI over facts, with the share of retain facts losing more t
 
 With --heldout (the results.json of experiments/heldout.py), the figure also places that run's
 memories for the same test author (the recommended memory and its controls) beside the curves.
+With --include (results.json files of earlier runs of this script) a sweep grows run by run: their
+runs join this one's in the table and figure, after a check that they were scored the same way
+(model fingerprint, seed, parts, MC seeds and samples) and that no (method, lr) is run twice.
 
 Writes results.json (every run: config, stop reason, steps, per-checkpoint scores and per-fact
 changes), results.md and curves.png (forget drop against retain change, one curve per method and
@@ -43,16 +46,6 @@ QUICK = {"methods": "gradascent,npo", "lrs": "1e-4", "max_steps": 4, "checkpoint
          "mc_samples": 2, "limit": 3, "eval_every": 2, "min_epochs": 0.0}
 
 
-def parse_list(text: str, kind, flag: str) -> list:
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise InputError(f"{flag} must be a comma-separated list, got {text!r}") from None
-    if not values:
-        raise InputError(f"{flag} is empty")
-    return values
-
-
 def records(selection: str, limit: int | None) -> list[dict]:
     rows = [r for _, _, r in data_mod.load_selection(selection)]
     return rows[:limit] if limit else rows
@@ -78,6 +71,39 @@ def heldout_points(path: str | None, test_author: str) -> tuple[list[dict], str 
     return [{"memory": name, "forget_drop": r["forget_drop"]["mean"], "retain_change": r["retain_change"]["mean"],
              "other_author_change": r["other_author_change"]["mean"]}
             for name, r in direction["results"].items()], None
+
+
+# what two runs must share for their checkpoints to sit on one figure: the same model, parts and
+# paired MC masks (the no-edit LPs they are measured against are then the same numbers)
+COMPARABLE = ("forget", "other", "retain", "regulariser", "lp_seeds", "mc_samples", "limit")
+
+
+def included_runs(paths: list[str], fingerprint: str, seed: int, settings: dict, own: list[tuple[str, float]]) -> list[dict]:
+    """The runs of earlier results.json files (--include), refused with one error when one was
+    scored otherwise than this run or repeats a (method, lr)."""
+    runs, seen = [], set(own)
+    for path in paths:
+        try:
+            payload = json.loads(Path(path).read_text())
+            their = payload["settings"]
+            differ = [k for k in COMPARABLE if their.get(k) != settings.get(k)]
+            if payload["fingerprint"] != fingerprint:
+                differ.insert(0, "model fingerprint")
+            if payload["seed"] != seed:
+                differ.append("seed")
+            new = payload["runs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"--include {path}: not a results.json of baseline_curves.py ({type(e).__name__}: {e})") from None
+        if differ:
+            raise InputError(f"--include {path}: scored with another {', '.join(differ)} than this run; "
+                             "its checkpoints would not be comparable")
+        for run in new:
+            if (run["method"], run["lr"]) in seen:
+                raise InputError(f"--include {path}: {run['method']} at lr {run['lr']:g} is already in the sweep")
+            seen.add((run["method"], run["lr"]))
+            train = {k: their.get(k) for k in ("max_steps", "eval_every", "patience", "tol", "min_epochs", "batch_size")}
+            runs.append({"train_settings": train, **run, "included_from": str(path)})
+    return runs
 
 
 def figure(runs: list[dict], memories: list[dict], path: Path) -> None:
@@ -113,7 +139,8 @@ def markdown(payload: dict) -> str:
              "other author change |", "|---|---|---|---|---|---|---|---|---|"]
     for run in payload["runs"]:
         for c in run["checkpoints"]:
-            lines.append(f"| {run['method']} | {run['lr']:g} | {run['stop_reason']} | {run['steps']} | {c['step']} | "
+            stop = run["stop_reason"] + (f" ({run['train_settings']['max_steps']})" if run["stop_reason"] == "max_steps" else "")
+            lines.append(f"| {run['method']} | {run['lr']:g} | {stop} | {run['steps']} | {c['step']} | "
                          f"{_common.fmt(c['forget_drop'])} | {_common.fmt(c['retain_change'])} | "
                          f"{c['retain_change']['tail']['share_losing_over_5']:.0%} | {_common.fmt(c['other_author_change'])} |")
     if payload["memories"]:
@@ -144,20 +171,25 @@ def main() -> None:
     p.add_argument("--lp-seeds", type=int, default=2)
     p.add_argument("--heldout", default=None, help="results.json of experiments/heldout.py (memories as points)")
     p.add_argument("--limit", type=int, default=None, help="at most N facts per set (smoke runs)")
+    p.add_argument("--include", default="", help="comma-separated results.json of earlier runs of this script "
+                   "to add to the sweep (scored the same way; checked)")
     args = p.parse_args()
     if args.quick:
         _quick.apply_quick(p, args, QUICK)
     with _common.experiment(args) as out:
         start = time.perf_counter()
-        methods = parse_list(args.methods, str, "--methods")
+        methods = _common.parse_list(args.methods, str, "--methods")
         unknown = [m for m in methods if m not in training.TRAINING_METHODS]
         if unknown:
             raise InputError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(training.TRAINING_METHODS)}")
-        lrs = parse_list(args.lrs, float, "--lrs")
-        checkpoints = set(parse_list(args.checkpoints, int, "--checkpoints"))
+        lrs = _common.parse_list(args.lrs, float, "--lrs", valid=_common.positive, must="finite numbers > 0")
+        checkpoints = set(_common.parse_list(args.checkpoints, int, "--checkpoints", valid=lambda v: v >= 0,
+                                                   must="steps >= 0"))
         roles = {"forget": args.forget_part, "other": args.other_part, "retain": args.retain_part,
                  "regulariser": args.regulariser_part}
         selections = {name: splits.selection(role) for name, role in roles.items()}
+        train_settings = {"max_steps": args.max_steps, "eval_every": args.eval_every, "patience": args.patience,
+                          "tol": args.tol, "min_epochs": args.min_epochs, "batch_size": args.batch_size}
         splits.check_disjoint(**selections)
         s = _common.setup(args)
         eos = s.tokenizer.eos_token_id if s.tokenizer.eos_token_id is not None else s.backbone.config.eos_token_id
@@ -170,6 +202,11 @@ def main() -> None:
         pairs = {name: api.qa_pairs(s.tokenizer, f, name) for name, f in facts.items()}
         labels = {name: _common.fact_labels(f) for name, f in facts.items()}
         base = {name: s.lp(s.backbone, ps) for name, ps in pairs.items()}
+        settings = {**{name: f"{role} = {selections[name]}" for name, role in roles.items()}, **train_settings,
+                    "methods": methods, "lrs": lrs, "checkpoints": sorted(checkpoints), "lp_seeds": args.lp_seeds,
+                    "mc_samples": args.mc_samples, "limit": args.limit}
+        included = included_runs(_common.parse_list(args.include, str, "--include") if args.include else [], s.backbone.fingerprint(), args.seed,
+                                 settings, [(m, lr) for m in methods for lr in lrs])
         runs = []
         for method in methods:
             for lr in lrs:
@@ -195,7 +232,7 @@ def main() -> None:
                 if not scored or scored[-1]["step"] != stats["steps"]:   # the run's last model, always
                     score(stats["steps"], dataclasses.replace(s.backbone, params=result.params))
                 scored[-1]["final"] = True
-                runs.append({"method": method, "lr": lr, "stop_reason": stats["stop_reason"],
+                runs.append({"method": method, "lr": lr, "train_settings": train_settings, "stop_reason": stats["stop_reason"],
                              "converged": stats["converged"], "steps": stats["steps"], "epochs": stats["epochs"],
                              "seconds": time.perf_counter() - tic, "train_seconds": stats["train_seconds"],
                              "convergence_curve": [{"step": e["step"], "forget_lp": e["forget_lp"]}
@@ -204,16 +241,12 @@ def main() -> None:
                 print(f"{method} lr {lr:g}: {stats['stop_reason']} after {stats['steps']} steps; final forget drop "
                       f"{scored[-1]['forget_drop']['mean']:.2f}, retain_test {scored[-1]['retain_change']['mean']:+.2f}, "
                       f"other author {scored[-1]['other_author_change']['mean']:+.2f}", flush=True)
+        runs += included
         memories, note = heldout_points(args.heldout, args.forget_part)
         payload = {"experiment": "training baselines as curves (LR sweep, early-stopped checkpoints)",
                    "command": _common.command_line(), "model": args.model, "fingerprint": s.backbone.fingerprint(),
-                   "quick": args.quick, "seed": args.seed,
-                   "settings": {**{name: f"{role} = {selections[name]}" for name, role in roles.items()},
-                                "methods": methods, "lrs": lrs, "max_steps": args.max_steps,
-                                "eval_every": args.eval_every, "patience": args.patience, "tol": args.tol,
-                                "min_epochs": args.min_epochs, "batch_size": args.batch_size,
-                                "checkpoints": sorted(checkpoints), "lp_seeds": args.lp_seeds,
-                                "mc_samples": args.mc_samples, "limit": args.limit},
+                   "quick": args.quick, "seed": args.seed, "settings": settings,
+                   "included": _common.parse_list(args.include, str, "--include") if args.include else [],
                    "no_edit_lp": {name: _common.summary(v) for name, v in base.items()},
                    "runs": runs, "memories": memories, "memories_note": note,
                    "seconds": time.perf_counter() - start}

@@ -398,3 +398,18 @@ def test_baseline_curves_quick_scores_early_stops_of_each_method_and_rate(tiny_m
     assert (out / "curves.png").read_bytes()[:4] == PNG and "| gradascent | 0.001 |" in (out / "results.md").read_text()
     bad = run_experiment("baseline_curves", tiny_model_dir_with_tokenizer, tmp_path / "bad", "--regulariser-part", "retain_test")
     assert bad.returncode == 2 and "share" in bad.stderr and not (tmp_path / "bad").exists()
+    # the sweep grows: a later run includes the earlier one's runs, checked to be scored the same way
+    grown = tmp_path / "grown"
+    proc = run_experiment("baseline_curves", tiny_model_dir_with_tokenizer, grown, "--methods", "npo", "--lrs", "3e-4",
+                          "--include", str(out / "results.json"))
+    assert proc.returncode == 0, proc.stderr
+    g = json.loads((grown / "results.json").read_text())
+    assert [(run["method"], run["lr"]) for run in g["runs"]] == [("npo", 3e-4)] + [(run["method"], run["lr"]) for run in r["runs"]]
+    assert g["runs"][1]["checkpoints"] == r["runs"][0]["checkpoints"] and g["runs"][1]["train_settings"]["max_steps"] == 4
+    again = run_experiment("baseline_curves", tiny_model_dir_with_tokenizer, tmp_path / "again", "--methods", "npo",
+                           "--lrs", "1e-4", "--include", str(out / "results.json"))
+    assert again.returncode == 2 and "npo at lr 0.0001 is already in the sweep" in again.stderr
+    other = run_experiment("baseline_curves", tiny_model_dir_with_tokenizer, tmp_path / "other", "--methods", "npo",
+                           "--lrs", "3e-4", "--mc-samples", "3", "--include", str(out / "results.json"))
+    assert other.returncode == 2 and "mc_samples" in other.stderr and not (tmp_path / "other").exists()
+
