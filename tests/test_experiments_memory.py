@@ -413,3 +413,60 @@ def test_baseline_curves_quick_scores_early_stops_of_each_method_and_rate(tiny_m
                            "--lrs", "3e-4", "--mc-samples", "3", "--include", str(out / "results.json"))
     assert other.returncode == 2 and "mc_samples" in other.stderr and not (tmp_path / "other").exists()
 
+
+def test_falsifier_cli_writes_one_author_as_facts_and_scores_the_other_in_its_own_suite(tmp_path):
+    fc = script("falsifier_cli")
+    args = fc.parse_args(["--out", str(tmp_path / "unused")])
+    paths = fc.write_inputs(tmp_path, args)
+    from timerome_jax import data, splits
+    from timerome_jax.facts import load_facts
+
+    facts = load_facts(str(paths["facts"]))
+    author_b = [r for _, _, r in data.load_selection("forget01_subjects[20:40]")]
+    assert [(f.prompt, f.answer) for f in facts] == [(r["question"], r["answer"]) for r in author_b]
+    assert all(f.subject for f in facts)
+    edited, other = (json.loads(paths[k].read_text()) for k in ("edited", "other"))
+    assert [r["question"] for r in edited["forget"]] == [r["question"] for r in author_b]
+    assert [r["question"] for r in other["forget"]] == [r["question"] for r in data.load_split("forget01")[:20]]
+    assert len(edited["retain"]) == 160 and edited["retain"][0]["question"] == data.load_split("retain90")[0]["question"]
+    assert all("perturbed_answer" in r and "paraphrased_question" in r for r in edited["forget"] + other["forget"])
+    splits.check_disjoint(forget=str(paths["facts"]), other=splits.selection("forget_a"))
+
+
+def test_falsifier_cli_summarises_drops_and_changes_with_their_signs_and_states_the_verdict():
+    fc = script("falsifier_cli")
+    base = np.zeros((2, 3))                         # [seeds, facts]
+    edited = [np.full((2, 3), -50.0), np.full((2, 3), -46.0)]   # two builds: LP fell by 50 and 46
+    drop = fc.summarise(base, edited, ["a", "b", "c"], -1.0)
+    assert drop["mean"] == pytest.approx(48.0) and drop["builds"] == 2 and "tail" not in drop
+    retain = fc.summarise(base, [np.array([[0.0, -6.0, -1.5]] * 2)], ["x", "y", "z"], 1.0)
+    assert retain["mean"] == pytest.approx(-2.5)
+    assert retain["tail"]["share_losing_over_5"] == pytest.approx(1 / 3)
+    assert [w["fact"] for w in retain["tail"]["worst"]][:2] == ["y", "z"]
+    rows = {"forget_drop": drop, "retain_change_all160": retain, "retain_change_retain_test": None,
+            "other_author_change": {"mean": -5.5}}
+    v = fc.verdict(rows, "retain_change_all160")
+    assert v == {"passes": False, "forget_drop_ok": True, "retain_ok": True, "other_author_ok": False}
+    assert fc.verdict(rows, "retain_change_retain_test") is None
+    rows["other_author_change"]["mean"] = -4.0
+    assert fc.verdict(rows, "retain_change_all160")["passes"]
+
+
+def test_falsifier_cli_report_names_the_verdict_and_both_tails():
+    fc = script("falsifier_cli")
+    base = np.zeros((1, 3))
+    drop = fc.summarise(base, [np.full((1, 3), -50.0)], ["f1", "f2", "f3"], -1.0)
+    retain = fc.summarise(base, [np.array([[0.0, -6.0, -1.5]])], ["x", "y", "z"], 1.0)
+    other = fc.summarise(base, [np.array([[-18.0, 0.0, 0.0]])], ["p", "q", "r"], 1.0)
+    rows = {"forget_drop": drop, "retain_change_all160": retain, "retain_change_retain_test": None,
+            "other_author_change": other}
+    metric = {"model_utility": {"mean": 0.5}}
+    r = {"model": "m", "command": "c", "forget_part": "forget_b", "forget_selection": "forget01[20:40]",
+         "other_part": "forget_a", "build_seeds": 1, "eval_flags": ["--num-retain", "160"], "rows": rows,
+         "falsifier": {"forget_drop_nats": 40.0, "max_loss_nats": 5.0,
+                       "on_all160_retain": fc.verdict(rows, "retain_change_all160"), "on_retain_test": None},
+         "suite_metrics": {"edited": {"no_edit": metric, "memory": [{"model_utility": {"mean": 0.25}}]}}}
+    text = fc.report(r)
+    assert "with all 160 retain facts **fails** (other_author not met); with retain_test not measured" in text
+    assert "| model_utility | 0.500 | 0.250 |" in text and "| retain_test (retain90[60:160]) | not measured" not in text
+    assert text.index("- -6.00: y") < text.index("- -1.50: z") < text.index("- -18.00: p")
