@@ -109,14 +109,20 @@ def included_runs(paths: list[str], fingerprint: str, seed: int, settings: dict,
 def figure(runs: list[dict], memories: list[dict], path: Path) -> None:
     plt = _common.figure()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    # colour = method, line style and marker = learning rate: a sweep has more runs than a colour cycle
+    methods = sorted({run["method"] for run in runs})
+    lrs = sorted({run["lr"] for run in runs})
+    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
     for ax, key, title in ((axes[0], "retain_change", "retain_test"), (axes[1], "other_author_change", "other author")):
         ax.axhline(0, color="grey", linewidth=0.6)
         for run in runs:
             xs = [c["forget_drop"]["mean"] for c in run["checkpoints"]]
             ys = [c[key]["mean"] for c in run["checkpoints"]]
-            ax.plot(xs, ys, marker="o", markersize=3, linewidth=1, label=f"{run['method']} lr {run['lr']:g}")
+            line, marker = styles[lrs.index(run["lr"]) % len(styles)]
+            ax.plot(xs, ys, color=f"C{methods.index(run['method']) % 10}", linestyle=line, marker=marker,
+                    markersize=3, linewidth=1, label=f"{run['method']} lr {run['lr']:g}")
         for m in memories:
-            ax.scatter([m["forget_drop"]], [m[key]], marker="*", s=90, zorder=5)
+            ax.scatter([m["forget_drop"]], [m[key]], marker="*", s=90, color="black", zorder=5)
             ax.annotate(m["memory"], (m["forget_drop"], m[key]), fontsize=7)
         ax.set_xscale("symlog", linthresh=1.0)
         ax.set_yscale("symlog", linthresh=1.0)
