@@ -48,6 +48,11 @@ def parse_list(text: str, kind, flag: str, *, valid=None, must: str = "", unique
     return sorted(set(values)) if unique else values
 
 
+# the seed's falsifier ("What would settle it"): an edit fails when the forgotten facts' LP drops by
+# less than forget_drop nats per answer, or when unrelated facts lose more than retain_loss
+FALSIFIER = {"forget_drop": 40.0, "retain_loss": 5.0}
+
+
 def positive(v: float) -> bool:
     return bool(np.isfinite(v) and v > 0)
 

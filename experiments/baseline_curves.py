@@ -76,6 +76,8 @@ def heldout_points(path: str | None, test_author: str) -> tuple[list[dict], str 
 # what two runs must share for their checkpoints to sit on one figure: the same model, parts and
 # paired MC masks (the no-edit LPs they are measured against are then the same numbers)
 COMPARABLE = ("forget", "other", "retain", "regulariser", "lp_seeds", "mc_samples", "limit")
+# what trained a run (its cap and convergence rule): recorded per run, since an included run may differ
+TRAIN_SETTINGS = ("max_steps", "eval_every", "patience", "tol", "min_epochs", "batch_size")
 
 
 def included_runs(paths: list[str], fingerprint: str, seed: int, settings: dict, own: list[tuple[str, float]]) -> list[dict]:
@@ -101,7 +103,7 @@ def included_runs(paths: list[str], fingerprint: str, seed: int, settings: dict,
             if (run["method"], run["lr"]) in seen:
                 raise InputError(f"--include {path}: {run['method']} at lr {run['lr']:g} is already in the sweep")
             seen.add((run["method"], run["lr"]))
-            train = {k: their.get(k) for k in ("max_steps", "eval_every", "patience", "tol", "min_epochs", "batch_size")}
+            train = {k: their.get(k) for k in TRAIN_SETTINGS}
             runs.append({"train_settings": train, **run, "included_from": str(path)})
     return runs
 
@@ -194,8 +196,8 @@ def main() -> None:
         roles = {"forget": args.forget_part, "other": args.other_part, "retain": args.retain_part,
                  "regulariser": args.regulariser_part}
         selections = {name: splits.selection(role) for name, role in roles.items()}
-        train_settings = {"max_steps": args.max_steps, "eval_every": args.eval_every, "patience": args.patience,
-                          "tol": args.tol, "min_epochs": args.min_epochs, "batch_size": args.batch_size}
+        train_settings = {k: getattr(args, k) for k in TRAIN_SETTINGS}
+        include = _common.parse_list(args.include, str, "--include") if args.include else []
         splits.check_disjoint(**selections)
         s = _common.setup(args)
         eos = s.tokenizer.eos_token_id if s.tokenizer.eos_token_id is not None else s.backbone.config.eos_token_id
@@ -211,8 +213,8 @@ def main() -> None:
         settings = {**{name: f"{role} = {selections[name]}" for name, role in roles.items()}, **train_settings,
                     "methods": methods, "lrs": lrs, "checkpoints": sorted(checkpoints), "lp_seeds": args.lp_seeds,
                     "mc_samples": args.mc_samples, "limit": args.limit}
-        included = included_runs(_common.parse_list(args.include, str, "--include") if args.include else [], s.backbone.fingerprint(), args.seed,
-                                 settings, [(m, lr) for m in methods for lr in lrs])
+        included = included_runs(include, s.backbone.fingerprint(), args.seed, settings,
+                                 [(m, lr) for m in methods for lr in lrs])
         runs = []
         for method in methods:
             for lr in lrs:
@@ -252,7 +254,7 @@ def main() -> None:
         payload = {"experiment": "training baselines as curves (LR sweep, early-stopped checkpoints)",
                    "command": _common.command_line(), "model": args.model, "fingerprint": s.backbone.fingerprint(),
                    "quick": args.quick, "seed": args.seed, "settings": settings,
-                   "included": _common.parse_list(args.include, str, "--include") if args.include else [],
+                   "included": include,
                    "no_edit_lp": {name: _common.summary(v) for name, v in base.items()},
                    "runs": runs, "memories": memories, "memories_note": note,
                    "seconds": time.perf_counter() - start}

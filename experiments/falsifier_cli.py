@@ -28,9 +28,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
+from timerome_jax.errors import InputError  # noqa: E402
 
-FORGET_DROP_NATS = 40.0     # the seed's falsifier: the edit must remove at least this much LP ...
-MAX_LOSS_NATS = 5.0         # ... and lose at most this much on unrelated facts
+FORGET_DROP_NATS = _common.FALSIFIER["forget_drop"]   # the edit must remove at least this much LP ...
+MAX_LOSS_NATS = _common.FALSIFIER["retain_loss"]      # ... and lose at most this much on unrelated facts
 NUM_RETAIN = 160            # every retain fact the embedded model was trained on: retain90[:160]
 
 
@@ -58,7 +59,7 @@ def _perturbed(role: str) -> str:
     part = splits.selection(role)
     name, _, rows = part.partition("[")
     if name not in ("forget01", "forget01_subjects"):
-        raise SystemExit(f"falsifier_cli: {role} = {part} is not a forget01 author")
+        raise InputError(f"--forget-part / --other-part: {role} = {part} is not a forget01 author")
     return f"forget01_perturbed[{rows}"
 
 
@@ -90,15 +91,10 @@ def run_cli(argv: list[str]) -> None:
         raise SystemExit(f"falsifier_cli: timerome {argv[0]} exited {rc}")
 
 
-def item_lp(eval_dir: Path, split: str) -> np.ndarray:
-    """LP [seeds, items] of one split of a `timerome eval` run (items.jsonl)."""
-    items = [json.loads(line) for line in (eval_dir / "items.jsonl").read_text().splitlines()]
-    return np.array([i["lp_per_seed"] for i in items if i["split"] == split], np.float64).T
-
-
-def questions(eval_dir: Path, split: str) -> list[str]:
-    items = [json.loads(line) for line in (eval_dir / "items.jsonl").read_text().splitlines()]
-    return [i["question"] for i in items if i["split"] == split]
+def split_items(eval_dir: Path, split: str) -> tuple[np.ndarray, list[str]]:
+    """LP [seeds, items] and the questions of one split of a `timerome eval` run (items.jsonl)."""
+    items = [i for i in map(json.loads, (eval_dir / "items.jsonl").read_text().splitlines()) if i["split"] == split]
+    return np.array([i["lp_per_seed"] for i in items], np.float64).T, [i["question"] for i in items]
 
 
 # the `timerome eval` metrics the page reports beside the falsifier: model utility, generation,
@@ -171,21 +167,21 @@ def main(argv=None) -> int:
                 evals[suite]["edited"].append(out)
 
         def lps(suite, split):
-            return item_lp(evals[suite]["base"], split), [item_lp(d, split) for d in evals[suite]["edited"]]
+            """(no-edit LP [seeds, facts], per-build edited LPs, the facts' questions)."""
+            base, labels = split_items(evals[suite]["base"], split)
+            return base, [split_items(d, split)[0] for d in evals[suite]["edited"]], labels
 
-        forget_base, forget_edited = lps("edited", "forget")
-        retain_base, retain_edited = lps("edited", "retain")
-        other_base, other_edited = lps("other", "forget")
-        retain_q = questions(evals["edited"]["base"], "retain")
+        forget_base, forget_edited, forget_q = lps("edited", "forget")
+        retain_base, retain_edited, retain_q = lps("edited", "retain")
+        other_base, other_edited, other_q = lps("other", "forget")
         test = slice(60, NUM_RETAIN)  # retain_test = retain90[60:160] within retain90[:160]
         measured_test = retain_base.shape[1] > test.start  # --quick scores 4 facts per split
         rows = {
-            "forget_drop": summarise(forget_base, forget_edited, questions(evals["edited"]["base"], "forget"), -1.0),
+            "forget_drop": summarise(forget_base, forget_edited, forget_q, -1.0),
             "retain_change_all160": summarise(retain_base, retain_edited, retain_q, 1.0),
             "retain_change_retain_test": summarise(retain_base[:, test], [e[:, test] for e in retain_edited],
                                                    retain_q[test], 1.0) if measured_test else None,
-            "other_author_change": summarise(other_base, other_edited,
-                                             questions(evals["other"]["base"], "forget"), 1.0),
+            "other_author_change": summarise(other_base, other_edited, other_q, 1.0),
         }
         unedited_lp = {"forget": float(forget_base.mean()), "retain_all160": float(retain_base.mean()),
                        "other_author": float(other_base.mean())}

@@ -57,7 +57,7 @@ PARAPHRASES = {"forget_a": {"paraphrase_twice": "forget01_paraphrased[0:20:2]", 
                "forget_b": {"paraphrase_twice": "forget01_paraphrased[20:40:2]", "paraphrase_once": "forget01_paraphrased[21:40:2]"}}
 CONTROLS = ("steering", "random_coordinate", "ungated", "paper")
 # the seed's falsifier (docs/RESULTS.md)
-FALSIFIER = {"forget_drop": 40.0, "retain_loss": 5.0}
+FALSIFIER = _common.FALSIFIER
 
 
 def part(role: str, limit: int | None):

@@ -220,9 +220,8 @@ def main() -> None:
         _quick.apply_quick(p, args, QUICK)   # options typed on the command line win
     with _common.experiment(args) as out:
         start = time.perf_counter()
-        alphas = _common.parse_list(args.alphas, float, "--alphas")
-        if any(not np.isfinite(a) or a < 0 for a in alphas):
-            raise InputError(f"α values must be finite and >= 0, got {args.alphas}")
+        alphas = _common.parse_list(args.alphas, float, "--alphas", valid=lambda a: bool(np.isfinite(a) and a >= 0),
+                                    must="finite numbers >= 0")
         if {"alpha", "q"} & _quick.given_options(p):
             raise InputError("pareto sweeps α and q: give --alphas and --q-values, not --alpha or --q")
         if not np.isfinite(args.retain_tolerance) or args.retain_tolerance < 0:
