@@ -12,6 +12,7 @@ import ports
 from timerome_jax import api, rewrite, tokenization
 from timerome_jax import memory as mem
 from timerome_jax.errors import InputError
+from timerome_jax.facts import Fact
 from timerome_jax.memory import MemorySpec, RewriteValues
 
 # cases on the fixture vocabulary (tests/conftest.py); the unedited greedy answers are other words
@@ -25,6 +26,9 @@ RECORDS = [
 ]
 CORE = RewriteValues(steps=25)
 WHERE = api.Coordinate(layer=0, module="mlp", step=0, steps=8)
+# one ungated entry per case at its last subject token (ROME's position): the memory tests below
+# follow each value through the algebra; the preset (every subject token, gated) is tested apart
+LAST = dict(key_positions="last", gate_rate=None)
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +100,8 @@ def test_bad_files_and_duplicates(tmp_path, cases):
     for bad_values in (dict(method="ft"), dict(steps=0), dict(learning_rate=-1.0), dict(kl_weight=float("nan"))):
         with pytest.raises(InputError):
             RewriteValues(**bad_values)
-    with pytest.raises(InputError, match="rewrite memory reads each fact once"):
-        MemorySpec.rewriting(key_positions="subject")
+    with pytest.raises(InputError, match="capture steps and sampler steps do not apply"):
+        MemorySpec.rewriting(capture_steps="all")
 
 
 # --- values and the memory -----------------------------------------------------------------------
@@ -106,7 +110,7 @@ def test_a_rewrite_memory_makes_the_target_the_greedy_answer(model, cases):
     backbone, tok = model
     assert _greedy(backbone, tok, cases) != ["moon", "city"]          # not the answers before
     facts = api.encode(backbone, tok, [c.fact() for c in cases])
-    record = api.build_memory(backbone, tok, facts, WHERE, MemorySpec.rewriting(rewrite=CORE))
+    record = api.build_memory(backbone, tok, facts, WHERE, MemorySpec.rewriting(rewrite=CORE, **LAST))
     edited = backbone.with_edits(record.memory)
     assert _greedy(edited, tok, cases) == ["moon", "city"]
     assert record.rewrite == CORE and record.fact_ids == facts.ids and record.capture_steps == (0,)
@@ -118,10 +122,10 @@ def test_a_rewrite_memory_makes_the_target_the_greedy_answer(model, cases):
 def test_removing_a_rewrite_restores_the_memory_without_it(model, cases, tmp_path):
     backbone, tok = model
     facts = api.encode(backbone, tok, [c.fact() for c in cases])
-    spec = MemorySpec.rewriting(rewrite=CORE)
+    spec = MemorySpec.rewriting(rewrite=CORE, **LAST)
     both = api.build_memory(backbone, tok, facts, WHERE, spec)
     # a removal equals a build of the rest with the same λ̃ (the ridge of the memory it came from)
-    keys, values, _ = rewrite.capture(backbone, tok, facts, 0, "mlp", CORE)
+    keys, values, _, _ = rewrite.capture(backbone, tok, facts, 0, "mlp", CORE)
     first, _ = mem.build(keys[:1], values[:1], layer=0, module="mlp", alpha=1.0, lam=spec.lam, key_scale=both.key_scale)
     removed = both.remove_facts([facts.ids[1]])
     ids = jnp.asarray(facts.batch.input_ids_FT)
@@ -144,20 +148,25 @@ def test_the_optimised_value_does_not_depend_on_its_batch(model, cases):
     extra = rewrite.parse_case(dict(prompt="which language does the author speak at", subject="the author",
                                     target_new="night"), "extra")
     facts = api.encode(backbone, tok, [c.fact() for c in (extra, *cases)])
-    keys, values, _ = rewrite.capture(backbone, tok, facts, 0, "mlp", CORE, cases_per_chunk=3)
-    alone_keys, alone_values, _ = rewrite.capture(backbone, tok, facts.take([2]), 0, "mlp", CORE)
-    np.testing.assert_allclose(alone_keys[0], keys[2], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(alone_values[0], values[2], rtol=1e-4, atol=1e-4)
+    for positions in ("last", "subject"):
+        keys, values, rows, _ = rewrite.capture(backbone, tok, facts, 0, "mlp", CORE, positions=positions,
+                                                cases_per_chunk=3)
+        alone_keys, alone_values, alone_rows, _ = rewrite.capture(backbone, tok, facts.take([2]), 0, "mlp", CORE,
+                                                                  positions=positions)
+        assert np.array_equal(alone_rows, np.zeros(len(alone_rows), int)) and np.sum(rows == 2) == len(alone_rows)
+        np.testing.assert_allclose(alone_keys, keys[rows == 2], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(alone_values, values[rows == 2], rtol=1e-4, atol=1e-4)
 
 
 def test_optimised_values_raise_the_target_and_in_context_values_follow_the_definition(model, cases):
     backbone, tok = model
     facts = api.encode(backbone, tok, [c.fact() for c in cases])
-    _, _, info = rewrite.capture(backbone, tok, facts, 0, "mlp", RewriteValues(steps=1))
-    _, _, trained = rewrite.capture(backbone, tok, facts, 0, "mlp", CORE)
+    _, _, _, info = rewrite.capture(backbone, tok, facts, 0, "mlp", RewriteValues(steps=1))
+    _, _, _, trained = rewrite.capture(backbone, tok, facts, 0, "mlp", CORE)
     assert all(b < a for a, b in zip(info["target_nll_per_token"], trained["target_nll_per_token"]))
 
-    keys, values, _ = rewrite.capture(backbone, tok, facts, 1, "mlp", RewriteValues(method="in_context"))
+    keys, values, rows, _ = rewrite.capture(backbone, tok, facts, 1, "mlp", RewriteValues(method="in_context"))
+    assert rows.tolist() == [0, 1]
     # reference from the definition: value at the query's last subject token of "{prompt} {o*}. {prompt}"
     # minus value at the last subject token of the prompt, answer region masked, unpadded forwards
     for i, case in enumerate(cases):
@@ -173,6 +182,42 @@ def test_optimised_values_raise_the_target_and_in_context_values_follow_the_defi
         np.testing.assert_allclose(keys[i], np.asarray(p.key[0, subject_len - 1]), atol=1e-5)
         np.testing.assert_allclose(values[i], np.asarray(c.value[0, query_last] - p.value[0, subject_len - 1]),
                                    atol=1e-5)
+
+
+def test_subject_token_values_follow_the_definition_and_the_gated_preset_edits_only_its_subjects(model, cases):
+    backbone, tok = model
+    facts = api.encode(backbone, tok, [c.fact() for c in cases])
+    keys, values, rows, _ = rewrite.capture(backbone, tok, facts, 1, "mlp", RewriteValues(method="in_context"),
+                                            positions="subject")
+    # reference from the definition, token by token over the subject (both prompts open with it)
+    site = ports.Site(1, "mlp")
+    for i, case in enumerate(cases):
+        answer = tok(" " + case.target_new, add_special_tokens=False)["input_ids"]
+        masks = [backbone.mask_token_id] * len(answer)
+        plain = tok(case.prompt, add_special_tokens=False)["input_ids"]
+        context = tok(f"{case.prompt} {case.target_new}. {case.prompt}", add_special_tokens=False)["input_ids"]
+        subject_len = len(tok(case.subject, add_special_tokens=False)["input_ids"])
+        _, (p,) = backbone.apply(jnp.asarray([plain + masks]), capture=(site,))
+        _, (c,) = backbone.apply(jnp.asarray([context + masks]), capture=(site,))
+        query = len(context) - len(plain)
+        assert subject_len == 2 and np.sum(rows == i) == subject_len      # one entry per subject token, in order
+        np.testing.assert_allclose(keys[rows == i], np.asarray(p.key[0, :subject_len]), atol=1e-5)
+        np.testing.assert_allclose(values[rows == i], np.asarray(c.value[0, query:query + subject_len]
+                                                                  - p.value[0, :subject_len]), atol=1e-5)
+
+    # the preset: optimised values at every subject token, gated on other text
+    gate_facts = [Fact(prompt=p, answer=a, subject=p.split()[1], kind="prompt") for p, a in (
+        ("the cat sat on the", "mat"), ("he works as a", "doctor"), ("she lives in the", "city"),
+        ("my friend wrote a", "book"))]
+    spec = MemorySpec.rewriting(rewrite=CORE)
+    assert (spec.key_positions, spec.gate_rate, RewriteValues().steps) == ("subject", 0.001, 100)
+    record = api.build_memory(backbone, tok, facts, WHERE, spec, gate_facts=gate_facts)
+    assert record.memory.size == 4 and record.fact_ids == tuple(np.repeat(facts.ids, 2))
+    edited = backbone.with_edits(record.memory)
+    assert _greedy(edited, tok, cases) == ["moon", "city"]
+    # a prompt without the edited subjects passes the gate unchanged, bit for bit
+    ids = jnp.asarray([tok("the cat sat on the", add_special_tokens=False)["input_ids"] + [backbone.mask_token_id]])
+    np.testing.assert_array_equal(np.asarray(edited.apply(ids)), np.asarray(backbone.apply(ids)))
 
 
 # --- metrics ---------------------------------------------------------------------------------------
@@ -196,7 +241,7 @@ def test_metrics_by_hand_and_their_direction(model, cases):
                                        locality_prompts=[RECORDS[0]["locality_prompt"], RECORDS[1]["locality_prompt"]],
                                        locality_ground_truth=[RECORDS[0]["locality_ground_truth"],
                                                               RECORDS[1]["locality_ground_truth"]],
-                                       coordinate=WHERE, spec=MemorySpec.rewriting(rewrite=CORE), mc_samples=4)
+                                       coordinate=WHERE, spec=MemorySpec.rewriting(rewrite=CORE, **LAST), mc_samples=4)
     assert [r["rewrite_acc"] for r in metrics["post"]] == [1.0, 1.0]
     assert metrics["summary"]["post"]["rewrite_acc"]["mean"] == 1.0 and metrics["summary"]["pre"]["rewrite_acc"]["mean"] == 0.0
     assert all(r["efficacy_score"] == 1.0 for r in metrics["post"])

@@ -27,7 +27,7 @@ import numpy as np
 
 from ports import Backbone
 from timerome_jax import memory as mem
-from timerome_jax import privacy, rewrite, tokenization
+from timerome_jax import privacy, rewrite, splits, tokenization
 from timerome_jax.errors import InputError
 from timerome_jax.evaluate import GenerationConfig, evaluate_suite, generate_answers, metric_table
 from timerome_jax.facts import Fact, Facts, load_facts, read_facts
@@ -64,10 +64,11 @@ def _entries(backbone: Backbone, tokenizer, facts: Facts, coordinate: Coordinate
              facts_per_chunk: int, mesh, report: Callable[[str, dict], None]) -> mem.Entries:
     """Forgetting entries (`memory.capture`) or, with `spec.rewrite`, rewrite entries (`rewrite.capture`)."""
     if spec.rewrite is not None:
-        keys, values, info = rewrite.capture(backbone, tokenizer, facts, coordinate.layer, coordinate.module,
-                                             spec.rewrite, seed=seed, cases_per_chunk=facts_per_chunk, mesh=mesh)
+        keys, values, rows, info = rewrite.capture(backbone, tokenizer, facts, coordinate.layer, coordinate.module,
+                                                   spec.rewrite, positions=spec.key_positions, seed=seed,
+                                                   cases_per_chunk=facts_per_chunk, mesh=mesh)
         report("rewrite", info)
-        return mem.Entries(keys, values, np.arange(facts.num_facts))
+        return mem.Entries(keys, values, rows)
     return mem.capture(backbone, facts.batch, coordinate, jax.random.key(seed), steps=steps,
                        positions=spec.key_positions, sampler_capture=spec.sampler, noise_samples=spec.noise_samples,
                        noise_scale=spec.noise_scale, facts_per_chunk=facts_per_chunk, mesh=mesh)
@@ -126,7 +127,9 @@ def edit(backbone: Backbone, tokenizer, prompts: Sequence[str], target_new: Sequ
     rows of `rewrite.case_metrics` before and after the edit.
 
     coordinate: where to edit (default: trace the old facts, prompt -> ground truth, which then must
-    be given); spec: the memory (default `MemorySpec.rewriting()`; its `rewrite` must be set). The
+    be given); spec: the memory (default `MemorySpec.rewriting()`; its `rewrite` must be set);
+    gate_facts: the facts a gated spec calibrates its gate on (default the split table's
+    `retain_gate` part, as `timerome edit` uses). The
     backbone's weights are untouched: the edit is `edited.edits[-1]`, a memory like any other."""
     n = len(prompts)
     columns = dict(target_new=target_new, subject=subject, ground_truth=ground_truth, rephrase_prompt=rephrase_prompts,
@@ -146,6 +149,8 @@ def edit(backbone: Backbone, tokenizer, prompts: Sequence[str], target_new: Sequ
         coordinate = trace(backbone, encode(backbone, tokenizer, [c.fact(target=c.ground_truth) for c in cases]),
                            seed=seed).coordinate
     facts = encode(backbone, tokenizer, [c.fact() for c in cases])
+    if spec.gate_rate is not None and gate_facts is None:   # as `timerome edit` does: the split table's gate part
+        gate_facts = load_facts(splits.selection("retain_gate"))
     record = build_memory(backbone, tokenizer, facts, coordinate, spec, seed=seed, gate_facts=gate_facts)
     edited = backbone.with_edits(record.memory)
     pad_id = tokenization.pad_token_id(tokenizer, backbone)

@@ -182,38 +182,48 @@ def _ids(tokenizer, text: str, offsets: bool = False):
     return (ids, enc["offset_mapping"]) if offsets else ids
 
 
-def _last_subject_token(tokenizer, text: str, subject: str, start_at: int = 0) -> tuple[tuple[int, ...], int]:
-    """(token ids of `text`, index of the last token of the first `subject` at or after `start_at`)."""
+def _subject_tokens(tokenizer, text: str, subject: str, start_at: int = 0) -> tuple[tuple[int, ...], int, int]:
+    """(token ids of `text`, index of the last token of the first `subject` at or after `start_at`,
+    the number of tokens that subject spans)."""
     ids, offsets = _ids(tokenizer, text, offsets=True)
     found = text.find(subject, start_at)
     if found < 0:
         found = text.lower().find(subject.lower(), start_at)
     if found < 0:
         raise InputError(f"subject {subject!r} does not occur in {text[start_at:]!r}")
-    return ids, token_span(offsets, found, found + len(subject))[1] - 1
+    first, end = token_span(offsets, found, found + len(subject))
+    return ids, end - 1, end - first
 
 
 @dataclasses.dataclass(frozen=True)
 class _Rows:
-    """Host arrays of F cases in the left-padded prompt | right-padded answer layout."""
+    """Host arrays of F cases in the left-padded prompt | right-padded answer layout. Subject
+    tokens are addressed by their offset j back from the subject's last token (`last` − j), so
+    that the j-th value of a case lands on the same subject token in each of its three rows."""
 
     prompt_ids: np.ndarray      # [F, P]
     prompt_mask: np.ndarray     # [F, P]
     answer_ids: np.ndarray      # [F, A] the new object's tokens
     answer_mask: np.ndarray     # [F, A]
     last: np.ndarray            # [F] the subject's last token in the padded layout
+    count: np.ndarray           # [F] the subject's tokens there
     context_ids: np.ndarray     # [F, C] "{prompt} {o*}. {prompt}"
     context_mask: np.ndarray
     context_last: np.ndarray    # [F] the query's last subject token
+    context_count: np.ndarray
     essence_ids: np.ndarray     # [F, E] "{subject} is"
     essence_mask: np.ndarray
     essence_last: np.ndarray
+    essence_count: np.ndarray
     key_data: np.ndarray        # [F, 2] uint32: the case's MC-ELBO key
 
 
-def _layout(sequences, lasts, pad_id, length):
-    ids, mask = pad_left(sequences, pad_id, length)
-    return ids, mask, np.asarray([length - len(s) + i for s, i in zip(sequences, lasts)], np.int32)
+def _layout(found, pad_id, length):
+    """Left-padded ids and mask [F, length], last subject tokens [F] and subject token counts [F]
+    of (ids, last, count) triples."""
+    ids, mask = pad_left([f[0] for f in found], pad_id, length)
+    last = np.asarray([length - len(f[0]) + f[1] for f in found], np.int32)
+    return ids, mask, last, np.asarray([f[2] for f in found], np.int32)
 
 
 def case_rows(tokenizer, facts: Facts, seed: int, pad_id: int) -> _Rows:
@@ -222,21 +232,24 @@ def case_rows(tokenizer, facts: Facts, seed: int, pad_id: int) -> _Rows:
     prompts, contexts, essences = [], [], []
     for fact, subject, answer in zip(facts.facts, facts.subjects, facts.answers):
         prompt_text, answer_text = fact.texts()
-        prompts.append(_last_subject_token(tokenizer, prompt_text, subject))
+        prompts.append(_subject_tokens(tokenizer, prompt_text, subject))
         statement = f"{prompt_text}{answer_text}. "
-        contexts.append(_last_subject_token(tokenizer, statement + prompt_text, subject, start_at=len(statement)))
-        essences.append(_last_subject_token(tokenizer, f"{subject} is", subject))
-    P = bucket_length(max(len(p) for p, _ in prompts))
-    A = bucket_length(max(len(a) for a in facts.answers))
-    C = bucket_length(max(len(c) for c, _ in contexts))
-    E = bucket_length(max(len(e) for e, _ in essences))
+        contexts.append(_subject_tokens(tokenizer, statement + prompt_text, subject, start_at=len(statement)))
+        essences.append(_subject_tokens(tokenizer, f"{subject} is", subject))
+    length = lambda found: bucket_length(max(len(f[0]) for f in found))  # noqa: E731
     keys = jax.vmap(lambda d: jax.random.key_data(jax.random.fold_in(jax.random.key(seed), d)))(
         jnp.asarray([zlib.crc32(f.id.encode()) & 0x7FFFFFFF for f in facts.facts], jnp.uint32))
-    prompt_ids, prompt_mask, last = _layout([p for p, _ in prompts], [i for _, i in prompts], pad_id, P)
-    return _Rows(prompt_ids, prompt_mask, *pad_right(facts.answers, pad_id, A), last,
-                 *_layout([c for c, _ in contexts], [i for _, i in contexts], pad_id, C),
-                 *_layout([e for e, _ in essences], [i for _, i in essences], pad_id, E),
-                 np.asarray(keys))
+    prompt_ids, prompt_mask, last, count = _layout(prompts, pad_id, length(prompts))
+    return _Rows(prompt_ids, prompt_mask, *pad_right(facts.answers, pad_id, bucket_length(max(len(a) for a in facts.answers))),
+                 last, count, *_layout(contexts, pad_id, length(contexts)),
+                 *_layout(essences, pad_id, length(essences)), np.asarray(keys))
+
+
+def subject_slots(rows: _Rows, positions: str) -> int:
+    """Values per case: 1 for the "last" subject token, else the most subject tokens of a case."""
+    if positions not in ("last", "subject"):
+        raise InputError(f"rewrite key positions must be 'last' or 'subject', got {positions!r}")
+    return 1 if positions == "last" else int(rows.count.max())
 
 
 # --- values ----------------------------------------------------------------------------------------
@@ -245,31 +258,43 @@ def _masked(backbone: Backbone, answer_ids, answer_mask):
     return jnp.where(answer_mask.astype(bool), backbone.mask_token_id, answer_ids)
 
 
-def _site_row(backbone: Backbone, site: Site, ids, mask, answer_ids, answer_mask, position, edits=()):
-    """(key [I], value [D]) at `position` of prompt `ids` followed by the masked answer region."""
+def _slots(last, count, slots: int):
+    """Positions [S] = last − j and validity [S] (j < the subject's token count) of slots j."""
+    offsets = jnp.arange(slots)
+    return last - offsets, offsets < count
+
+
+def _site_rows(backbone: Backbone, site: Site, ids, mask, answer_ids, answer_mask, positions_S, edits=()):
+    """(keys [S, I], values [S, D]) at `positions_S` of prompt `ids` followed by the masked answer region."""
     full_ids = jnp.concatenate([ids, _masked(backbone, answer_ids, answer_mask)])[None]
     full_mask = jnp.concatenate([mask, answer_mask])[None]
     _, (captured,) = backbone.apply(full_ids, full_mask, capture=(site,), edits=edits)
-    return captured.key[0, position], captured.value[0, position]
+    return captured.key[0, positions_S], captured.value[0, positions_S]
 
 
-def _point_edit(site: Site, position, delta_D) -> RowEdit:
-    return RowEdit(site, position[None], jnp.ones((1,), bool), delta_D[None], add=True)
+def _point_edit(site: Site, positions_S, valid_S, delta_SD) -> RowEdit:
+    return RowEdit(site, positions_S, valid_S, delta_SD, add=True)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "method", "steps", "mc_samples"))
+@functools.partial(jax.jit, static_argnames=("module", "method", "steps", "mc_samples", "slots"))
 def _entries(backbone: Backbone, rows: tuple, layer: Array, hyper: Array, *, module: str, method: str, steps: int,
-             mc_samples: int):
-    """Keys [F, I], values δ [F, D] and the final objective terms [F, 3] of a chunk of cases;
+             mc_samples: int, slots: int):
+    """Keys [F, S, I], values δ [F, S, D], slot validity [F, S] and the final objective terms
+    [F, 3] of a chunk of cases, S = `slots` subject tokens counted back from the last;
     hyper = (learning rate, KL weight, norm weight, clamp)."""
     site = Site(layer, module)
     learning_rate, kl_weight, norm_weight, clamp = hyper
 
-    def one(p_ids, p_mask, a_ids, a_mask, last, c_ids, c_mask, c_last, e_ids, e_mask, e_last, key_data):
-        key_I, value_D = _site_row(backbone, site, p_ids, p_mask, a_ids, a_mask, last)
+    def one(p_ids, p_mask, a_ids, a_mask, last, count, c_ids, c_mask, c_last, c_count, e_ids, e_mask, e_last,
+            e_count, key_data):
+        positions, valid = _slots(last, count, slots)
+        key_SI, value_SD = _site_rows(backbone, site, p_ids, p_mask, a_ids, a_mask, positions)
         if method == "in_context":
-            _, context_D = _site_row(backbone, site, c_ids, c_mask, a_ids, a_mask, c_last)
-            return key_I, context_D - value_D, jnp.zeros((3,), jnp.float32)
+            c_positions, c_valid = _slots(c_last, c_count, slots)
+            _, context_SD = _site_rows(backbone, site, c_ids, c_mask, a_ids, a_mask, c_positions)
+            valid = valid & c_valid
+            return key_SI, jnp.where(valid[:, None], context_SD - value_SD, 0.0), valid, jnp.zeros((3,), jnp.float32)
+        e_positions, e_valid = _slots(e_last, e_count, slots)
         key = jax.random.wrap_key_data(key_data)
         length = jnp.sum(a_mask)
         one_mask = jnp.ones((1,), jnp.int32)
@@ -280,51 +305,60 @@ def _entries(backbone: Backbone, rows: tuple, layer: Array, hyper: Array, *, mod
             return jax.nn.log_softmax(logits[0, 0])
 
         reference = essence_log_probs(())
-        scale = jnp.sum(value_D ** 2)
+        scale_S = jnp.where(valid, jnp.sum(value_SD ** 2, axis=-1), 0.0)
 
-        def objective(delta_D):
-            edited = backbone.with_edits(_point_edit(site, last, delta_D))
+        def objective(delta_SD):
+            edited = backbone.with_edits(_point_edit(site, positions, valid, delta_SD))
             elbo = answer_log_likelihood(edited, p_ids[None], p_mask[None], a_ids[None], a_mask[None], key[None],
                                          method="mc_elbo", mc_samples=mc_samples, batch_size=mc_samples)[0]
-            edited_essence = essence_log_probs((_point_edit(site, e_last, delta_D),))
+            edited_essence = essence_log_probs((_point_edit(site, e_positions, valid & e_valid, delta_SD),))
             kl = jnp.sum(jnp.exp(reference) * (reference - edited_essence))
-            terms = jnp.stack([-elbo / length, kl, jnp.sum(delta_D ** 2) / scale])
+            terms = jnp.stack([-elbo / length, kl, jnp.sum(delta_SD ** 2) / jnp.sum(scale_S)])
             return terms[0] + kl_weight * terms[1] + norm_weight * terms[2], terms
 
         optimizer = optax.adam(learning_rate)
-        delta = jnp.zeros_like(value_D)
+        delta = jnp.zeros_like(value_SD)
 
         def step(carry, _):
             delta, state = carry
             grad = jax.grad(lambda d: objective(d)[0])(delta)
             updates, state = optimizer.update(grad, state, delta)
-            delta = optax.apply_updates(delta, updates)
-            limit = clamp * jnp.sqrt(scale)
-            delta = delta * jnp.minimum(1.0, limit / (jnp.linalg.norm(delta) + 1e-12))
+            delta = jnp.where(valid[:, None], optax.apply_updates(delta, updates), 0.0)
+            # ROME's clamp, per subject token: ‖δ_j‖ ≤ clamp · ‖v_j‖
+            limit = clamp * jnp.sqrt(scale_S)
+            norm = jnp.linalg.norm(delta, axis=-1)
+            delta = delta * jnp.minimum(1.0, limit / (norm + 1e-12))[:, None]
             return (delta, state), None
 
         (delta, _), _ = jax.lax.scan(step, (delta, optimizer.init(delta)), None, length=steps)
         _, terms = objective(delta)
-        return key_I, delta, terms
+        return key_SI, delta, valid, terms
 
     return jax.vmap(one)(*rows)
 
 
 def capture(backbone: Backbone, tokenizer, facts: Facts, layer: int, module: str, config: RewriteValues = RewriteValues(),
-            *, seed: int = 0, cases_per_chunk: int = 8, mesh=None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Keys [F, I] and values [F, D] of the rewrite facts `facts` (answers = new objects) at
-    (layer, module), and per-case diagnostics (for "optimised": the final −ELBO/|o*|, KL and
-    relative norm terms). Chunks of `cases_per_chunk` cases (per data shard on a `mesh`)."""
+            *, positions: str = "last", seed: int = 0, cases_per_chunk: int = 8,
+            mesh=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Keys [E, I], values [E, D] and the case (row of `facts`) [E] of each entry of the rewrite
+    facts `facts` (answers = new objects) at (layer, module), and per-case diagnostics (for
+    "optimised": the final −ELBO/|o*|, KL and relative norm terms). `positions`: one entry per
+    case at its "last" subject token, or one per "subject" token (their values optimised
+    jointly). Chunks of `cases_per_chunk` cases (per data shard on a `mesh`)."""
     rows = case_rows(tokenizer, facts, seed, facts.pad_id)
     fields = tuple(getattr(rows, f.name) for f in dataclasses.fields(rows))
     hyper = jnp.asarray([config.learning_rate, config.kl_weight, config.norm_weight, config.clamp], jnp.float32)
-    keys, values, terms = distributed.map_chunks(
+    keys, values, valid, terms = distributed.map_chunks(
         _entries, fields, chunk_size=cases_per_chunk, before=(backbone,), after=(jnp.int32(layer), hyper),
-        static=dict(module=module, method=config.method, steps=config.steps, mc_samples=config.mc_samples), mesh=mesh)
+        static=dict(module=module, method=config.method, steps=config.steps, mc_samples=config.mc_samples,
+                    slots=subject_slots(rows, positions)), mesh=mesh)
+    # fact-major entries, each case's subject tokens in text order
+    valid, keys, values = valid[:, ::-1], keys[:, ::-1], values[:, ::-1]
+    case_of_entry = np.nonzero(valid)[0]
     info = {} if config.method == "in_context" else {
         "target_nll_per_token": terms[:, 0].tolist(), "essence_kl": terms[:, 1].tolist(),
         "relative_norm_sq": terms[:, 2].tolist()}
-    return keys, values, info
+    return keys[valid], values[valid], case_of_entry, info
 
 
 # --- metrics ---------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def register(sub, common) -> None:
                    "(prompt, subject, target_new, ground_truth, ...)")
     p.add_argument("--rewrite-method", choices=VALUE_METHODS, default=None,
                    help="with --rewrite: 'optimised' values (ROME-style, default) or 'in_context' (gradient-free)")
-    p.add_argument("--rewrite-steps", type=int, default=None, help="with --rewrite: optimiser steps (default 25)")
+    p.add_argument("--rewrite-steps", type=int, default=None, help="with --rewrite: optimiser steps (default 100)")
     p.add_argument("--rewrite-lr", type=float, default=None, help="with --rewrite: Adam learning rate (default 0.5)")
     p.add_argument("--kl-weight", type=float, default=None,
                    help="with --rewrite: weight β of the KL term on '{subject} is' (default 0.0625)")

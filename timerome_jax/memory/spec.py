@@ -31,7 +31,7 @@ class RewriteValues:
     `steps` at `learning_rate`, the KL weight β, the norm weight γ, the clamp and J MC masks."""
 
     method: str = "optimised"
-    steps: int = 25
+    steps: int = 100
     learning_rate: float = 0.5
     kl_weight: float = 0.0625
     norm_weight: float = 1e-3
@@ -170,9 +170,9 @@ class MemorySpec:
         if isinstance(steps, tuple) and (not steps or len(set(steps)) != len(steps) or min(steps) < 0):
             raise InputError(f"capture steps must be distinct non-negative steps, got {list(steps)}")
         object.__setattr__(self, "capture_steps", steps)
-        if self.rewrite is not None and (steps is not None or self.key_positions != "last" or self.sampler is not None):
-            raise InputError("a rewrite memory reads each fact once, at its last subject token with the answer "
-                             "masked: capture steps, key positions 'subject' and sampler steps do not apply")
+        if self.rewrite is not None and (steps is not None or self.sampler is not None):
+            raise InputError("a rewrite memory reads each fact in one state, its prompt with the answer masked: "
+                             "capture steps and sampler steps do not apply")
 
     def steps_for(self, coordinate) -> tuple[int, ...]:
         """The capture steps resolved against the coordinate's K-step trajectory."""
@@ -200,9 +200,11 @@ class MemorySpec:
 
     @classmethod
     def rewriting(cls, **changes) -> "MemorySpec":
-        """A rewrite memory (DESIGN.md §3b) with ROME-style optimised values, α = 1, λ = 0.01 (a
-        smaller ridge than forgetting's, so that each stored value is read back almost whole)."""
-        preset = dict(lam=0.01, rewrite=RewriteValues())
+        """A rewrite memory (DESIGN.md §3b; docs/rewrite.md): ROME-style optimised values at every
+        subject token, α = 1, λ = 0.01 (a smaller ridge than forgetting's, so that each stored
+        value is read back almost whole), gated at rate 0.001 (so that the values act on the
+        edited subjects only)."""
+        preset = dict(lam=0.01, key_positions="subject", gate_rate=0.001, rewrite=RewriteValues())
         return cls(**{**preset, **changes})
 
     @classmethod
