@@ -6,15 +6,17 @@ the baselines, tuned on one part of the cases and reported on another (docs/rewr
 
 1. Coordinate: the old facts of --tune (prompt -> ground truth) are traced over the MLP sites, as
    ROME edits the MLP with the largest indirect effect (or --coordinate).
-2. Tuning on --tune only: every memory configuration of the grid (value method × α × λ) and every
-   FT-L learning rate is scored on the tune cases; the one with the best mean of rewrite_acc and
-   locality is kept. Nothing below is chosen on --test or --pool; the script refuses overlapping
-   sets (`splits.check_disjoint`).
-3. Test (--test): the chosen memory (one batch of all test cases), the other value method with
-   the same α, λ, in-context editing, FT-L at the chosen rate, and the MEMIT-style weight update
-   from the chosen memory's keys and values with MEMIT's λ̃ C regulariser (C: the key second
-   moment of --covariance-facts; without C the update equals the ungated memory exactly, tested);
-   every metric with a bootstrap CI over cases.
+2. Tuning on --tune only: every memory configuration of the grid (site: the traced one and
+   --candidates × value method × α × λ; values at every subject token, gated at --gate-rate on
+   --gate-facts, as `MemorySpec.rewriting()`) and every FT-L learning rate is scored on the tune
+   cases; the one with the best mean of rewrite_acc and locality is kept. Nothing below is chosen
+   on --test or --pool; the script refuses overlapping sets (`splits.check_disjoint`).
+3. Test (--test): the chosen memory (one batch of all test cases), the other value method and the
+   chosen one with a single value at the last subject token (ROME's position), in-context
+   editing, FT-L at the chosen rate on the traced layer's MLP, and the MEMIT-style weight update
+   at the traced MLP site from the chosen value method's keys and values, with MEMIT's λ̃ C
+   regulariser (C: the key second moment of --covariance-facts; without C the update equals the
+   ungated memory exactly, tested); every metric with a bootstrap CI over cases.
    rephrase_acc is split by whether the model was trained on the rephrase (even case ids for the
    v4 embedded models: docs/embedded_model.md).
 4. Batch sizes (--batch-sizes, from --pool in order): one memory of n cases, metrics over those n.
@@ -37,8 +39,8 @@ import _common
 import _quick
 
 QUICK = {"tune": "counterfact[:4]", "test": "counterfact[4:8]", "pool": "counterfact[4:16]", "batch_sizes": "1,4",
-         "sequential": 4, "every": 2, "covariance_facts": "retain90[160:164]", "alphas": "1", "lams": "0.01", "ft_lrs": "5e-4", "value_steps": 5,
-         "trace_steps": 4, "noise_samples": 2, "mc_samples": 4}
+         "sequential": 4, "every": 2, "covariance_facts": "retain90[160:164]", "alphas": "1", "lams": "0.01", "ft_lrs": "5e-4",
+         "value_steps": 5, "candidates": "", "trace_steps": 4, "noise_samples": 2, "mc_samples": 4}
 
 
 def case_id(case) -> int | None:
@@ -55,12 +57,16 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,10,100,360")
     p.add_argument("--sequential", type=int, default=100, help="cases inserted one at a time")
     p.add_argument("--every", type=int, default=10, help="measure the sequential run every N insertions")
-    p.add_argument("--coordinate", default=None, help="LAYER,MODULE,STEP: skip tracing")
+    p.add_argument("--coordinate", default=None, help="LAYER,MODULE,STEP: skip tracing (the weight baselines' site)")
+    p.add_argument("--candidates", default="0,resid,0;2,resid,0",
+                   help="further sites the memory is tuned over ('LAYER,MODULE,STEP;...'; '' for the traced one only)")
+    p.add_argument("--gate-rate", type=float, default=0.001, help="the memories' gate rate")
+    p.add_argument("--gate-facts", default=splits.selection("retain_gate"), help="retain facts the gate is calibrated on")
     p.add_argument("--trace-steps", type=int, default=8)
     p.add_argument("--noise-samples", type=int, default=3)
     p.add_argument("--alphas", default="1,2")
     p.add_argument("--lams", default="0.01,0.1")
-    p.add_argument("--value-steps", type=int, default=25, help="Adam steps of the optimised values")
+    p.add_argument("--value-steps", type=int, default=100, help="Adam steps of the optimised values")
     p.add_argument("--ft-lrs", default="1e-4,5e-4,2e-3", help="FT-L learning-rate sweep")
     p.add_argument("--ft-steps", type=int, default=25)
     p.add_argument("--ft-bound", type=float, default=5e-4)
@@ -79,6 +85,7 @@ def main() -> None:
         tune, test, pool = (rewrite.load_cases(spec) for spec in (args.tune, args.test, args.pool))
         splits.check_disjoint(tune=tune, test=test)
         splits.check_disjoint(tune=tune, pool=pool)
+        gate_facts = api.load_facts(args.gate_facts)
         start = time.perf_counter()
         if args.coordinate:
             where = api.Coordinate.parse(args.coordinate, bb.config.n_layers, args.trace_steps)
@@ -86,27 +93,39 @@ def main() -> None:
             old = api.encode(bb, tok, [c.fact(target=c.ground_truth) for c in tune])
             where = api.trace(bb, old, api.TraceConfig(steps=args.trace_steps, noise_samples=args.noise_samples,
                                                        modules=("mlp",)), seed=args.seed).coordinate
-        print(f"coordinate: layer {where.layer}, {where.module}")
+        sites = [where] + [c for c in (api.Coordinate.parse(t, bb.config.n_layers, args.trace_steps)
+                                       for t in args.candidates.split(";") if t.strip()) if c != where]
+        print(f"traced: layer {where.layer}, {where.module}; tuned over "
+              + ", ".join(f"{c.layer},{c.module}" for c in sites))
 
         def score(model, cases, prefix=None):
             rows = rewrite.case_metrics(model, bb, tok, cases, pad_id=s.pad_id, seeds=(args.seed,),
                                         mc_samples=args.mc_samples, prefix=prefix)
             return rows, rewrite.summarise(rows)
 
-        def memory(cases, spec):
+        def memory(cases, spec, site):
             facts = api.encode(bb, tok, [c.fact() for c in cases])
-            return api.build_memory(bb, tok, facts, where, spec, seed=args.seed)
+            gate = None if spec.gate_rate is None else gate_facts
+            return api.build_memory(bb, tok, facts, site, spec, seed=args.seed, gate_facts=gate)
+
+        def spec_of(method, alpha, lam, **changes):
+            return MemorySpec.rewriting(alpha=alpha, lam=lam, gate_rate=args.gate_rate,
+                                        rewrite=RewriteValues(method=method, steps=args.value_steps), **changes)
 
         def goal(summary):
             return (summary["rewrite_acc"]["mean"] + summary.get("locality", {"mean": 1.0})["mean"]) / 2
 
         # 2. tuning, on --tune only
         grid = []
-        for method, alpha, lam in itertools.product(("optimised", "in_context"), floats["--alphas"], floats["--lams"]):
-            spec = MemorySpec.rewriting(alpha=alpha, lam=lam, rewrite=RewriteValues(method=method, steps=args.value_steps))
-            _, summ = score(bb.with_edits(memory(tune, spec).memory), tune)
-            grid.append({"method": method, "alpha": alpha, "lam": lam, "tune": summ, "goal": goal(summ)})
+        for site, method, alpha, lam in itertools.product(sites, ("optimised", "in_context"), floats["--alphas"],
+                                                          floats["--lams"]):
+            _, summ = score(bb.with_edits(memory(tune, spec_of(method, alpha, lam), site).memory), tune)
+            grid.append({"site": site.as_dict(), "method": method, "alpha": alpha, "lam": lam, "tune": summ,
+                         "goal": goal(summ)})
+            print(f"tune {site.layer},{site.module} {method} α={alpha:g} λ={lam:g}: rewrite_acc "
+                  f"{summ['rewrite_acc']['mean']:.3f}, locality {summ.get('locality', {'mean': float('nan')})['mean']:.3f}")
         best = max(grid, key=lambda g: g["goal"])
+        chosen_site = api.Coordinate(**best["site"])
         tune_facts = api.encode(bb, tok, [c.fact() for c in tune])
         ft_grid = []
         for lr in floats["--ft-lrs"]:
@@ -117,18 +136,21 @@ def main() -> None:
         ft_best = max(ft_grid, key=lambda g: g["goal"])
 
         # 3. test: every method at its tuned setting
-        chosen = MemorySpec.rewriting(alpha=best["alpha"], lam=best["lam"],
-                                      rewrite=RewriteValues(method=best["method"], steps=args.value_steps))
-        other = chosen.replace(rewrite=RewriteValues(method="in_context" if best["method"] == "optimised" else "optimised",
-                                                     steps=args.value_steps))
-        test_record = memory(test, chosen)
-        # MEMIT-style: the same keys and values, λ̃ C regularised with the keys of --covariance-facts, in W
-        linear = api.build_memory(bb, tok, api.encode(bb, tok, [c.fact() for c in test]), where, chosen,
-                                  seed=args.seed, covariance_facts=api.load_facts(args.covariance_facts))
+        chosen = spec_of(best["method"], best["alpha"], best["lam"])
+        other = spec_of("in_context" if best["method"] == "optimised" else "optimised", best["alpha"], best["lam"])
+        last_token = chosen.replace(key_positions="last")
+        test_record = memory(test, chosen, chosen_site)
+        # MEMIT-style: keys and values of the chosen method at the traced MLP site, λ̃ C regularised with
+        # the keys of --covariance-facts, written into W (a weight update is neither gated nor sparse)
+        linear = api.build_memory(bb, tok, api.encode(bb, tok, [c.fact() for c in test]), where,
+                                  chosen.replace(gate_rate=None), seed=args.seed,
+                                  covariance_facts=api.load_facts(args.covariance_facts))
         test_facts = api.encode(bb, tok, [c.fact() for c in test])
         methods = {
             f"memory ({best['method']})": score(bb.with_edits(test_record.memory), test),
-            f"memory ({other.rewrite.method})": score(bb.with_edits(memory(test, other).memory), test),
+            f"memory ({other.rewrite.method})": score(bb.with_edits(memory(test, other, chosen_site).memory), test),
+            f"memory ({best['method']}, last subject token)": score(
+                bb.with_edits(memory(test, last_token, chosen_site).memory), test),
             "in-context (IKE)": score(bb, test, prefix=baselines.in_context_prefix),
             "FT-L": score(baselines.fine_tune_site(bb, tok, test_facts, where.layer, where.module, steps=args.ft_steps,
                                                    learning_rate=ft_best["learning_rate"], norm_bound=args.ft_bound,
@@ -149,14 +171,14 @@ def main() -> None:
         for n in (int(x) for x in args.batch_sizes.split(",") if x):
             cases = pool[:n]
             if n == 1:   # ten single-case memories, pooled
-                rows = [r for c in pool[:10] for r in score(bb.with_edits(memory([c], chosen).memory), [c])[0]]
+                rows = [r for c in pool[:10] for r in score(bb.with_edits(memory([c], chosen, chosen_site).memory), [c])[0]]
                 summ = rewrite.summarise(rows)
             else:
-                _, summ = score(bb.with_edits(memory(cases, chosen).memory), cases)
+                _, summ = score(bb.with_edits(memory(cases, chosen, chosen_site).memory), cases)
             batches.append({"edits": n, "cases_scored": 10 if n == 1 else len(cases), "metrics": summ})
         seq_cases = pool[:args.sequential]
         seq_facts = api.encode(bb, tok, [c.fact() for c in seq_cases])
-        record = api.build_memory(bb, tok, seq_facts.take([0]), where, chosen, seed=args.seed)
+        record = memory(seq_cases[:1], chosen, chosen_site)
         sequential = []
         for n in range(1, len(seq_cases) + 1):
             if n > 1:
@@ -172,7 +194,8 @@ def main() -> None:
         results = {"experiment": "rewrite", "command": _common.command_line(), "model": args.model,
                    "fingerprint": bb.fingerprint(), "coordinate": where.as_dict(),
                    "splits": {"tune": args.tune, "test": args.test, "pool": args.pool},
-                   "tuning": {"grid": grid, "chosen": {k: best[k] for k in ("method", "alpha", "lam")},
+                   "gate": {"rate": args.gate_rate, "facts": args.gate_facts},
+                   "tuning": {"grid": grid, "chosen": {k: best[k] for k in ("site", "method", "alpha", "lam")},
                               "ft_l": ft_grid, "ft_l_chosen": ft_best["learning_rate"]},
                    "test": {name: summ for name, (_, summ) in methods.items()},
                    "test_rephrase_by_training": by_rephrase,
@@ -180,7 +203,8 @@ def main() -> None:
                    "batch_sizes": batches, "sequential": sequential, "seconds": time.perf_counter() - start}
         _common.write_json(out / "results.json", results)
         metric = lambda summ, k: "–" if k not in summ else _common.fmt(summ[k])  # noqa: E731
-        lines = [f"Rewrites at layer {where.layer} ({where.module}); tuned on {args.tune} "
+        lines = [f"Rewrites at layer {chosen_site.layer} ({chosen_site.module}; weight baselines at the traced "
+                 f"layer {where.layer} {where.module}); tuned on {args.tune} "
                  f"({best['method']}, α={best['alpha']:g}, λ={best['lam']:g}; FT-L lr {ft_best['learning_rate']:g}), "
                  f"reported on {args.test}: mean [95 % bootstrap CI over cases]", "",
                  "| method | " + " | ".join(rewrite.METRICS) + " |", "|---" * (len(rewrite.METRICS) + 1) + "|"]

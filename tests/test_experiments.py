@@ -70,14 +70,21 @@ def test_rewrite_quick_and_its_split_check(tiny_model_dir_with_tokenizer, tmp_pa
     for name, rows in (("tune", cases[:2]), ("test", cases[2:4]), ("pool", cases[4:8])):
         files[name] = tmp_path / f"{name}.json"
         files[name].write_text(json.dumps(rows))
+    files["gate"] = tmp_path / "gate.jsonl"
+    files["gate"].write_text("".join(json.dumps({"prompt": p, "subject": p.split()[1], "target": t}) + "\n" for p, t in (
+        ("the cat sat on the", "mat"), ("he works as a", "doctor"), ("my friend wrote a", "book"))))
     args = ["--tune", files["tune"], "--test", files["test"], "--pool", files["pool"], "--coordinate", "1,mlp,0",
-            "--batch-sizes", "1,2", "--sequential", "2", "--every", "1"]
+            "--candidates", "0,resid,0", "--gate-facts", files["gate"], "--value-steps", "10", "--alphas", "1",
+            "--lams", "0.01", "--ft-lrs", "5e-4", "--batch-sizes", "1,2", "--sequential", "2", "--every", "1"]
     proc = run_experiment("rewrite", tiny_model_dir_with_tokenizer, tmp_path / "out", *map(str, args))
     assert proc.returncode == 0, proc.stderr
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["splits"]["test"] == str(files["test"]) and results["tuning"]["chosen"]["method"] in ("optimised", "in_context")
-    assert set(results["test"]) == {"memory (optimised)", "memory (in_context)", "in-context (IKE)", "FT-L",
-                                    "MEMIT-style weights", "unedited"}
+    chosen = results["tuning"]["chosen"]
+    assert results["splits"]["test"] == str(files["test"]) and chosen["method"] in ("optimised", "in_context")
+    assert [(g["site"]["layer"], g["site"]["module"], g["method"]) for g in results["tuning"]["grid"]] == [
+        (1, "mlp", "optimised"), (1, "mlp", "in_context"), (0, "resid", "optimised"), (0, "resid", "in_context")]
+    assert set(results["test"]) == {"memory (optimised)", "memory (in_context)", f"memory ({chosen['method']}, last "
+                                    "subject token)", "in-context (IKE)", "FT-L", "MEMIT-style weights", "unedited"}
     assert [b["edits"] for b in results["batch_sizes"]] == [1, 2] and [s["inserted"] for s in results["sequential"]] == [1, 2]
     assert results["test"]["unedited"]["locality"]["mean"] == 1.0
     overlap = run_experiment("rewrite", tiny_model_dir_with_tokenizer, tmp_path / "bad",
