@@ -275,7 +275,7 @@ def test_cli_rewrites_evaluates_appends_and_removes(tiny_model_dir_with_tokenize
     memory, scores = tmp_path / "mem", tmp_path / "scores"
     code, out, _ = _cli(capsys, "edit", "--rewrite", "--model", model, "--facts", cases, "--coordinate", "0,mlp,0",
                         "--steps", "8", "--out", memory)
-    assert code == 0 and "wrote a rewrite memory (optimised values) of 2 fact(s)" in out and "λ=0.01" in out
+    assert code == 0 and "wrote a rewrite memory (optimised values) of 2 fact(s)" in out and "λ=0.0001" in out
     code, out, _ = _cli(capsys, "eval", "--suite", "counterfact", "--model", model, "--facts", cases, "--memory", memory,
                         "--seeds", "1", "--mc-samples", "4", "--out", scores)
     assert code == 0 and "rewrite_acc" in out

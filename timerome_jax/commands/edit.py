@@ -53,7 +53,7 @@ def register(sub, common) -> None:
                    "the recommended selective one")
     p.add_argument("--alpha", type=float, default=None,
                    help="scale α of the edit (>= 0; default: the recommended memory's, 1 with --paper or --rewrite)")
-    p.add_argument("--lam", type=float, default=None, help="ridge λ (> 0; scale-free; default 0.1, 0.01 with --rewrite)")
+    p.add_argument("--lam", type=float, default=None, help="ridge λ (> 0; scale-free; default 0.1, 1e-4 with --rewrite)")
     p.add_argument("--q", type=int, default=None, help="keep the q largest coefficients (1..n; default n)")
     p.add_argument("--covariance", metavar="FACTS", default=None,
                    help="covariance-regularised memory: replace λ̃ I by λ̃ C, C the second moment of the "

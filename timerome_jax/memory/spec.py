@@ -201,10 +201,10 @@ class MemorySpec:
     @classmethod
     def rewriting(cls, **changes) -> "MemorySpec":
         """A rewrite memory (DESIGN.md §3b; docs/rewrite.md): ROME-style optimised values at every
-        subject token, α = 1, λ = 0.01 (a smaller ridge than forgetting's, so that each stored
-        value is read back almost whole), gated at rate 0.001 (so that the values act on the
-        edited subjects only)."""
-        preset = dict(lam=0.01, key_positions="subject", gate_rate=0.001, rewrite=RewriteValues())
+        subject token, α = 1, λ = 10⁻⁴ (far smaller than forgetting's 0.1: the subject tokens'
+        keys are close to each other, and a larger ridge mixes their values on read-back), gated at
+        rate 0.001 (so that the values act on the edited subjects only)."""
+        preset = dict(lam=1e-4, key_positions="subject", gate_rate=0.001, rewrite=RewriteValues())
         return cls(**{**preset, **changes})
 
     @classmethod
