@@ -295,6 +295,10 @@ def test_cli_rewrites_evaluates_appends_and_removes(tiny_model_dir_with_tokenize
     assert _greedy(backbone.with_edits(record.memory), tok, rewrite.read_cases(cases)) == ["moon", "city"]
     code, out, _ = _cli(capsys, "edit", "--remove", seq, "--fact-ids", record.fact_ids[1])
     assert code == 0 and "1 remain" in out
+    # without a coordinate the old facts are traced over the MLP sites (ROME's), not every module
+    code, out, _ = _cli(capsys, "edit", "--rewrite", "--model", model, "--facts", cases, "--steps", "4",
+                        "--noise-samples", "2", "--rewrite-steps", "2", "--out", tmp_path / "traced")
+    assert code == 0 and "module mlp" in out.split("traced:")[1].splitlines()[0]
 
 
 @pytest.mark.parametrize("extra, message", [

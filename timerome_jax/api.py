@@ -127,7 +127,7 @@ def edit(backbone: Backbone, tokenizer, prompts: Sequence[str], target_new: Sequ
     rows of `rewrite.case_metrics` before and after the edit.
 
     coordinate: where to edit (default: trace the old facts, prompt -> ground truth, which then must
-    be given); spec: the memory (default `MemorySpec.rewriting()`; its `rewrite` must be set);
+    be given, over the MLP sites as ROME does); spec: the memory (default `MemorySpec.rewriting()`; its `rewrite` must be set);
     gate_facts: the facts a gated spec calibrates its gate on (default the split table's
     `retain_gate` part, as `timerome edit` uses). The
     backbone's weights are untouched: the edit is `edited.edits[-1]`, a memory like any other."""
@@ -147,7 +147,7 @@ def edit(backbone: Backbone, tokenizer, prompts: Sequence[str], target_new: Sequ
         if ground_truth is None:
             raise InputError("without a coordinate the old facts are traced, so ground_truth is needed")
         coordinate = trace(backbone, encode(backbone, tokenizer, [c.fact(target=c.ground_truth) for c in cases]),
-                           seed=seed).coordinate
+                           TraceConfig(modules=("mlp",)), seed=seed).coordinate
     facts = encode(backbone, tokenizer, [c.fact() for c in cases])
     if spec.gate_rate is not None and gate_facts is None:   # as `timerome edit` does: the split table's gate part
         gate_facts = load_facts(splits.selection("retain_gate"))

@@ -37,7 +37,8 @@ def add_trace_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=8, help="denoising steps K")
     p.add_argument("--noise-samples", type=int, default=10, help="noise draws R")
     p.add_argument("--noise-scale", type=float, default=3.0, help="ν: noise std in units of σ")
-    p.add_argument("--modules", default="resid,attn,mlp", help="comma-separated: resid, attn, mlp")
+    p.add_argument("--modules", default=None,
+                   help="comma-separated: resid, attn, mlp (default all three; 'mlp' for `edit --rewrite`, as ROME)")
     p.add_argument("--window", type=int, default=1, help="consecutive layers restored")
     p.add_argument("--mode", choices=("teacher", "propagated"), default="teacher")
     p.add_argument("--method", choices=("exact", "atp", "hybrid"), default="exact",
@@ -52,7 +53,9 @@ def add_trace_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def trace_config(args: argparse.Namespace) -> tracing.TraceConfig:
-    modules = tuple(m.strip() for m in args.modules.split(",") if m.strip())
+    # rewrites trace the MLP sites, as ROME locates the MLP that recalls the old object
+    default = "mlp" if getattr(args, "rewrite", False) else "resid,attn,mlp"
+    modules = tuple(m.strip() for m in (args.modules or default).split(",") if m.strip())
     return tracing.TraceConfig(steps=args.steps, noise_samples=args.noise_samples, noise_scale=args.noise_scale,
                                modules=modules, window=args.window, mode=args.mode,
                                cells_per_batch=args.cells_per_batch, method=args.method,
