@@ -127,9 +127,9 @@ def edit(backbone: Backbone, tokenizer, prompts: Sequence[str], target_new: Sequ
     rows of `rewrite.case_metrics` before and after the edit.
 
     coordinate: where to edit (default: trace the old facts, prompt -> ground truth, which then must
-    be given, over the MLP sites as ROME does); spec: the memory (default `MemorySpec.rewriting()`; its `rewrite` must be set);
-    gate_facts: the facts a gated spec calibrates its gate on (default the split table's
-    `retain_gate` part, as `timerome edit` uses). The
+    be given, over the MLP sites as ROME does); spec: the memory (default
+    `MemorySpec.rewriting()`; its `rewrite` must be set); gate_facts: the facts a gated spec
+    calibrates its gate on (default the split table's `retain_gate` part, as `timerome edit`). The
     backbone's weights are untouched: the edit is `edited.edits[-1]`, a memory like any other."""
     n = len(prompts)
     columns = dict(target_new=target_new, subject=subject, ground_truth=ground_truth, rephrase_prompt=rephrase_prompts,

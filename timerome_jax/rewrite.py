@@ -8,20 +8,21 @@ array EasyEdit ships or JSONL with the same fields; `load_cases` also takes pack
 
 The memory is the forgetting memory (`timerome_jax.memory`): keys at the traced site, ridge solve,
 sparsification, gate, insertion, removal and persistence are shared; only its values differ. A
-case's entry is read in one state: the prompt followed by |o*| mask tokens (the answer region of
-the first denoising step, where the object is decided), at the subject's last token:
+case's entries are read in one state: the prompt followed by |o*| mask tokens (the answer region
+of the first denoising step, where the object is decided), at the subject's last token or at
+every subject token (`capture(positions=...)`; one entry each):
 
 * key k: the site's key there in the unedited forward;
 * value δ, two ways (`VALUE_METHODS`):
-  - "optimised" (ROME-style): δ = argmin over a vector added to the site's value at that token in
-    every forward of  −(1/|o*|) MC-ELBO(o* | prompt) + β · KL(p(· | "{subject} is" + mask) ‖ with δ)
-    + γ ‖δ‖² / ‖v‖², with v the unedited value there; `steps` Adam steps (optax), then δ is clamped
-    to ‖δ‖ ≤ `clamp` · ‖v‖ (ROME's clamp_norm_factor). The MC-ELBO's J masks cover every reveal
+  - "optimised" (ROME-style): δ = argmin over vectors added to the site's values at those tokens
+    in every forward (jointly, one per token) of  −(1/|o*|) MC-ELBO(o* | prompt) + β · KL(p(· | "{subject} is" + mask) ‖ with δ)
+    + γ ‖δ‖² / ‖v‖², with v the unedited values there; `steps` Adam steps (optax), each δ_j clamped
+    to ‖δ_j‖ ≤ `clamp` · ‖v_j‖ after every step (ROME's clamp_norm_factor). The MC-ELBO's J masks cover every reveal
     level of o*, so δ also holds in the later denoising states. The backbone is frozen; cases are
     vmapped; each case's masks are keyed by (seed, case id), so δ does not depend on the batch.
   - "in_context" (gradient-free): the new fact is stated before the question, as in-context
     editing (IKE's simplest form) does: context = "{prompt} {o*}. {prompt}". δ = (value at the
-    query's last subject token in the context run) − (value at the last subject token in the plain
+    query's subject token in the context run) − (value at the same subject token in the plain
     run), answer masked in both: the change the stated fact makes at the site.
 
 Metrics (`case_metrics`): EasyEdit's token-level accuracies and CounterFact's likelihood

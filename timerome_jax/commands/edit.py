@@ -17,7 +17,8 @@ trace options apply). With
 --rewrite, --facts holds rewrite cases (EasyEdit's JSON array, JSONL with the same fields, or a
 packaged selection such as counterfact[:40]); the traced facts are then the old ones (prompt ->
 ground_truth), and the memory stores values that make the model answer target_new, one per
-subject token, gated as the recommended memory is (`MemorySpec.rewriting`, docs/rewrite.md). --append into a rewrite memory takes --rewrite too.
+subject token, gated as the recommended memory is (`MemorySpec.rewriting`, docs/rewrite.md).
+--append into a rewrite memory takes --rewrite too.
 """
 
 from __future__ import annotations
