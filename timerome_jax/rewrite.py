@@ -247,10 +247,12 @@ def case_rows(tokenizer, facts: Facts, seed: int, pad_id: int) -> _Rows:
 
 
 def subject_slots(rows: _Rows, positions: str) -> int:
-    """Values per case: 1 for the "last" subject token, else the most subject tokens of a case."""
+    """Value slots per case: 1 for the "last" subject token, else the most subject tokens of a case,
+    bucketed (slots past a subject's length are invalid and change nothing), so that cases
+    inserted one at a time share compilations."""
     if positions not in ("last", "subject"):
         raise InputError(f"rewrite key positions must be 'last' or 'subject', got {positions!r}")
-    return 1 if positions == "last" else int(rows.count.max())
+    return 1 if positions == "last" else int(bucket_length(int(rows.count.max())))
 
 
 # --- values ----------------------------------------------------------------------------------------
