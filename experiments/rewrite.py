@@ -140,12 +140,11 @@ def main() -> None:
         other = spec_of("in_context" if best["method"] == "optimised" else "optimised", best["alpha"], best["lam"])
         last_token = chosen.replace(key_positions="last")
         test_record = memory(test, chosen, chosen_site)
+        test_facts = api.encode(bb, tok, [c.fact() for c in test])
         # MEMIT-style: keys and values of the chosen method at the traced MLP site, λ̃ C regularised with
         # the keys of --covariance-facts, written into W (a weight update is neither gated nor sparse)
-        linear = api.build_memory(bb, tok, api.encode(bb, tok, [c.fact() for c in test]), where,
-                                  chosen.replace(gate_rate=None), seed=args.seed,
+        linear = api.build_memory(bb, tok, test_facts, where, chosen.replace(gate_rate=None), seed=args.seed,
                                   covariance_facts=api.load_facts(args.covariance_facts))
-        test_facts = api.encode(bb, tok, [c.fact() for c in test])
         methods = {
             f"memory ({best['method']})": score(bb.with_edits(test_record.memory), test),
             f"memory ({other.rewrite.method})": score(bb.with_edits(memory(test, other, chosen_site).memory), test),

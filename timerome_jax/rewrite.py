@@ -15,10 +15,11 @@ every subject token (`capture(positions=...)`; one entry each):
 * key k: the site's key there in the unedited forward;
 * value δ, two ways (`VALUE_METHODS`):
   - "optimised" (ROME-style): δ = argmin over vectors added to the site's values at those tokens
-    in every forward (jointly, one per token) of  −(1/|o*|) MC-ELBO(o* | prompt) + β · KL(p(· | "{subject} is" + mask) ‖ with δ)
-    + γ ‖δ‖² / ‖v‖², with v the unedited values there; `steps` Adam steps (optax), each δ_j clamped
-    to ‖δ_j‖ ≤ `clamp` · ‖v_j‖ after every step (ROME's clamp_norm_factor). The MC-ELBO's J masks cover every reveal
-    level of o*, so δ also holds in the later denoising states. The backbone is frozen; cases are
+    in every forward (jointly, one per token) of
+        −(1/|o*|) MC-ELBO(o* | prompt) + β · KL(p(· | "{subject} is" + mask) ‖ with δ) + γ ‖δ‖² / ‖v‖²,
+    with v the unedited values there; `steps` Adam steps (optax), each δ_j clamped to
+    ‖δ_j‖ ≤ `clamp` · ‖v_j‖ after every step (ROME's clamp_norm_factor). The MC-ELBO's J masks
+    cover every reveal level of o*, so δ also holds in the later denoising states. The backbone is frozen; cases are
     vmapped; each case's masks are keyed by (seed, case id), so δ does not depend on the batch.
   - "in_context" (gradient-free): the new fact is stated before the question, as in-context
     editing (IKE's simplest form) does: context = "{prompt} {o*}. {prompt}". δ = (value at the
@@ -241,7 +242,8 @@ def case_rows(tokenizer, facts: Facts, seed: int, pad_id: int) -> _Rows:
     keys = jax.vmap(lambda d: jax.random.key_data(jax.random.fold_in(jax.random.key(seed), d)))(
         jnp.asarray([zlib.crc32(f.id.encode()) & 0x7FFFFFFF for f in facts.facts], jnp.uint32))
     prompt_ids, prompt_mask, last, count = _layout(prompts, pad_id, length(prompts))
-    return _Rows(prompt_ids, prompt_mask, *pad_right(facts.answers, pad_id, bucket_length(max(len(a) for a in facts.answers))),
+    answer_length = bucket_length(max(len(a) for a in facts.answers))
+    return _Rows(prompt_ids, prompt_mask, *pad_right(facts.answers, pad_id, answer_length),
                  last, count, *_layout(contexts, pad_id, length(contexts)),
                  *_layout(essences, pad_id, length(essences)), np.asarray(keys))
 
@@ -273,10 +275,6 @@ def _site_rows(backbone: Backbone, site: Site, ids, mask, answer_ids, answer_mas
     full_mask = jnp.concatenate([mask, answer_mask])[None]
     _, (captured,) = backbone.apply(full_ids, full_mask, capture=(site,), edits=edits)
     return captured.key[0, positions_S], captured.value[0, positions_S]
-
-
-def _point_edit(site: Site, positions_S, valid_S, delta_SD) -> RowEdit:
-    return RowEdit(site, positions_S, valid_S, delta_SD, add=True)
 
 
 @functools.partial(jax.jit, static_argnames=("module", "method", "steps", "mc_samples", "slots"))
@@ -311,10 +309,10 @@ def _entries(backbone: Backbone, rows: tuple, layer: Array, hyper: Array, *, mod
         scale_S = jnp.where(valid, jnp.sum(value_SD ** 2, axis=-1), 0.0)
 
         def objective(delta_SD):
-            edited = backbone.with_edits(_point_edit(site, positions, valid, delta_SD))
+            edited = backbone.with_edits(RowEdit(site, positions, valid, delta_SD, add=True))
             elbo = answer_log_likelihood(edited, p_ids[None], p_mask[None], a_ids[None], a_mask[None], key[None],
                                          method="mc_elbo", mc_samples=mc_samples, batch_size=mc_samples)[0]
-            edited_essence = essence_log_probs((_point_edit(site, e_positions, valid & e_valid, delta_SD),))
+            edited_essence = essence_log_probs((RowEdit(site, e_positions, valid & e_valid, delta_SD, add=True),))
             kl = jnp.sum(jnp.exp(reference) * (reference - edited_essence))
             terms = jnp.stack([-elbo / length, kl, jnp.sum(delta_SD ** 2) / jnp.sum(scale_S)])
             return terms[0] + kl_weight * terms[1] + norm_weight * terms[2], terms
